@@ -1,0 +1,59 @@
+"""machinery: a distributed task queue for Python, wire-compatible with Go Machinery."""
+
+from .config import AMQPConfig, Config, DynamoDBConfig, RedisConfig, SQSConfig
+from .errors import (
+    ArgumentError,
+    BrokerConnectionError,
+    ConfigError,
+    MachineryError,
+    MessageDecodeError,
+    ResultTypeError,
+    TaskFailed,
+    TaskNotRegisteredError,
+)
+from .log import get_logger, set_logger
+from .registry import TaskContext
+from .result import AsyncResult
+from .retry import RetryTaskLater
+from .server import Server, Task
+from .signature import Signature
+from .state import FAILURE, PENDING, RECEIVED, RETRY, STARTED, SUCCESS, GroupMeta, TaskState
+from .types import Arg, TaskResult
+from .worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AMQPConfig",
+    "Arg",
+    "ArgumentError",
+    "AsyncResult",
+    "BrokerConnectionError",
+    "Config",
+    "ConfigError",
+    "DynamoDBConfig",
+    "FAILURE",
+    "GroupMeta",
+    "MachineryError",
+    "MessageDecodeError",
+    "PENDING",
+    "RECEIVED",
+    "RETRY",
+    "RedisConfig",
+    "ResultTypeError",
+    "RetryTaskLater",
+    "SQSConfig",
+    "STARTED",
+    "SUCCESS",
+    "Server",
+    "Signature",
+    "Task",
+    "TaskContext",
+    "TaskFailed",
+    "TaskNotRegisteredError",
+    "TaskResult",
+    "TaskState",
+    "Worker",
+    "get_logger",
+    "set_logger",
+]

@@ -1,0 +1,41 @@
+"""The sync face: run the async implementation on one background event loop.
+
+Sync calls (from Django, Flask, scripts or a thread beside a running loop) are executed on a
+private loop in a daemon thread, so they never touch, block or deadlock a caller's own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _portal() -> asyncio.AbstractEventLoop:
+    global _loop
+    with _lock:
+        if _loop is None or _loop.is_closed():
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="machinery-sync", daemon=True)
+            thread.start()
+            _loop = loop
+        return _loop
+
+
+def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    """Run ``coro`` to completion on the background loop and return its result."""
+    loop = _portal()
+    if threading.current_thread() is getattr(loop, "_thread_ident", None):
+        raise RuntimeError("a sync machinery call was made from inside machinery's own loop")
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return future.result(timeout)
+    except BaseException:
+        future.cancel()
+        raise

@@ -1,0 +1,202 @@
+"""The result-backend seam: task states, group metadata, the chord trigger, and waiting.
+
+Writes follow WIRE.md 5: PENDING carries the task name and creation time; every later state
+keeps the stored creation time; every write refreshes the expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from .._sync import run_sync
+from ..config import Config
+from ..signature import Signature
+from ..state import COMPLETED_STATES, PENDING, GroupMeta, TaskState, utcnow
+from ..types import TaskResult
+
+
+class Backend(ABC):
+    """Stores task states and group metadata; every read has a sync twin."""
+
+    #: How often ``await_state`` re-reads the store when no notification can reach it.
+    poll_interval: float = 0.05
+
+    def __init__(self, config: Config, url: str) -> None:
+        self.config = config
+        self.url = url
+        self._waiters = Waiters()
+
+    @property
+    def ttl(self) -> int:
+        return self.config.results_ttl
+
+    # ------------------------------------------------------------------ writes
+
+    async def set_pending(self, signatures: Sequence[Signature]) -> None:
+        """Write PENDING for signatures about to be published (one round trip where possible)."""
+        now = utcnow()
+        await self.write_states([TaskState(s.uuid, PENDING, s.name, created_at=now) for s in signatures], False)
+
+    async def set_state(
+        self, signature: Signature, state: str, results: list[TaskResult] | None = None, error: str = ""
+    ) -> None:
+        """Write a worker-side state (RECEIVED, STARTED, RETRY, SUCCESS, FAILURE)."""
+        await self.write_states([TaskState(signature.uuid, state, signature.name, results, error)], True)
+
+    @abstractmethod
+    async def write_states(self, states: Sequence[TaskState], keep_created: bool) -> None:
+        """Store each state under its task UUID, in order, refreshing the expiry.
+
+        With ``keep_created`` the stored CreatedAt survives (WIRE.md 5). Completed states
+        must wake anyone in ``await_state`` for that UUID.
+        """
+
+    # ------------------------------------------------------------------ reads
+
+    @abstractmethod
+    async def aget_state(self, task_uuid: str) -> TaskState | None:
+        """The stored state of a task, or None if there is none (never sent, or expired)."""
+
+    async def await_state(self, task_uuid: str, timeout: float | None) -> TaskState:
+        """Wait until the task is completed and return its state; raises ``TimeoutError``.
+
+        Wakes on notifications from writers where the backend has them, and otherwise
+        re-reads every ``poll_interval`` seconds (for states written by Go workers).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        async with self._waiters.watch(task_uuid) as woken:
+            await self._subscribe(task_uuid)
+            try:
+                while True:
+                    state = await self.aget_state(task_uuid)
+                    if state is not None and state.state in COMPLETED_STATES:
+                        return state
+                    wait = self.poll_interval
+                    if deadline is not None:
+                        wait = min(wait, deadline - time.monotonic())
+                        if wait <= 0:
+                            raise TimeoutError(f"task {task_uuid} did not complete within {timeout} s")
+                    try:
+                        await asyncio.wait_for(asyncio.shield(woken.wait()), wait)
+                    except asyncio.TimeoutError:
+                        pass
+                    woken.clear()
+            finally:
+                await self._unsubscribe(task_uuid)
+
+    async def _subscribe(self, task_uuid: str) -> None:
+        """Hook for backends that listen for completions from other processes."""
+
+    async def _unsubscribe(self, task_uuid: str) -> None:
+        """Undo ``_subscribe``."""
+
+    # ------------------------------------------------------------------ groups
+
+    async def init_group(self, group_uuid: str, task_uuids: Sequence[str]) -> None:
+        """Write the metadata of a new group (members in group order)."""
+        await self.write_group_meta(GroupMeta(group_uuid, list(task_uuids), created_at=utcnow()))
+
+    @abstractmethod
+    async def write_group_meta(self, meta: GroupMeta) -> None:
+        """Store group metadata under its group UUID with the results' expiry."""
+
+    @abstractmethod
+    async def aget_group_meta(self, group_uuid: str) -> GroupMeta | None:
+        """The stored group metadata, or None."""
+
+    @abstractmethod
+    async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
+        """The stored states of several tasks, in the given order."""
+
+    async def group_task_states(self, group_uuid: str) -> list[TaskState | None]:
+        """The members' states in group order (None for a member with no stored state)."""
+        meta = await self.aget_group_meta(group_uuid)
+        if meta is None:
+            return []
+        return await self.get_states(meta.task_uuids)
+
+    async def group_completed(self, group_uuid: str, task_count: int) -> bool:
+        """True when ``task_count`` members have completed (SUCCESS or FAILURE)."""
+        states = await self.group_task_states(group_uuid)
+        return sum(1 for s in states if s is not None and s.is_completed()) >= task_count
+
+    @abstractmethod
+    async def trigger_chord(self, group_uuid: str) -> bool:
+        """Atomically flip the group's ``ChordTriggered``; True for exactly one caller."""
+
+    @abstractmethod
+    async def purge_state(self, task_uuid: str) -> None:
+        """Forget a task's state."""
+
+    @abstractmethod
+    async def purge_group_meta(self, group_uuid: str) -> None:
+        """Forget a group's metadata."""
+
+    async def aclose(self) -> None:
+        """Release connections held by this backend."""
+
+    # ------------------------------------------------------------------ sync twins
+
+    def get_state(self, task_uuid: str) -> TaskState | None:
+        return run_sync(self.aget_state(task_uuid))
+
+    def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
+        return run_sync(self.aget_group_meta(group_uuid))
+
+    def close(self) -> None:
+        run_sync(self.aclose())
+
+
+class Waiters:
+    """Wakes local coroutines (on any loop, in any thread) waiting for a task's completion."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+
+    def watch(self, task_uuid: str) -> _Watch:
+        return _Watch(self, task_uuid)
+
+    def notify(self, task_uuid: str) -> None:
+        with self._lock:
+            targets = list(self._events.get(task_uuid, ()))
+        for loop, event in targets:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop has closed
+                pass
+
+    def _add(self, task_uuid: str, entry: tuple[asyncio.AbstractEventLoop, asyncio.Event]) -> None:
+        with self._lock:
+            self._events.setdefault(task_uuid, []).append(entry)
+
+    def _remove(self, task_uuid: str, entry: tuple[asyncio.AbstractEventLoop, asyncio.Event]) -> None:
+        with self._lock:
+            entries = self._events.get(task_uuid, [])
+            if entry in entries:
+                entries.remove(entry)
+            if not entries:
+                self._events.pop(task_uuid, None)
+
+    def __contains__(self, task_uuid: str) -> bool:
+        return task_uuid in self._events
+
+
+class _Watch:
+    def __init__(self, waiters: Waiters, task_uuid: str) -> None:
+        self._waiters = waiters
+        self._uuid = task_uuid
+        self._entry: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+
+    async def __aenter__(self) -> asyncio.Event:
+        self._entry = (asyncio.get_running_loop(), asyncio.Event())
+        self._waiters._add(self._uuid, self._entry)
+        return self._entry[1]
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._entry is not None
+        self._waiters._remove(self._uuid, self._entry)

@@ -1,0 +1,102 @@
+"""An in-process result backend: the reference implementation the unit tests run on."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import ClassVar
+
+from ..config import Config
+from ..state import COMPLETED_STATES, GroupMeta, TaskState
+from .base import Backend
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.states: dict[str, tuple[float, bytes]] = {}
+        self.groups: dict[str, tuple[float, bytes]] = {}
+
+
+class MemoryBackend(Backend):
+    """States kept as the same JSON the real backends store, with the same expiry."""
+
+    _stores: ClassVar[dict[str, _Store]] = {}
+    _stores_lock: ClassVar[threading.Lock] = threading.Lock()
+    _waiter_sets: ClassVar[dict[str, object]] = {}
+
+    def __init__(self, config: Config, url: str) -> None:
+        super().__init__(config, url)
+        with self._stores_lock:
+            self._store = self._stores.setdefault(url, _Store())
+            # Every backend object on the same store must wake the same waiters.
+            self._waiters = self._waiter_sets.setdefault(url, self._waiters)  # type: ignore[assignment]
+        self.poll_interval = 1.0
+
+    def _expiry(self) -> float:
+        return time.monotonic() + self.ttl
+
+    async def write_states(self, states: Sequence[TaskState], keep_created: bool) -> None:
+        store = self._store
+        done = []
+        with store.lock:
+            for state in states:
+                if keep_created:
+                    old = _live(store.states, state.task_uuid)
+                    if old is not None:
+                        state.created_at = TaskState.decode(old).created_at
+                store.states[state.task_uuid] = (self._expiry(), state.encode())
+                if state.state in COMPLETED_STATES:
+                    done.append(state.task_uuid)
+        for task_uuid in done:
+            self._waiters.notify(task_uuid)
+
+    async def aget_state(self, task_uuid: str) -> TaskState | None:
+        with self._store.lock:
+            raw = _live(self._store.states, task_uuid)
+        return None if raw is None else TaskState.decode(raw)
+
+    async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
+        with self._store.lock:
+            raws = [_live(self._store.states, u) for u in task_uuids]
+        return [None if raw is None else TaskState.decode(raw) for raw in raws]
+
+    async def write_group_meta(self, meta: GroupMeta) -> None:
+        with self._store.lock:
+            self._store.groups[meta.group_uuid] = (self._expiry(), meta.encode())
+
+    async def aget_group_meta(self, group_uuid: str) -> GroupMeta | None:
+        with self._store.lock:
+            raw = _live(self._store.groups, group_uuid)
+        return None if raw is None else GroupMeta.decode(raw)
+
+    async def trigger_chord(self, group_uuid: str) -> bool:
+        with self._store.lock:
+            raw = _live(self._store.groups, group_uuid)
+            if raw is None:
+                return False
+            meta = GroupMeta.decode(raw)
+            if meta.chord_triggered:
+                return False
+            meta.chord_triggered = True
+            self._store.groups[group_uuid] = (self._expiry(), meta.encode())
+            return True
+
+    async def purge_state(self, task_uuid: str) -> None:
+        with self._store.lock:
+            self._store.states.pop(task_uuid, None)
+
+    async def purge_group_meta(self, group_uuid: str) -> None:
+        with self._store.lock:
+            self._store.groups.pop(group_uuid, None)
+
+
+def _live(table: dict[str, tuple[float, bytes]], key: str) -> bytes | None:
+    entry = table.get(key)
+    if entry is None:
+        return None
+    if entry[0] < time.monotonic():
+        del table[key]
+        return None
+    return entry[1]

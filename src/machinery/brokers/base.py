@@ -1,0 +1,198 @@
+"""The broker seam: publishing for everyone, a ``Consumer`` per worker for taking messages.
+
+A consumer takes messages into a place of its own (a processing list, a lease, an unacked
+delivery) and they leave it only by ``ack`` after the final state is written, by ``requeue``
+or by ``dead_letter``. That is what makes delivery at-least-once: a worker that dies leaves
+its messages where another worker gets them back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import msgspec
+
+from .._sync import run_sync
+from ..config import Config
+from ..signature import Signature
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message a consumer has taken; ``receipt`` is the broker's handle for settling it."""
+
+    body: bytes
+    queue: str
+    receipt: Any = None
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A message that could not be processed, with why and when."""
+
+    queue: str
+    reason: str
+    time: datetime
+    body: bytes
+
+    def to_json(self) -> bytes:
+        return msgspec.json.encode(
+            {
+                "queue": self.queue,
+                "reason": self.reason,
+                "time": self.time.isoformat(),
+                "body": self.body.decode("utf-8", "backslashreplace"),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> DeadLetter:
+        raw = msgspec.json.decode(data)
+        return cls(
+            queue=raw["queue"],
+            reason=raw["reason"],
+            time=datetime.fromisoformat(raw["time"]),
+            body=raw["body"].encode("utf-8", "backslashreplace"),
+        )
+
+    @classmethod
+    def now(cls, queue: str, reason: str, body: bytes) -> DeadLetter:
+        return cls(queue, reason, datetime.now(timezone.utc), body)
+
+
+class Consumer(ABC):
+    """One worker's hold on one queue."""
+
+    queue: str
+
+    @abstractmethod
+    async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+        """Take up to ``max_count`` messages, waiting at most ``timeout`` seconds for the first."""
+
+    @abstractmethod
+    async def ack(self, delivery: Delivery) -> None:
+        """The message is done with: forget it for good."""
+
+    @abstractmethod
+    async def requeue(self, delivery: Delivery) -> None:
+        """Give the message back to the queue for any worker to take."""
+
+    @abstractmethod
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move the message to the dead-letter place of its queue with ``reason``."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop consuming; any message still taken goes back to the queue."""
+
+
+class Broker(ABC):
+    """Publishes signatures and opens consumers; every method has a sync twin."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    # ------------------------------------------------------------------ publishing
+
+    def routing_key_for(self, signature: Signature) -> str:
+        """The queue a signature goes to when it names none (Go: the default queue)."""
+        return self.config.default_queue
+
+    async def publish(self, signature: Signature) -> None:
+        """Send one signature: to its queue now, or to the delayed store if its ETA is ahead."""
+        await self.publish_many((signature,))
+
+    async def publish_many(self, signatures: Iterable[Signature]) -> None:
+        """Send several signatures with as few round trips as the broker allows."""
+        now = datetime.now(timezone.utc)
+        ready: list[tuple[str, bytes]] = []
+        delayed: list[tuple[Signature, bytes]] = []
+        for signature in signatures:
+            if not signature.routing_key:
+                signature.routing_key = self.routing_key_for(signature)
+            body = signature.encode()
+            if signature.eta is not None and signature.eta > now:
+                delayed.append((signature, body))
+            else:
+                ready.append((signature.routing_key, body))
+        if ready:
+            await self._push(ready)
+        if delayed:
+            await self._push_delayed(delayed)
+
+    @abstractmethod
+    async def _push(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Append (queue, body) messages to their queues."""
+
+    @abstractmethod
+    async def _push_delayed(self, messages: Sequence[tuple[Signature, bytes]]) -> None:
+        """Store messages until their ETA."""
+
+    # ------------------------------------------------------------------ consuming
+
+    @abstractmethod
+    async def open_consumer(self, queue: str, consumer_tag: str) -> Consumer:
+        """Start taking messages from ``queue`` for one worker."""
+
+    # ------------------------------------------------------------------ inspection
+
+    @abstractmethod
+    async def aget_pending_tasks(self, queue: str | None = None) -> list[Signature]:
+        """The messages waiting in ``queue`` (default queue if None), oldest first, decoded."""
+
+    @abstractmethod
+    async def aget_delayed_tasks(self) -> list[Signature]:
+        """The messages waiting for their ETA, soonest first, decoded."""
+
+    @abstractmethod
+    async def adead_letters(self, queue: str | None = None) -> list[DeadLetter]:
+        """The dead letters of ``queue`` (default queue if None), oldest first."""
+
+    @abstractmethod
+    async def arequeue_dead(self, queue: str | None = None) -> int:
+        """Put the dead letters of ``queue`` back on it; returns how many."""
+
+    async def aclose(self) -> None:
+        """Release connections held by this broker."""
+
+    def get_pending_tasks(self, queue: str | None = None) -> list[Signature]:
+        return run_sync(self.aget_pending_tasks(queue))
+
+    def get_delayed_tasks(self) -> list[Signature]:
+        return run_sync(self.aget_delayed_tasks())
+
+    def dead_letters(self, queue: str | None = None) -> list[DeadLetter]:
+        return run_sync(self.adead_letters(queue))
+
+    def requeue_dead(self, queue: str | None = None) -> int:
+        return run_sync(self.arequeue_dead(queue))
+
+    def close(self) -> None:
+        run_sync(self.aclose())
+
+
+def decode_all(bodies: Iterable[bytes]) -> list[Signature]:
+    """Decode inspected messages, skipping (not failing on) any that are not signatures."""
+    from ..errors import MessageDecodeError
+
+    out = []
+    for body in bodies:
+        try:
+            out.append(Signature.decode(body))
+        except MessageDecodeError:
+            continue
+    return out
+
+
+async def sleep_or_event(event: asyncio.Event, seconds: float) -> bool:
+    """Sleep ``seconds`` unless ``event`` fires first; returns True if it fired."""
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except asyncio.TimeoutError:
+        return False
+    return True

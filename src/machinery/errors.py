@@ -1,0 +1,40 @@
+"""The exceptions machinery raises; each names what went wrong and what to do."""
+
+from __future__ import annotations
+
+
+class MachineryError(Exception):
+    """Base class of every error raised by machinery."""
+
+
+class ConfigError(MachineryError, ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+class ArgumentError(MachineryError, ValueError):
+    """A task argument cannot be converted to the type the task declares."""
+
+
+class ResultTypeError(MachineryError, TypeError):
+    """A task returned a value that has no Go type and cannot be written as a result."""
+
+
+class MessageDecodeError(MachineryError, ValueError):
+    """A broker message is not a valid task message."""
+
+
+class TaskNotRegisteredError(MachineryError, KeyError):
+    """A task name is not registered with the server."""
+
+
+class TaskFailed(MachineryError):
+    """The task ended in FAILURE; ``error`` holds the error text the worker stored."""
+
+    def __init__(self, task_uuid: str, error: str) -> None:
+        super().__init__(f"task {task_uuid} failed: {error}")
+        self.task_uuid = task_uuid
+        self.error = error
+
+
+class BrokerConnectionError(MachineryError, ConnectionError):
+    """The broker or result backend cannot be reached."""
