@@ -71,6 +71,8 @@ def _load(path: str) -> Any:
     try:
         return getattr(importlib.import_module(module), name)
     except ImportError as exc:
+        if exc.name == module:
+            raise
         extra = module.rsplit(".", 1)[-1]
         raise ConfigError(
             f"{module} needs a package that is not installed ({exc.name}); "

@@ -14,6 +14,7 @@ from .result import AsyncResult
 from .signature import Signature, new_task_uuid
 
 if TYPE_CHECKING:
+    from .locks.base import Lock
     from .worker import Worker
 
 P = ParamSpec("P")
@@ -58,9 +59,16 @@ class Server:
         self.config = config if config is not None else Config()
         self.broker = create_broker(self.config)
         self.backend = create_backend(self.config)
-        self.lock = create_lock(self.config)
+        self._lock: Lock | None = None
         self.tasks: dict[str, TaskSpec] = {}
         self._pre_publish: PrePublishHandler | None = None
+
+    @property
+    def lock(self) -> Lock:
+        """The cluster-wide lock (created on first use: only periodic work needs it)."""
+        if self._lock is None:
+            self._lock = create_lock(self.config)
+        return self._lock
 
     # ------------------------------------------------------------------ registration
 
@@ -138,7 +146,8 @@ class Server:
         """Close connections held by the broker, backend and lock."""
         await self.broker.aclose()
         await self.backend.aclose()
-        await self.lock.aclose()
+        if self._lock is not None:
+            await self._lock.aclose()
 
     def close(self) -> None:
         run_sync(self.aclose())

@@ -1,0 +1,242 @@
+"""The Redis result backend, byte-compatible with Go Machinery's (WIRE.md 11.1).
+
+States live under the task UUID and group metadata under the group UUID, each written with
+``SET ... EX <results_expire_in>``. Where Go does GET then SET to keep CreatedAt (two round
+trips, not atomic), one Lua script does it atomically and also PUBLISHes completed states on
+``machinery:done:<uuid>``, so a waiting client wakes at once instead of polling. States
+written by Go workers, which publish nothing, are still found by a slower re-read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import random
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio.client import PubSub
+
+from .. import log
+from .._redis import RedisConnector
+from ..config import Config
+from ..state import COMPLETED_STATES, GroupMeta, TaskState
+from ..types import ZERO_TIME, format_time
+from .base import Backend
+
+DONE_CHANNEL = "machinery:done:"
+CHORD_MUTEX = "TriggerChordMutex"
+
+# For each state: ARGV = ttl, then (keep_created, head, created, tail, notify) per key.
+# The stored value is head .. CreatedAt .. tail; with keep_created the CreatedAt of the
+# value already stored (by us or by Go) is kept.
+_WRITE_STATES = """
+local ttl = ARGV[1]
+for i, key in ipairs(KEYS) do
+  local at = 2 + (i - 1) * 5
+  local created = ARGV[at + 2]
+  if ARGV[at] == '1' then
+    local old = redis.call('GET', key)
+    created = old and string.match(old, '"CreatedAt":"([^"]*)"') or '""" + ZERO_TIME + """'
+  end
+  local value = ARGV[at + 1] .. created .. ARGV[at + 3]
+  redis.call('SET', key, value, 'EX', ttl)
+  if ARGV[at + 4] == '1' then
+    redis.call('PUBLISH', '""" + DONE_CHANNEL + """' .. key, value)
+  end
+end
+return #KEYS
+"""
+
+# Flip ChordTriggered in the stored JSON; 1 = flipped by us, 0 = already set, -1 = no group.
+_TRIGGER_CHORD = """
+local value = redis.call('GET', KEYS[1])
+if not value then return -1 end
+if string.find(value, '"ChordTriggered":true', 1, true) then return 0 end
+local flipped, count = string.gsub(value, '"ChordTriggered":false', '"ChordTriggered":true', 1)
+if count == 0 then return -2 end
+redis.call('SET', KEYS[1], flipped, 'EX', ARGV[1])
+return 1
+"""
+
+# redsync's release: delete the mutex only if it still holds our value.
+_UNLOCK = """
+if redis.call("GET", KEYS[1]) == ARGV[1] then
+  return redis.call("DEL", KEYS[1])
+else
+  return 0
+end
+"""
+
+
+class RedisBackend(Backend):
+    """Task states and group metadata in Redis, in Go's keys and JSON."""
+
+    #: Re-read interval for states written by workers that do not publish (Go's).
+    poll_interval = 0.5
+
+    def __init__(self, config: Config, url: str) -> None:
+        super().__init__(config, url)
+        self.connector = RedisConnector(url, config.redis)
+        self._listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _DoneListener] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    # ------------------------------------------------------------------ writes
+
+    async def write_states(self, states: Sequence[TaskState], keep_created: bool) -> None:
+        args: list[Any] = [self.ttl]
+        for state in states:
+            created = format_time(state.created_at)
+            head, _, tail = state.encode().decode().partition(f'"CreatedAt":"{created}"')
+            args += ["1" if keep_created else "0", head + '"CreatedAt":"', created, '"' + tail, _notify(state)]
+        await self.connector.script(_WRITE_STATES)(keys=[s.task_uuid for s in states], args=args)
+
+    async def write_group_meta(self, meta: GroupMeta) -> None:
+        await self.connector.client().set(meta.group_uuid, meta.encode(), ex=self.ttl)
+
+    # ------------------------------------------------------------------ reads
+
+    async def aget_state(self, task_uuid: str) -> TaskState | None:
+        raw = await self.connector.client().get(task_uuid)
+        return None if raw is None else TaskState.decode(raw)
+
+    async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
+        if not task_uuids:
+            return []
+        raws = await self.connector.client().mget(list(task_uuids))
+        return [None if raw is None else TaskState.decode(raw) for raw in raws]
+
+    async def aget_group_meta(self, group_uuid: str) -> GroupMeta | None:
+        raw = await self.connector.client().get(group_uuid)
+        return None if raw is None else GroupMeta.decode(raw)
+
+    async def _subscribe(self, task_uuid: str) -> None:
+        await self._listener().subscribe(task_uuid)
+
+    async def _unsubscribe(self, task_uuid: str) -> None:
+        await self._listener().unsubscribe(task_uuid)
+
+    def _listener(self) -> _DoneListener:
+        loop = asyncio.get_running_loop()
+        listener = self._listeners.get(loop)
+        if listener is None:
+            listener = self._listeners[loop] = _DoneListener(self)
+        return listener
+
+    # ------------------------------------------------------------------ chords
+
+    async def trigger_chord(self, group_uuid: str) -> bool:
+        """Flip ChordTriggered under Go's global ``TriggerChordMutex`` so Go workers interlock."""
+        client = self.connector.client()
+        token = base64.b64encode(os.urandom(16)).decode()
+        for _ in range(32):
+            if await client.set(CHORD_MUTEX, token, nx=True, px=8000):
+                break
+            await asyncio.sleep(random.uniform(0.05, 0.25))
+        else:
+            raise TimeoutError(f"could not take {CHORD_MUTEX} to trigger the chord of {group_uuid}")
+        try:
+            flipped = int(await self.connector.script(_TRIGGER_CHORD)(keys=[group_uuid], args=[self.ttl]))
+            if flipped == -2:  # stored in a shape the script cannot edit: decode, flip, write
+                meta = await self.aget_group_meta(group_uuid)
+                if meta is None or meta.chord_triggered:
+                    return False
+                meta.chord_triggered = True
+                await self.write_group_meta(meta)
+                return True
+            return flipped == 1
+        finally:
+            await self.connector.script(_UNLOCK)(keys=[CHORD_MUTEX], args=[token])
+
+    async def purge_state(self, task_uuid: str) -> None:
+        await self.connector.client().delete(task_uuid)
+
+    async def purge_group_meta(self, group_uuid: str) -> None:
+        await self.connector.client().delete(group_uuid)
+
+    async def aclose(self) -> None:
+        listener = self._listeners.pop(asyncio.get_running_loop(), None)
+        if listener is not None:
+            await listener.aclose()
+        await self.connector.aclose()
+
+
+def _notify(state: TaskState) -> str:
+    return "1" if state.state in COMPLETED_STATES else "0"
+
+
+class _DoneListener:
+    """One pub/sub connection per loop, wakes local waiters when a completion is published."""
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._backend = backend
+        self._pubsub: PubSub | None = None
+        self._counts: dict[str, int] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._subscribed: dict[str, asyncio.Future[None]] = {}
+
+    async def subscribe(self, task_uuid: str) -> None:
+        count = self._counts.get(task_uuid, 0)
+        self._counts[task_uuid] = count + 1
+        if count:
+            return
+        if self._pubsub is None:
+            self._pubsub = self._backend.connector.client().pubsub()
+        confirmed = asyncio.get_running_loop().create_future()
+        self._subscribed[DONE_CHANNEL + task_uuid] = confirmed
+        try:
+            await self._pubsub.subscribe(DONE_CHANNEL + task_uuid)
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.ensure_future(self._read())
+            # Only after the server confirms can no completion slip between subscribing and reading.
+            await asyncio.wait_for(asyncio.shield(confirmed), 5)
+        except Exception as exc:  # fall back to re-reading; waiting still works, just slower
+            log.logger.debug("could not subscribe to completions of %s: %s", task_uuid, exc)
+        finally:
+            self._subscribed.pop(DONE_CHANNEL + task_uuid, None)
+
+    async def unsubscribe(self, task_uuid: str) -> None:
+        count = self._counts.get(task_uuid, 0) - 1
+        if count > 0:
+            self._counts[task_uuid] = count
+            return
+        self._counts.pop(task_uuid, None)
+        if self._pubsub is not None:
+            try:
+                await self._pubsub.unsubscribe(DONE_CHANNEL + task_uuid)
+            except Exception as exc:
+                log.logger.debug("unsubscribe failed: %s", exc)
+
+    async def _read(self) -> None:
+        assert self._pubsub is not None
+        while self._counts or self._subscribed:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.logger.debug("completion listener error: %s", exc)
+                for task_uuid in list(self._counts):
+                    self._backend._waiters.notify(task_uuid)  # re-read now rather than after the poll
+                await asyncio.sleep(0.5)
+                continue
+            if message is None:
+                continue
+            channel = message["channel"]
+            channel = channel.decode() if isinstance(channel, bytes) else channel
+            if message["type"] == "subscribe":
+                confirmed = self._subscribed.get(channel)
+                if confirmed is not None and not confirmed.done():
+                    confirmed.set_result(None)
+            elif message["type"] == "message":
+                self._backend._waiters.notify(channel[len(DONE_CHANNEL) :])
+
+    async def aclose(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._pubsub is not None:
+            await self._pubsub.aclose()

@@ -1,0 +1,289 @@
+"""The Redis broker: Go Machinery's queue format, with at-least-once delivery on top.
+
+Go's lists are kept exactly: tasks are JSON elements RPUSHed onto a list named after the
+queue, delayed tasks are members of the ``delayed_tasks`` sorted set scored in Unix ns, so
+Go and Python workers share one queue. What Go lacks is added beside it, never in it:
+
+- A consumer moves each message (LMOVE/BLMOVE) from the queue into a processing list of its
+  own in the same atomic step, and removes it only when the worker acks it.
+- Each consumer refreshes a heartbeat in a sorted set. Any consumer that finds a heartbeat
+  expired returns that consumer's processing list to the head of the queue (one Lua script,
+  so two reapers cannot both return it).
+- Due delayed tasks move in batches with one script per round trip, and the mover sleeps
+  until the next ETA rather than polling blindly.
+
+Keys added: ``machinery:processing:<queue>:<consumer>`` (list),
+``machinery:heartbeats:<queue>`` (sorted set), ``machinery:dead:<queue>`` (list).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+
+
+from redis.commands.core import AsyncScript
+
+from .. import log
+from .._redis import RedisConnector
+from ..config import Config
+from ..signature import Signature
+from ..types import unix_ns
+from .base import Broker, Consumer, DeadLetter, Delivery, decode_all
+
+DELAYED_BATCH = 500
+
+# Take up to ARGV[1] messages from the queue into the processing list.
+_FETCH = """
+local out = {}
+for i = 1, tonumber(ARGV[1]) do
+  local message = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+  if not message then break end
+  out[i] = message
+end
+return out
+"""
+
+# Remove one taken message from the processing list and append ARGV[2] to KEYS[2] (the
+# queue for a requeue, the dead-letter list for a dead letter) only if it was still there,
+# so a message reclaimed by a reaper meanwhile is never duplicated.
+_SETTLE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) > 0 then
+  redis.call('RPUSH', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# Return every message of expired consumers (heartbeat score < now) to the queue head.
+_REAP = """
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local returned = 0
+for _, consumer in ipairs(dead) do
+  local processing = ARGV[2] .. consumer
+  while redis.call('LMOVE', processing, KEYS[2], 'RIGHT', 'LEFT') do
+    returned = returned + 1
+  end
+  redis.call('ZREM', KEYS[1], consumer)
+end
+return returned
+"""
+
+# Return this consumer's own processing list to the queue head and unregister it.
+_RELEASE = """
+local returned = 0
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT') do
+  returned = returned + 1
+end
+redis.call('ZREM', KEYS[3], ARGV[1])
+return returned
+"""
+
+# Move due delayed tasks to the list named by their RoutingKey (as Go's mover republishes
+# them); returns {moved, score of the next delayed task or false}.
+_MOVE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, message in ipairs(due) do
+  redis.call('ZREM', KEYS[1], message)
+  local queue = ARGV[3]
+  local ok, decoded = pcall(cjson.decode, message)
+  if ok and type(decoded) == 'table' then
+    local key = decoded['RoutingKey']
+    if key == nil then
+      for name, value in pairs(decoded) do
+        if string.lower(name) == 'routingkey' then key = value end
+      end
+    end
+    if type(key) == 'string' and key ~= '' then queue = key end
+  end
+  redis.call('RPUSH', queue, message)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {#due, nxt[2] or false}
+"""
+
+# Put every dead letter of a queue back on it.
+_REQUEUE_DEAD = """
+local letters = redis.call('LRANGE', KEYS[1], 0, -1)
+for _, letter in ipairs(letters) do
+  local decoded = cjson.decode(letter)
+  redis.call('RPUSH', KEYS[2], decoded['body'])
+end
+redis.call('DEL', KEYS[1])
+return #letters
+"""
+
+
+def processing_prefix(queue: str) -> str:
+    return f"machinery:processing:{queue}:"
+
+
+def heartbeats_key(queue: str) -> str:
+    return f"machinery:heartbeats:{queue}"
+
+
+def dead_key(queue: str) -> str:
+    return f"machinery:dead:{queue}"
+
+
+class RedisBroker(Broker):
+    """Go Machinery's Redis queues with processing lists, heartbeats and a batched delayed mover."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.connector = RedisConnector(config.broker_urls()[0], config.redis)
+
+    def script(self, source: str) -> AsyncScript:
+        """A registered Lua script bound to the running loop's client (EVALSHA, EVAL on miss)."""
+        return self.connector.script(source)
+
+    @property
+    def delayed_key(self) -> str:
+        return self.config.redis.delayed_tasks_key or "delayed_tasks"
+
+    async def _push(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        client = self.connector.client()
+        if len(messages) == 1:
+            queue, body = messages[0]
+            await client.rpush(queue, body)
+            return
+        by_queue: dict[str, list[bytes]] = defaultdict(list)
+        for queue, body in messages:
+            by_queue[queue].append(body)
+        async with client.pipeline(transaction=False) as pipe:
+            for queue, bodies in by_queue.items():
+                pipe.rpush(queue, *bodies)
+            await pipe.execute()
+
+    async def _push_delayed(self, messages: Sequence[tuple[Signature, bytes]]) -> None:
+        mapping: dict[bytes, float] = {}
+        for signature, body in messages:
+            assert signature.eta is not None
+            mapping[body] = float(unix_ns(signature.eta))
+        await self.connector.client().zadd(self.delayed_key, mapping)
+
+    async def open_consumer(self, queue: str, consumer_tag: str) -> Consumer:
+        consumer = RedisConsumer(self, queue, f"{consumer_tag}:{uuid.uuid4().hex[:8]}")
+        await consumer.start()
+        return consumer
+
+    async def aget_pending_tasks(self, queue: str | None = None) -> list[Signature]:
+        bodies = await self.connector.client().lrange(queue or self.config.default_queue, 0, -1)
+        return decode_all(bodies)
+
+    async def aget_delayed_tasks(self) -> list[Signature]:
+        return decode_all(await self.connector.client().zrange(self.delayed_key, 0, -1))
+
+    async def adead_letters(self, queue: str | None = None) -> list[DeadLetter]:
+        raw = await self.connector.client().lrange(dead_key(queue or self.config.default_queue), 0, -1)
+        return [DeadLetter.from_json(item) for item in raw]
+
+    async def arequeue_dead(self, queue: str | None = None) -> int:
+        name = queue or self.config.default_queue
+        return int(await self.script(_REQUEUE_DEAD)(keys=[dead_key(name), name]))
+
+    async def aclose(self) -> None:
+        await self.connector.aclose()
+
+
+class RedisConsumer(Consumer):
+    """One worker's processing list, heartbeat, reaper and delayed mover on one queue."""
+
+    def __init__(self, broker: RedisBroker, queue: str, consumer_id: str) -> None:
+        self.broker = broker
+        self.queue = queue
+        self.consumer_id = consumer_id
+        self.processing = processing_prefix(queue) + consumer_id
+        self._heartbeats = heartbeats_key(queue)
+        self._background: list[asyncio.Task[None]] = []
+        self._timeout = broker.config.heartbeat_timeout
+
+    async def start(self) -> None:
+        await self._beat()
+        await self._reap()
+        self._background = [
+            asyncio.ensure_future(self._keep_alive()),
+            asyncio.ensure_future(self._move_delayed()),
+        ]
+
+    # ------------------------------------------------------------------ taking
+
+    async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+        client = self.broker.connector.client()
+        bodies = await self.broker.script(_FETCH)(keys=[self.queue, self.processing], args=[max_count])
+        if not bodies:
+            # Block for the first message; more are taken by the next (non-blocking) fetch.
+            body = await client.blmove(self.queue, self.processing, timeout, "LEFT", "RIGHT")
+            if body is None:
+                return []
+            bodies = [body]
+        return [Delivery(body, self.queue) for body in bodies]
+
+    async def ack(self, delivery: Delivery) -> None:
+        await self.broker.connector.client().lrem(self.processing, 1, delivery.body)
+
+    async def requeue(self, delivery: Delivery) -> None:
+        await self.broker.script(_SETTLE)(keys=[self.processing, self.queue], args=[delivery.body, delivery.body])
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        letter = DeadLetter.now(self.queue, reason, delivery.body).to_json()
+        await self.broker.script(_SETTLE)(keys=[self.processing, dead_key(self.queue)], args=[delivery.body, letter])
+
+    async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        returned = await self.broker.script(_RELEASE)(
+            keys=[self.processing, self.queue, self._heartbeats], args=[self.consumer_id]
+        )
+        if returned:
+            log.logger.info("Returned %d unfinished message(s) to %r", returned, self.queue)
+
+    # ------------------------------------------------------------------ background duties
+
+    async def _beat(self) -> None:
+        deadline_ms = int((time.time() + self._timeout) * 1000)
+        await self.broker.connector.client().zadd(self._heartbeats, {self.consumer_id: deadline_ms})
+
+    async def _reap(self) -> None:
+        returned = await self.broker.script(_REAP)(
+            keys=[self._heartbeats, self.queue], args=[int(time.time() * 1000), processing_prefix(self.queue)]
+        )
+        if returned:
+            log.logger.warning(
+                "Returned %d message(s) taken by worker(s) that stopped sending heartbeats to %r", returned, self.queue
+            )
+
+    async def _keep_alive(self) -> None:
+        interval = self._timeout / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._beat()
+                await self._reap()
+            except Exception as exc:  # the connection will come back; the worker logs fetch errors
+                log.logger.debug("heartbeat failed: %s", exc)
+
+    async def _move_delayed(self) -> None:
+        period = (self.broker.config.redis.delayed_tasks_poll_period or 500) / 1000
+        script = self.broker.script(_MOVE_DUE)
+        while True:
+            sleep = period
+            try:
+                moved, next_score = await script(
+                    keys=[self.broker.delayed_key],
+                    args=[time.time_ns(), DELAYED_BATCH, self.broker.config.default_queue],
+                )
+                if int(moved) >= DELAYED_BATCH:
+                    continue
+                if next_score is not None:
+                    sleep = min(period, max(0.0, (float(next_score) - time.time_ns()) / 1e9))
+            except Exception as exc:
+                log.logger.debug("delayed-task mover failed: %s", exc)
+            await asyncio.sleep(sleep)
+
+
+__all__ = ["RedisBroker", "RedisConsumer"]
