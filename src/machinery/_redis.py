@@ -8,18 +8,28 @@ client from the same settings.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ssl
 import threading
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
 
 from .config import RedisConfig
 from .errors import ConfigError
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # redis-py without its hiredis extra
+    _hiredis_pack = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +93,18 @@ class RedisConnector:
         self._scripts: weakref.WeakKeyDictionary[aioredis.Redis, dict[str, AsyncScript]] = (
             weakref.WeakKeyDictionary()
         )
+        self._pipelines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AutoPipeline] = (
+            weakref.WeakKeyDictionary()
+        )
         self._lock = threading.Lock()
+
+    def batched(self) -> AutoPipeline:
+        """The running loop's auto-pipeline: commands issued in one loop tick share a round trip."""
+        loop = asyncio.get_running_loop()
+        pipeline = self._pipelines.get(loop)
+        if pipeline is None:
+            pipeline = self._pipelines[loop] = AutoPipeline(self.client())
+        return pipeline
 
     def script(self, source: str) -> AsyncScript:
         """``source`` registered on the running loop's client (EVALSHA, falling back to EVAL)."""
@@ -116,7 +137,8 @@ class RedisConnector:
             "socket_timeout": None,  # blocking commands carry their own timeouts
             "socket_connect_timeout": c.connect_timeout or None,
             "client_name": c.client_name or None,
-            "max_connections": c.max_active or None,
+            # 0 means unlimited in Go's config; redis-py would quietly cap None at 100.
+            "max_connections": c.max_active or 10_000,
             "health_check_interval": 10,
         }
         if a.socket_path:
@@ -136,3 +158,108 @@ class RedisConnector:
         client = self._clients.pop(loop, None)
         if client is not None:
             await client.aclose()
+
+
+class AutoPipeline:
+    """Sends the commands issued during one event-loop tick as one pipeline.
+
+    A worker running many tasks issues a state write or an ack per task; sending each on
+    its own costs a round trip and redis-py's per-command overhead. Commands queued here
+    are flushed together on the next tick. Order is preserved within a flush, and a
+    caller that awaits one command before issuing the next keeps its own order across
+    flushes, which is all the worker relies on.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._pending: list[_Queued] = []
+        self._shas: dict[str, str] = {}
+        self._flushing: set[asyncio.Future[None]] = set()
+
+    def execute(self, *args: Any, script: str | None = None) -> asyncio.Future[Any]:
+        """Queue one command (as for ``execute_command``); the future gets its reply."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush_soon)
+        self._pending.append(_Queued(args, future, script))
+        return future
+
+    def evalsha(self, source: str, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """Queue a Lua script call by its SHA; the script is loaded if Redis lacks it."""
+        sha = self._shas.get(source)
+        if sha is None:
+            sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
+        return self.execute("EVALSHA", sha, len(keys), *keys, *args, script=source)
+
+    def _flush_soon(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            flush = asyncio.ensure_future(self._flush(batch))
+            self._flushing.add(flush)  # keep a reference until done, or the task may be collected
+            flush.add_done_callback(self._flushing.discard)
+
+    async def _flush(self, batch: list[_Queued]) -> None:
+        try:
+            replies = await self._send([item.args for item in batch])
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:  # first use, or Redis restarted: load the scripts, resend those calls
+                for source in {batch[i].script for i in missing}:
+                    if source is not None:
+                        await self._client.script_load(source)
+                for i, reply in zip(missing, await self._send([batch[i].args for i in missing]), strict=True):
+                    replies[i] = reply
+        except Exception as exc:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        for item, reply in zip(batch, replies, strict=True):
+            if not item.future.done():
+                if isinstance(reply, Exception):
+                    item.future.set_exception(reply)
+                else:
+                    item.future.set_result(reply)
+
+    async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        try:
+            return await self._send_once(commands)
+        except (RedisConnectionError, OSError):
+            # A pooled connection may have died with a restarted server; try a fresh one
+            # once. Should the first attempt have run, this repeats it: at-least-once.
+            return await self._send_once(commands)
+
+    async def _send_once(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        # Straight on a pooled connection: redis-py's Pipeline object costs more than the
+        # round trip it saves, and the replies need no parsing beyond RESP.
+        pool = self._client.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_packed_command(_pack(connection, commands), check_health=False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            await connection.disconnect()  # a half-read connection must not go back to the pool
+            raise
+        finally:
+            await pool.release(connection)
+
+
+def _pack(connection: Any, commands: list[tuple[Any, ...]]) -> Any:
+    """RESP bytes for ``commands``: hiredis's C packer if present (redis-py's asyncio
+    connections pack in Python, which costs more than the round trip on a busy worker)."""
+    if _hiredis_pack is not None:
+        return b"".join([_hiredis_pack(command) for command in commands])
+    return connection.pack_commands(commands)
+
+
+@dataclass(slots=True)
+class _Queued:
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+    script: str | None

@@ -7,10 +7,12 @@ keeps the stored creation time; every write refreshes the expiry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from .._sync import run_sync
 from ..config import Config
@@ -64,27 +66,27 @@ class Backend(ABC):
     async def await_state(self, task_uuid: str, timeout: float | None) -> TaskState:
         """Wait until the task is completed and return its state; raises ``TimeoutError``.
 
-        Wakes on notifications from writers where the backend has them, and otherwise
-        re-reads every ``poll_interval`` seconds (for states written by Go workers).
+        Wakes on notifications from writers where the backend has them (a notification may
+        carry the completed state itself), and otherwise re-reads every ``poll_interval``
+        seconds (for states written by Go workers, which notify nobody).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        async with self._waiters.watch(task_uuid) as woken:
+        async with self._waiters.watch(task_uuid) as waiter:
             await self._subscribe(task_uuid)
             try:
-                while True:
-                    state = await self.aget_state(task_uuid)
-                    if state is not None and state.state in COMPLETED_STATES:
-                        return state
+                state = await self.aget_state(task_uuid)
+                while state is None or state.state not in COMPLETED_STATES:
                     wait = self.poll_interval
                     if deadline is not None:
                         wait = min(wait, deadline - time.monotonic())
                         if wait <= 0:
                             raise TimeoutError(f"task {task_uuid} did not complete within {timeout} s")
-                    try:
-                        await asyncio.wait_for(asyncio.shield(woken.wait()), wait)
-                    except asyncio.TimeoutError:
-                        pass
-                    woken.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(waiter.event.wait(), wait)
+                    waiter.event.clear()
+                    delivered, waiter.state = waiter.state, None
+                    state = TaskState.decode(delivered) if delivered else await self.aget_state(task_uuid)
+                return state
             finally:
                 await self._unsubscribe(task_uuid)
 
@@ -156,47 +158,56 @@ class Waiters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._events: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._waiting: dict[str, list[Waiter]] = {}
 
     def watch(self, task_uuid: str) -> _Watch:
         return _Watch(self, task_uuid)
 
-    def notify(self, task_uuid: str) -> None:
+    def notify(self, task_uuid: str, state: bytes | None = None) -> None:
+        """Wake the waiters of ``task_uuid``, handing them the completed ``state`` if known."""
         with self._lock:
-            targets = list(self._events.get(task_uuid, ()))
-        for loop, event in targets:
-            try:
-                loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # that loop has closed
-                pass
+            targets = list(self._waiting.get(task_uuid, ()))
+        for waiter in targets:
+            waiter.state = state
+            with contextlib.suppress(RuntimeError):  # that loop has closed
+                waiter.loop.call_soon_threadsafe(waiter.event.set)
 
-    def _add(self, task_uuid: str, entry: tuple[asyncio.AbstractEventLoop, asyncio.Event]) -> None:
+    def _add(self, task_uuid: str, waiter: Waiter) -> None:
         with self._lock:
-            self._events.setdefault(task_uuid, []).append(entry)
+            self._waiting.setdefault(task_uuid, []).append(waiter)
 
-    def _remove(self, task_uuid: str, entry: tuple[asyncio.AbstractEventLoop, asyncio.Event]) -> None:
+    def _remove(self, task_uuid: str, waiter: Waiter) -> None:
         with self._lock:
-            entries = self._events.get(task_uuid, [])
-            if entry in entries:
-                entries.remove(entry)
-            if not entries:
-                self._events.pop(task_uuid, None)
+            waiters = self._waiting.get(task_uuid, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._waiting.pop(task_uuid, None)
 
     def __contains__(self, task_uuid: str) -> bool:
-        return task_uuid in self._events
+        return task_uuid in self._waiting
+
+
+@dataclass(eq=False)
+class Waiter:
+    """One coroutine waiting for a completion, on its own loop."""
+
+    loop: asyncio.AbstractEventLoop
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    state: bytes | None = None
 
 
 class _Watch:
     def __init__(self, waiters: Waiters, task_uuid: str) -> None:
         self._waiters = waiters
         self._uuid = task_uuid
-        self._entry: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        self._waiter: Waiter | None = None
 
-    async def __aenter__(self) -> asyncio.Event:
-        self._entry = (asyncio.get_running_loop(), asyncio.Event())
-        self._waiters._add(self._uuid, self._entry)
-        return self._entry[1]
+    async def __aenter__(self) -> Waiter:
+        self._waiter = Waiter(asyncio.get_running_loop())
+        self._waiters._add(self._uuid, self._waiter)
+        return self._waiter
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._entry is not None
-        self._waiters._remove(self._uuid, self._entry)
+        assert self._waiter is not None
+        self._waiters._remove(self._uuid, self._waiter)

@@ -23,41 +23,44 @@ from .. import log
 from .._redis import RedisConnector
 from ..config import Config
 from ..state import COMPLETED_STATES, GroupMeta, TaskState
-from ..types import ZERO_TIME, format_time
+from ..types import ZERO_TIME
 from .base import Backend
 
 DONE_CHANNEL = "machinery:done:"
 CHORD_MUTEX = "TriggerChordMutex"
 
-# For each state: ARGV = ttl, then (keep_created, head, created, tail, notify) per key.
-# The stored value is head .. CreatedAt .. tail; with keep_created the CreatedAt of the
-# value already stored (by us or by Go) is kept.
+# ARGV = ttl, then (mode, state JSON) per key. Mode bit 1: keep the CreatedAt already stored
+# (by us or by Go) in place of the one in the JSON; bit 2: publish the value as a completion.
 _WRITE_STATES = """
 local ttl = ARGV[1]
 for i, key in ipairs(KEYS) do
-  local at = 2 + (i - 1) * 5
-  local created = ARGV[at + 2]
-  if ARGV[at] == '1' then
+  local mode = tonumber(ARGV[2 * i])
+  local value = ARGV[2 * i + 1]
+  if mode % 2 == 1 then
     local old = redis.call('GET', key)
-    created = old and string.match(old, '"CreatedAt":"([^"]*)"') or '""" + ZERO_TIME + """'
+    local created = old and string.match(old, '"CreatedAt"%s*:%s*"([^"]*)"') or '""" + ZERO_TIME + """'
+    value = string.gsub(value, '"CreatedAt":"[^"]*"', '"CreatedAt":"' .. created .. '"', 1)
   end
-  local value = ARGV[at + 1] .. created .. ARGV[at + 3]
   redis.call('SET', key, value, 'EX', ttl)
-  if ARGV[at + 4] == '1' then
+  if mode >= 2 then
     redis.call('PUBLISH', '""" + DONE_CHANNEL + """' .. key, value)
   end
 end
 return #KEYS
 """
 
-# Flip ChordTriggered in the stored JSON; 1 = flipped by us, 0 = already set, -1 = no group.
+# Flip ChordTriggered in the stored JSON unless a Go worker holds TriggerChordMutex (KEYS[1]).
+# A script runs atomically, so this is Go's critical section without holding the mutex across
+# round trips. 1 = flipped by us, 0 = already set, -1 = no group, -2 = JSON it cannot edit,
+# -3 = the mutex is held.
 _TRIGGER_CHORD = """
-local value = redis.call('GET', KEYS[1])
+if redis.call('EXISTS', KEYS[1]) == 1 then return -3 end
+local value = redis.call('GET', KEYS[2])
 if not value then return -1 end
 if string.find(value, '"ChordTriggered":true', 1, true) then return 0 end
 local flipped, count = string.gsub(value, '"ChordTriggered":false', '"ChordTriggered":true', 1)
 if count == 0 then return -2 end
-redis.call('SET', KEYS[1], flipped, 'EX', ARGV[1])
+redis.call('SET', KEYS[2], flipped, 'EX', ARGV[1])
 return 1
 """
 
@@ -88,11 +91,10 @@ class RedisBackend(Backend):
 
     async def write_states(self, states: Sequence[TaskState], keep_created: bool) -> None:
         args: list[Any] = [self.ttl]
+        keep = 1 if keep_created else 0
         for state in states:
-            created = format_time(state.created_at)
-            head, _, tail = state.encode().decode().partition(f'"CreatedAt":"{created}"')
-            args += ["1" if keep_created else "0", head + '"CreatedAt":"', created, '"' + tail, _notify(state)]
-        await self.connector.script(_WRITE_STATES)(keys=[s.task_uuid for s in states], args=args)
+            args += [keep + (2 if state.state in COMPLETED_STATES else 0), state.encode()]
+        await self.connector.batched().evalsha(_WRITE_STATES, [s.task_uuid for s in states], args)
 
     async def write_group_meta(self, meta: GroupMeta) -> None:
         await self.connector.client().set(meta.group_uuid, meta.encode(), ex=self.ttl)
@@ -100,13 +102,13 @@ class RedisBackend(Backend):
     # ------------------------------------------------------------------ reads
 
     async def aget_state(self, task_uuid: str) -> TaskState | None:
-        raw = await self.connector.client().get(task_uuid)
+        raw = await self.connector.batched().execute("GET", task_uuid)
         return None if raw is None else TaskState.decode(raw)
 
     async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
         if not task_uuids:
             return []
-        raws = await self.connector.client().mget(list(task_uuids))
+        raws = await self.connector.batched().execute("MGET", *task_uuids)
         return [None if raw is None else TaskState.decode(raw) for raw in raws]
 
     async def aget_group_meta(self, group_uuid: str) -> GroupMeta | None:
@@ -129,7 +131,23 @@ class RedisBackend(Backend):
     # ------------------------------------------------------------------ chords
 
     async def trigger_chord(self, group_uuid: str) -> bool:
-        """Flip ChordTriggered under Go's global ``TriggerChordMutex`` so Go workers interlock."""
+        """Flip ChordTriggered atomically, interlocked with Go workers' ``TriggerChordMutex``.
+
+        Retries as redsync does (32 attempts, 50-250 ms apart) while a Go worker holds it.
+        """
+        for _ in range(32):
+            outcome = int(
+                await self.connector.batched().evalsha(_TRIGGER_CHORD, [CHORD_MUTEX, group_uuid], [self.ttl])
+            )
+            if outcome == -2:
+                return await self._trigger_chord_under_mutex(group_uuid)
+            if outcome != -3:
+                return outcome == 1
+            await asyncio.sleep(random.uniform(0.05, 0.25))
+        raise TimeoutError(f"{CHORD_MUTEX} stayed taken; the chord of {group_uuid} was not triggered")
+
+    async def _trigger_chord_under_mutex(self, group_uuid: str) -> bool:
+        """Go's own way, for group metadata the script cannot edit in place."""
         client = self.connector.client()
         token = base64.b64encode(os.urandom(16)).decode()
         for _ in range(32):
@@ -139,15 +157,12 @@ class RedisBackend(Backend):
         else:
             raise TimeoutError(f"could not take {CHORD_MUTEX} to trigger the chord of {group_uuid}")
         try:
-            flipped = int(await self.connector.script(_TRIGGER_CHORD)(keys=[group_uuid], args=[self.ttl]))
-            if flipped == -2:  # stored in a shape the script cannot edit: decode, flip, write
-                meta = await self.aget_group_meta(group_uuid)
-                if meta is None or meta.chord_triggered:
-                    return False
-                meta.chord_triggered = True
-                await self.write_group_meta(meta)
-                return True
-            return flipped == 1
+            meta = await self.aget_group_meta(group_uuid)
+            if meta is None or meta.chord_triggered:
+                return False
+            meta.chord_triggered = True
+            await self.write_group_meta(meta)
+            return True
         finally:
             await self.connector.script(_UNLOCK)(keys=[CHORD_MUTEX], args=[token])
 
@@ -162,10 +177,6 @@ class RedisBackend(Backend):
         if listener is not None:
             await listener.aclose()
         await self.connector.aclose()
-
-
-def _notify(state: TaskState) -> str:
-    return "1" if state.state in COMPLETED_STATES else "0"
 
 
 class _DoneListener:
@@ -232,11 +243,11 @@ class _DoneListener:
                 if confirmed is not None and not confirmed.done():
                     confirmed.set_result(None)
             elif message["type"] == "message":
-                self._backend._waiters.notify(channel[len(DONE_CHANNEL) :])
+                self._backend._waiters.notify(channel[len(DONE_CHANNEL) :], message["data"])
 
     async def aclose(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
         if self._pubsub is not None:
-            await self._pubsub.aclose()
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-
+from typing import Any
 
 from redis.commands.core import AsyncScript
 
@@ -35,6 +35,7 @@ from ..types import unix_ns
 from .base import Broker, Consumer, DeadLetter, Delivery, decode_all
 
 DELAYED_BATCH = 500
+RELEASED_HEARTBEAT_GRACE = 2.0
 
 # Take up to ARGV[1] messages from the queue into the processing list.
 _FETCH = """
@@ -72,13 +73,15 @@ end
 return returned
 """
 
-# Return this consumer's own processing list to the queue head and unregister it.
+# Return this consumer's own processing list to the queue head. Its heartbeat is left to
+# expire shortly (ARGV[2]) rather than removed: a blocking take cancelled at shutdown can
+# still land a message in the list after this, and a reaper finds it by that heartbeat.
 _RELEASE = """
 local returned = 0
 while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT') do
   returned = returned + 1
 end
-redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return returned
 """
 
@@ -145,18 +148,11 @@ class RedisBroker(Broker):
         return self.config.redis.delayed_tasks_key or "delayed_tasks"
 
     async def _push(self, messages: Sequence[tuple[str, bytes]]) -> None:
-        client = self.connector.client()
-        if len(messages) == 1:
-            queue, body = messages[0]
-            await client.rpush(queue, body)
-            return
         by_queue: dict[str, list[bytes]] = defaultdict(list)
         for queue, body in messages:
             by_queue[queue].append(body)
-        async with client.pipeline(transaction=False) as pipe:
-            for queue, bodies in by_queue.items():
-                pipe.rpush(queue, *bodies)
-            await pipe.execute()
+        pipeline = self.connector.batched()
+        await asyncio.gather(*(pipeline.execute("RPUSH", queue, *bodies) for queue, bodies in by_queue.items()))
 
     async def _push_delayed(self, messages: Sequence[tuple[Signature, bytes]]) -> None:
         mapping: dict[bytes, float] = {}
@@ -165,17 +161,18 @@ class RedisBroker(Broker):
             mapping[body] = float(unix_ns(signature.eta))
         await self.connector.client().zadd(self.delayed_key, mapping)
 
-    async def open_consumer(self, queue: str, consumer_tag: str) -> Consumer:
+    async def open_consumer(self, queue: str, consumer_tag: str, prefetch: int | None = None) -> Consumer:
         consumer = RedisConsumer(self, queue, f"{consumer_tag}:{uuid.uuid4().hex[:8]}")
         await consumer.start()
         return consumer
 
     async def aget_pending_tasks(self, queue: str | None = None) -> list[Signature]:
-        bodies = await self.connector.client().lrange(queue or self.config.default_queue, 0, -1)
+        bodies: list[Any] = await self.connector.client().lrange(queue or self.config.default_queue, 0, -1)
         return decode_all(bodies)
 
     async def aget_delayed_tasks(self) -> list[Signature]:
-        return decode_all(await self.connector.client().zrange(self.delayed_key, 0, -1))
+        bodies: list[Any] = await self.connector.client().zrange(self.delayed_key, 0, -1)
+        return decode_all(bodies)
 
     async def adead_letters(self, queue: str | None = None) -> list[DeadLetter]:
         raw = await self.connector.client().lrange(dead_key(queue or self.config.default_queue), 0, -1)
@@ -200,6 +197,9 @@ class RedisConsumer(Consumer):
         self._heartbeats = heartbeats_key(queue)
         self._background: list[asyncio.Task[None]] = []
         self._timeout = broker.config.heartbeat_timeout
+        # Fetch scripts sent or queued in the auto-pipeline; they run even if the fetch
+        # awaiting them is cancelled, so close() waits for them before giving messages back.
+        self._taking: set[asyncio.Future[Any]] = set()
 
     async def start(self) -> None:
         await self._beat()
@@ -212,18 +212,24 @@ class RedisConsumer(Consumer):
     # ------------------------------------------------------------------ taking
 
     async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
-        client = self.broker.connector.client()
-        bodies = await self.broker.script(_FETCH)(keys=[self.queue, self.processing], args=[max_count])
+        connector = self.broker.connector
+        taking = connector.batched().evalsha(_FETCH, [self.queue, self.processing], [max_count])
+        self._taking.add(taking)
+        taking.add_done_callback(self._taking.discard)
+        bodies = await asyncio.shield(taking)
         if not bodies:
-            # Block for the first message; more are taken by the next (non-blocking) fetch.
-            body = await client.blmove(self.queue, self.processing, timeout, "LEFT", "RIGHT")
+            # Block for the first message (on a connection of its own: a blocking command
+            # must not sit in a shared pipeline); more are taken by the next fetch.
+            body = await connector.client().blmove(
+                self.queue, self.processing, timeout, "LEFT", "RIGHT"  # type: ignore[arg-type]  # Redis takes fractions
+            )
             if body is None:
                 return []
             bodies = [body]
         return [Delivery(body, self.queue) for body in bodies]
 
     async def ack(self, delivery: Delivery) -> None:
-        await self.broker.connector.client().lrem(self.processing, 1, delivery.body)
+        await self.broker.connector.batched().execute("LREM", self.processing, 1, delivery.body)
 
     async def requeue(self, delivery: Delivery) -> None:
         await self.broker.script(_SETTLE)(keys=[self.processing, self.queue], args=[delivery.body, delivery.body])
@@ -236,8 +242,13 @@ class RedisConsumer(Consumer):
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        # A cancelled fetch's script may still be on its way: let it land first, or it would
+        # move messages into this processing list after the release, with no heartbeat left
+        # for a reaper to find them by.
+        await asyncio.gather(*self._taking, return_exceptions=True)
+        expires_ms = int((time.time() + RELEASED_HEARTBEAT_GRACE) * 1000)
         returned = await self.broker.script(_RELEASE)(
-            keys=[self.processing, self.queue, self._heartbeats], args=[self.consumer_id]
+            keys=[self.processing, self.queue, self._heartbeats], args=[self.consumer_id, expires_ms]
         )
         if returned:
             log.logger.info("Returned %d unfinished message(s) to %r", returned, self.queue)
