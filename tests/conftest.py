@@ -72,7 +72,9 @@ def config_for(kind: str, tmp_path: Path, queue: str, **overrides: object) -> Co
         url = REDIS_URL
     else:
         raise ValueError(kind)
-    redis = RedisConfig(delayed_tasks_key=f"{queue}_delayed", normal_tasks_poll_period=200, delayed_tasks_poll_period=100)
+    redis = RedisConfig(
+        delayed_tasks_key=f"{queue}_delayed", normal_tasks_poll_period=200, delayed_tasks_poll_period=100
+    )
     return Config(broker=url, default_queue=queue, redis=redis, **overrides)  # type: ignore[arg-type]
 
 

@@ -13,10 +13,10 @@ from .errors import (
 )
 from .log import get_logger, set_logger
 from .registry import TaskContext
-from .result import AsyncResult
+from .result import AsyncResult, ChainAsyncResult, ChordAsyncResult
 from .retry import RetryTaskLater
 from .server import Server, Task
-from .signature import Signature
+from .signature import Chain, Chord, Group, Signature
 from .state import FAILURE, PENDING, RECEIVED, RETRY, STARTED, SUCCESS, GroupMeta, TaskState
 from .types import Arg, TaskResult
 from .worker import Worker
@@ -29,10 +29,15 @@ __all__ = [
     "ArgumentError",
     "AsyncResult",
     "BrokerConnectionError",
+    "Chain",
+    "ChainAsyncResult",
+    "Chord",
+    "ChordAsyncResult",
     "Config",
     "ConfigError",
     "DynamoDBConfig",
     "FAILURE",
+    "Group",
     "GroupMeta",
     "MachineryError",
     "MessageDecodeError",

@@ -15,24 +15,29 @@ T = TypeVar("T")
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
 
 
 def _portal() -> asyncio.AbstractEventLoop:
-    global _loop
+    global _loop, _thread
     with _lock:
         if _loop is None or _loop.is_closed():
             loop = asyncio.new_event_loop()
             thread = threading.Thread(target=loop.run_forever, name="machinery-sync", daemon=True)
             thread.start()
-            _loop = loop
+            _loop, _thread = loop, thread
         return _loop
 
 
 def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     """Run ``coro`` to completion on the background loop and return its result."""
     loop = _portal()
-    if threading.current_thread() is getattr(loop, "_thread_ident", None):
-        raise RuntimeError("a sync machinery call was made from inside machinery's own loop")
+    if threading.current_thread() is _thread:
+        coro.close()  # never awaited: close it so no "never awaited" warning follows the error
+        raise RuntimeError(
+            "a sync machinery call was made from inside machinery's own loop (e.g. from a pre-publish "
+            "handler); it would wait for itself forever — use the async face there"
+        )
     future = asyncio.run_coroutine_threadsafe(coro, loop)
     try:
         return future.result(timeout)

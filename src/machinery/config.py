@@ -67,6 +67,13 @@ class AMQPConfig:
     prefetch_count: int = _f(3, "prefetch_count", "AMQP_PREFETCH_COUNT")
     auto_delete: bool = _f(False, "auto_delete", "AMQP_AUTO_DELETE")
     delayed_queue: str = _f("", "delayed_queue", "AMQP_DELAYED_QUEUE")
+    skip_publisher_queue: bool = _f(
+        False,
+        "skip_publisher_queue",
+        "AMQP_SKIP_PUBLISHER_QUEUE",
+        "Python-only deployments: do not declare Go's never-consumed publisher queue named after the binding "
+        "key (WIRE.md 10.1); declare the workers' default queue instead. Keep off when Go services share RabbitMQ",
+    )
 
 
 @dataclass
@@ -112,6 +119,13 @@ class Config:
         "HEARTBEAT_TIMEOUT",
         "seconds a worker may go silent before the tasks it took are given to other workers",
     )
+    periodic_lock_program: str = _f(
+        "",
+        "periodic_lock_program",
+        "PERIODIC_LOCK_PROGRAM",
+        "program name in periodic lock keys; empty: basename of sys.argv[0] "
+        "(set it to a Go binary's name to share ticks with it)",
+    )
     redis: RedisConfig = field(default_factory=RedisConfig)
     amqp: AMQPConfig = field(default_factory=AMQPConfig)
     sqs: SQSConfig = field(default_factory=SQSConfig)
@@ -153,7 +167,9 @@ class Config:
         check_backend_url(self.result_backend_url, "result_backend")
         check_lock_url(self.lock_url, "lock")
         if not isinstance(self.results_expire_in, int) or self.results_expire_in < 0:
-            raise ConfigError(f"results_expire_in must be a whole number of seconds >= 0, got {self.results_expire_in!r}")
+            raise ConfigError(
+                f"results_expire_in must be a whole number of seconds >= 0, got {self.results_expire_in!r}"
+            )
         if not self.default_queue:
             raise ConfigError("default_queue must not be empty")
         if self.heartbeat_timeout <= 0:

@@ -19,14 +19,17 @@ if TYPE_CHECKING:
     from .locks.base import Lock
 
 _REDIS = ("redis", "rediss", "redis+socket")
+_AMQP = ("amqp", "amqps")
 
 BROKERS: dict[str, str] = {
     **{scheme: "machinery.brokers.redis:RedisBroker" for scheme in _REDIS},
+    **{scheme: "machinery.brokers.amqp:AMQPBroker" for scheme in _AMQP},
     "sqlite": "machinery.brokers.sqlite:SQLiteBroker",
     "memory": "machinery.brokers.memory:MemoryBroker",
 }
 BACKENDS: dict[str, str] = {
     **{scheme: "machinery.backends.redis:RedisBackend" for scheme in _REDIS},
+    **{scheme: "machinery.backends.amqp:AMQPBackend" for scheme in _AMQP},
     "sqlite": "machinery.backends.sqlite:SQLiteBackend",
     "memory": "machinery.backends.memory:MemoryBackend",
 }

@@ -91,7 +91,8 @@ class TaskSpec:
             raise TypeError(f"task {name!r} must be callable, got {fn!r}")
         self.name = name
         self.fn = fn
-        self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+        # A callable object is async if its __call__ is.
+        self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
         params = list(inspect.signature(fn).parameters.values())
         try:
             hints = typing.get_type_hints(fn)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
@@ -9,9 +10,11 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 from ._sync import run_sync
 from .config import Config
 from .factory import create_backend, create_broker, create_lock
+from .periodic import PeriodicEntry, Scheduler
 from .registry import TaskSpec
-from .result import AsyncResult
-from .signature import Signature, new_task_uuid
+from .result import AsyncResult, ChainAsyncResult, ChordAsyncResult
+from .signature import Chain, Chord, Group, Signature, new_task_uuid
+from .workflow import ProgressHandler, send_chain, send_chord, send_group
 
 if TYPE_CHECKING:
     from .locks.base import Lock
@@ -35,7 +38,7 @@ class Task(Generic[P, R]):
         self.server = server
         self.name = name
         self.fn = fn
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
@@ -62,6 +65,7 @@ class Server:
         self._lock: Lock | None = None
         self.tasks: dict[str, TaskSpec] = {}
         self._pre_publish: PrePublishHandler | None = None
+        self.periodic = Scheduler(self)
 
     @property
     def lock(self) -> Lock:
@@ -134,13 +138,102 @@ class Server:
         """An AsyncResult for a task sent elsewhere."""
         return AsyncResult(task_uuid, self.backend)
 
+    # ------------------------------------------------------------------ workflows (workflow.py)
+
+    async def asend_chain(self, chain: Chain) -> ChainAsyncResult:
+        """Send a chain: its first step now, each next one when the previous one succeeds."""
+        return await send_chain(self, chain)
+
+    def send_chain(self, chain: Chain) -> ChainAsyncResult:
+        return run_sync(self.asend_chain(chain))
+
+    async def asend_group(
+        self, group: Group, send_concurrency: int = 0, on_progress: ProgressHandler | None = None
+    ) -> list[AsyncResult]:
+        """Send a group, at most ``send_concurrency`` messages in flight (0: unlimited).
+
+        Returns the members' results in group order. ``on_progress(published, total)`` is
+        called as batches are published. A publish error is raised after the other members
+        are published (those still run).
+        """
+        return await send_group(self, group, send_concurrency, on_progress)
+
+    def send_group(
+        self, group: Group, send_concurrency: int = 0, on_progress: ProgressHandler | None = None
+    ) -> list[AsyncResult]:
+        return run_sync(self.asend_group(group, send_concurrency, on_progress))
+
+    async def asend_chord(
+        self, chord: Chord, send_concurrency: int = 0, on_progress: ProgressHandler | None = None
+    ) -> ChordAsyncResult:
+        """Send a chord's group as ``asend_group`` does; a worker sends the callback when it is done."""
+        return await send_chord(self, chord, send_concurrency, on_progress)
+
+    def send_chord(
+        self, chord: Chord, send_concurrency: int = 0, on_progress: ProgressHandler | None = None
+    ) -> ChordAsyncResult:
+        return run_sync(self.asend_chord(chord, send_concurrency, on_progress))
+
+    # ------------------------------------------------------------------ periodic (periodic.py)
+
+    def register_periodic_task(self, spec: str, name: str, signature: Signature) -> PeriodicEntry:
+        """Send a copy of ``signature`` on every tick of the cron ``spec``, once across the cluster.
+
+        ``spec`` follows Go's robfig/cron ``ParseStandard`` (``*/5 * * * *``, ``@hourly``,
+        ``@every 1h30m``, ``CRON_TZ=Europe/Paris 0 9 * * MON-FRI``); a spec that does not
+        parse raises ValueError with the reason. Registering a name again replaces the entry.
+        Ticks fire in workers (unless started with ``periodic=False``) and in ``run_periodic``.
+        """
+        return self.periodic.add(spec, name, "task", [signature])
+
+    def register_periodic_chain(self, spec: str, name: str, *signatures: Signature) -> PeriodicEntry:
+        """Send a fresh chain of ``signatures`` on every tick of ``spec``."""
+        return self.periodic.add(spec, name, "chain", signatures)
+
+    def register_periodic_group(
+        self, spec: str, name: str, send_concurrency: int, *signatures: Signature
+    ) -> PeriodicEntry:
+        """Send a fresh group of ``signatures`` on every tick of ``spec``."""
+        return self.periodic.add(spec, name, "group", signatures, send_concurrency)
+
+    def register_periodic_chord(
+        self, spec: str, name: str, send_concurrency: int, callback: Signature, *signatures: Signature
+    ) -> PeriodicEntry:
+        """Send a fresh chord of ``signatures`` with ``callback`` on every tick of ``spec``."""
+        return self.periodic.add(spec, name, "chord", signatures, send_concurrency, callback)
+
+    def periodic_entries(self) -> list[PeriodicEntry]:
+        """The registered periodic entries, by name."""
+        return self.periodic.entries()
+
+    def remove_periodic(self, name: str) -> bool:
+        """Stop sending the periodic entry ``name``; False if there was none."""
+        return self.periodic.remove(name)
+
+    async def arun_periodic(self, install_signal_handlers: bool = False) -> None:
+        """Run only the periodic scheduler (no worker) until ``stop_periodic()`` or a signal."""
+        await self.periodic.run(install_signal_handlers=install_signal_handlers)
+
+    def run_periodic(self) -> None:
+        """Run the periodic scheduler in this thread until SIGINT/SIGTERM or ``stop_periodic()``."""
+        asyncio.run(self.arun_periodic(install_signal_handlers=not self.config.no_unix_signals))
+
+    def stop_periodic(self) -> None:
+        """Stop ``run_periodic``/``arun_periodic`` and workers' schedulers (from any thread)."""
+        self.periodic.stop_all()
+
     # ------------------------------------------------------------------ workers
 
-    def new_worker(self, consumer_tag: str = "", concurrency: int = 0, queue: str | None = None) -> Worker:
-        """A worker for this server; ``concurrency=0`` means twice the CPU count."""
+    def new_worker(
+        self, consumer_tag: str = "", concurrency: int = 0, queue: str | None = None, periodic: bool = True
+    ) -> Worker:
+        """A worker for this server; ``concurrency=0`` means twice the CPU count.
+
+        With ``periodic`` (the default) the worker also runs the periodic scheduler.
+        """
         from .worker import Worker
 
-        return Worker(self, consumer_tag=consumer_tag, concurrency=concurrency, queue=queue)
+        return Worker(self, consumer_tag=consumer_tag, concurrency=concurrency, queue=queue, periodic=periodic)
 
     async def aclose(self) -> None:
         """Close connections held by the broker, backend and lock."""

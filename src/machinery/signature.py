@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import uuid as uuidlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
@@ -164,9 +165,27 @@ class Signature:
 
 
 _WIRE_KEYS = frozenset(
-    "UUID Name RoutingKey ETA GroupUUID GroupTaskCount Args Headers Priority Immutable RetryCount "
-    "RetryTimeout OnSuccess OnError ChordCallback BrokerMessageGroupId SQSReceiptHandle "
-    "StopTaskDeletionOnError IgnoreWhenTaskNotRegistered".split()
+    (
+        "UUID",
+        "Name",
+        "RoutingKey",
+        "ETA",
+        "GroupUUID",
+        "GroupTaskCount",
+        "Args",
+        "Headers",
+        "Priority",
+        "Immutable",
+        "RetryCount",
+        "RetryTimeout",
+        "OnSuccess",
+        "OnError",
+        "ChordCallback",
+        "BrokerMessageGroupId",
+        "SQSReceiptHandle",
+        "StopTaskDeletionOnError",
+        "IgnoreWhenTaskNotRegistered",
+    )
 )
 
 
@@ -240,6 +259,117 @@ def _decode_arg(raw: Any, position: int) -> Arg:
     if not isinstance(go_type, str):
         raise MessageDecodeError(f"argument {position} has no Type")
     try:
-        return Arg(go_type, folded.get("value"), _string(folded.get("name"), "Name"))
+        return Arg.from_wire(go_type, folded.get("value"), _string(folded.get("name"), "Name"))
     except ValueError as exc:
         raise MessageDecodeError(f"argument {position}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- workflows (WIRE.md 8)
+
+
+def _member(signature: Signature, what: str) -> Signature:
+    """A shallow copy of ``signature`` for a workflow, with a UUID.
+
+    Workflows set top-level fields (UUID, OnSuccess, GroupUUID, ChordCallback, and at send
+    time Headers and RoutingKey) on their members, so a shallow copy keeps the caller's
+    signature reusable in other workflows without paying for a deep copy per member.
+    """
+    if not isinstance(signature, Signature):
+        raise TypeError(f"a {what} holds Signatures, got {signature!r}")
+    member = copy.copy(signature)
+    if not member.uuid:
+        member.uuid = new_task_uuid()
+    return member
+
+
+def _flatten(signatures: tuple[Any, ...]) -> tuple[Any, ...]:
+    # Accept Group(a, b) as well as Group([a, b]).
+    if len(signatures) == 1 and isinstance(signatures[0], (list, tuple)):
+        return tuple(signatures[0])
+    return signatures
+
+
+class Chain:
+    """Signatures run one after another, each receiving the previous one's results.
+
+    Built as Go's ``NewChain``: every step gets a ``task_`` UUID if it has none, and step
+    *i* becomes step *i-1*'s only ``OnSuccess`` callback, so the whole chain travels nested
+    inside the first message. Whether a step's results are appended to the next step's
+    arguments depends on the *finished* step's ``immutable`` flag (Go's rule, WIRE.md 6.3).
+
+    The chain holds copies of the given signatures: read the UUIDs from ``signatures``.
+    """
+
+    def __init__(self, *signatures: Signature) -> None:
+        steps = [_member(s, "chain") for s in _flatten(signatures)]
+        if not steps:
+            raise ValueError("a chain needs at least one signature")
+        for previous, step in itertools.pairwise(steps):
+            previous.on_success = [step]
+        self.signatures: list[Signature] = steps
+
+    @property
+    def task_uuids(self) -> list[str]:
+        """The steps' UUIDs in order; the last one holds the chain's result."""
+        return [s.uuid for s in self.signatures]
+
+    def __repr__(self) -> str:
+        return f"<Chain {' -> '.join(s.name for s in self.signatures)}>"
+
+
+class Group:
+    """Signatures run in parallel, known to the result backend as one group.
+
+    Built as Go's ``NewGroup``: a ``group_`` UUID, and on every member a UUID (if it has
+    none), that ``GroupUUID`` and ``GroupTaskCount``. Holds copies of the given signatures.
+    """
+
+    def __init__(self, *signatures: Signature) -> None:
+        given = _flatten(signatures)
+        self.group_uuid = new_task_uuid("group_")
+        members = [_member(s, "group") for s in given]
+        for member in members:
+            member.group_uuid = self.group_uuid
+            member.group_task_count = len(members)
+        if len({m.uuid for m in members}) != len(members):
+            raise ValueError("the members of a group must have distinct UUIDs")
+        self.signatures: list[Signature] = members
+
+    @property
+    def task_uuids(self) -> list[str]:
+        """The members' UUIDs in group order (the order results are collected in)."""
+        return [s.uuid for s in self.signatures]
+
+    def __len__(self) -> int:
+        return len(self.signatures)
+
+    def __repr__(self) -> str:
+        return f"<Group {self.group_uuid} of {len(self.signatures)}>"
+
+
+class Chord:
+    """A group whose members' results, in group order, feed one callback.
+
+    Built as Go's ``NewChord``: the callback gets a ``chord_`` UUID if it has none and is
+    embedded in full in every member. It is published once, by the worker that finishes the
+    group; its own ``immutable`` flag decides whether the members' results are appended.
+    ``group`` may be a Group (used as is) or signatures to make one from.
+    """
+
+    def __init__(self, group: Group | Iterable[Signature], callback: Signature) -> None:
+        if not isinstance(group, Group):
+            group = Group(*group)
+        if not group.signatures:
+            raise ValueError("a chord needs at least one member, or its callback could never run")
+        if not isinstance(callback, Signature):
+            raise TypeError(f"a chord callback must be a Signature, got {callback!r}")
+        callback = copy.copy(callback)
+        if not callback.uuid:
+            callback.uuid = new_task_uuid("chord_")
+        for member in group.signatures:
+            member.chord_callback = callback
+        self.group = group
+        self.callback = callback
+
+    def __repr__(self) -> str:
+        return f"<Chord {self.group.group_uuid} of {len(self.group)} -> {self.callback.name}>"

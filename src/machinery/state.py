@@ -74,7 +74,7 @@ class TaskState:
                 state=str(data.get("state") or ""),
                 results=None
                 if raw_results is None
-                else [TaskResult(str(r.get("Type", r.get("type"))), r.get("Value", r.get("value"))) for r in raw_results],
+                else [_result(r) for r in raw_results],
                 error=str(data.get("error") or ""),
                 created_at=_created(data),
                 ttl=int(data.get("ttl") or 0),
@@ -131,6 +131,11 @@ def _decode_object(body: bytes | str, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise MessageDecodeError(f"{what} is not a JSON object")
     return {str(key).lower(): value for key, value in data.items()}
+
+
+def _result(raw: dict[str, Any]) -> TaskResult:
+    folded = {str(key).lower(): value for key, value in raw.items()}
+    return TaskResult(str(folded.get("type")), folded.get("value"))
 
 
 def _created(data: dict[str, Any]) -> datetime | None:

@@ -53,6 +53,17 @@ class Arg:
         if self.type not in GO_TYPES:
             raise ValueError(f"{self.type!r} is not one of the supported Go types: {sorted(GO_TYPES)}")
 
+    @classmethod
+    def from_wire(cls, go_type: str, value: Any, name: str = "") -> Arg:
+        """An Arg as a message carries it: the JSON value as decoded, the type not checked here.
+
+        An unknown type then fails the task at argument conversion with Go's error
+        (``decimal is not one of supported types``) instead of making the message undecodable.
+        """
+        arg = object.__new__(cls)
+        arg.type, arg.value, arg.name = go_type, value, name
+        return arg
+
 
 # --------------------------------------------------------------------------- sending side
 
@@ -132,6 +143,8 @@ def wire_value(go_type: str, value: Any) -> Any:
         return base64.b64encode(value).decode("ascii")
     if go_type in FLOAT_TYPES:
         return _go_float(value)
+    if go_type in SLICE_TYPES and isinstance(value, str):
+        return value  # a decoded message's []byte / []uint* value: already base64 text (WIRE.md 3.2)
     if go_type in SLICE_TYPES and value is not None:
         element = go_type[2:]
         if element in FLOAT_TYPES:
@@ -249,6 +262,10 @@ def encode_results(returned: Any) -> list[TaskResult]:
     for i, value in enumerate(values):
         if isinstance(value, Arg):
             go_type, plain = value.type, value.value
+            try:
+                check_value(go_type, plain, f"result {i}")
+            except ValueError as exc:
+                raise ResultTypeError(f"the task's {exc}") from None
         else:
             try:
                 go_type = infer_type(value, f"result {i}")
@@ -281,6 +298,8 @@ def format_time(moment: datetime | None) -> str:
     """RFC 3339 in UTC with trailing fraction zeros trimmed, as Go writes ``time.Time``."""
     if moment is None:
         return ZERO_TIME
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"{moment!r} is naive; Go needs a time with a zone (use datetime.now(timezone.utc))")
     utc = moment.astimezone(timezone.utc)
     text = utc.strftime("%Y-%m-%dT%H:%M:%S")
     if utc.microsecond:
@@ -292,7 +311,7 @@ def parse_time(text: str) -> datetime | None:
     """Parse an RFC 3339 timestamp with a zone; the zero time is None. Raises ValueError."""
     if text == ZERO_TIME:
         return None
-    if not isinstance(text, str) or len(text) < 20 or text[10] not in "Tt":
+    if not isinstance(text, str) or len(text) < 19 or text[10] not in "Tt":
         raise ValueError(f"{text!r} is not an RFC 3339 timestamp")
     head, zone = text[:19], text[19:]
     fraction = ""

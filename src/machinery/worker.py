@@ -9,6 +9,8 @@ conversion failures never stop the worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import os
 import signal
 import socket
@@ -27,6 +29,7 @@ from .retry import Backoff, RetryTaskLater, fibonacci_next
 from .signature import Signature
 from .state import FAILURE, RECEIVED, RETRY, STARTED, SUCCESS, TaskState
 from .types import Arg, TaskResult, encode_results
+from .workflow import complete_chord, was_completed
 
 if TYPE_CHECKING:
     from .server import Server
@@ -37,6 +40,10 @@ PreConsumeHandler = Callable[["Worker"], bool]
 
 UNKNOWN_TASK_MAX_BACKOFF = 5.0
 
+# Whether the chord member being processed arrived with a final state already stored (a
+# redelivery after a crash): only such a member may repair a lost chord callback.
+_redelivered: contextvars.ContextVar[bool] = contextvars.ContextVar("machinery_redelivered", default=False)
+
 
 def error_text(exc: BaseException) -> str:
     """The error text stored for a failed task (Go stores the error's message)."""
@@ -46,8 +53,16 @@ def error_text(exc: BaseException) -> str:
 class Worker:
     """Consumes one queue and runs at most ``concurrency`` tasks at a time."""
 
-    def __init__(self, server: Server, consumer_tag: str = "", concurrency: int = 0, queue: str | None = None):
+    def __init__(
+        self,
+        server: Server,
+        consumer_tag: str = "",
+        concurrency: int = 0,
+        queue: str | None = None,
+        periodic: bool = True,
+    ):
         self.server = server
+        self.periodic = periodic  # run the server's periodic scheduler beside consuming
         self.consumer_tag = consumer_tag or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.concurrency = concurrency if concurrency > 0 else 2 * (os.cpu_count() or 1)
         self.queue = queue or server.config.default_queue
@@ -60,6 +75,7 @@ class Worker:
         self._aborting = False
         self._quit_requested = threading.Event()
         self._running: set[asyncio.Task[None]] = set()
+        self._busy = 0  # slots taken: fetched messages whose task function has not yet returned
         self._slot_freed: asyncio.Event | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._unknown_delay = 0.0
@@ -112,12 +128,20 @@ class Worker:
             ", ".join(sorted(self.server.tasks)) or "(none)",
         )
         consumer = await self._open_consumer()
+        scheduler = None
+        if consumer is not None and self.periodic:
+            # It stops by itself when the worker starts stopping.
+            scheduler = asyncio.ensure_future(self.server.periodic.run(self._stopping))
         try:
             if consumer is not None:
                 self.started.set()
                 await self._consume(consumer)
                 await self._drain()
         finally:
+            if scheduler is not None:
+                if self._aborting or not self._stopping.is_set():
+                    scheduler.cancel()
+                await asyncio.gather(scheduler, return_exceptions=True)
             if self._running:
                 for task in self._running:
                     task.cancel()
@@ -138,10 +162,8 @@ class Worker:
         self._quit_requested.set()
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(self._request_stop, abort)
-            except RuntimeError:
-                pass
 
     def _on_signal(self) -> None:
         if self._stopping is not None and self._stopping.is_set():
@@ -170,7 +192,9 @@ class Worker:
         backoff = Backoff()
         while not self._stopping.is_set():
             try:
-                return await self.server.broker.open_consumer(self.queue, self.consumer_tag)
+                return await self.server.broker.open_consumer(
+                    self.queue, self.consumer_tag, prefetch=self.concurrency
+                )
             except Exception as exc:
                 delay = backoff.next()
                 self._report(exc, f"cannot start consuming {self.queue!r}, retrying in {delay:.0f} s")
@@ -184,7 +208,9 @@ class Worker:
         backoff = Backoff()
         try:
             while not self._stopping.is_set():
-                free = self.concurrency - len(self._running)
+                # A slot frees when its task function returns; the outcome is written after,
+                # so bound those writers too, or a slow backend would let them pile up.
+                free = min(self.concurrency - self._busy, 2 * self.concurrency - len(self._running))
                 if free <= 0:
                     self._slot_freed.clear()
                     await asyncio.wait({stopping, asyncio.ensure_future(self._slot_freed.wait())},
@@ -210,7 +236,8 @@ class Worker:
                     continue
                 backoff.reset()
                 for delivery in deliveries:
-                    task = asyncio.ensure_future(self._handle(consumer, delivery))
+                    self._busy += 1
+                    task = asyncio.ensure_future(self._handle(consumer, delivery, _Slot(self)))
                     self._running.add(task)
                     task.add_done_callback(self._task_done)
         finally:
@@ -221,12 +248,24 @@ class Worker:
         assert self._slot_freed is not None
         self._slot_freed.set()
 
-    async def _handle(self, consumer: Consumer, delivery: Delivery) -> None:
+    def _free_slot(self) -> None:
+        self._busy -= 1
+        assert self._slot_freed is not None
+        self._slot_freed.set()
+
+    async def _handle(self, consumer: Consumer, delivery: Delivery, slot: _Slot) -> None:
+        try:
+            await self._handle_taken(consumer, delivery, slot)
+        finally:
+            slot.release()
+
+    async def _handle_taken(self, consumer: Consumer, delivery: Delivery, slot: _Slot) -> None:
         try:
             signature = Signature.decode(delivery.body)
         except MessageDecodeError as exc:
-            log.logger.error("Dead-lettering a message from %r that cannot be decoded: %s", delivery.queue, exc)
-            await self._persist(lambda: consumer.dead_letter(delivery, str(exc)))
+            reason = str(exc)
+            log.logger.error("Dead-lettering a message from %r that cannot be decoded: %s", delivery.queue, reason)
+            await self._persist(lambda: consumer.dead_letter(delivery, reason))
             return
         spec = self.server.tasks.get(signature.name)
         if spec is None:
@@ -234,7 +273,7 @@ class Worker:
             return
         self._unknown_delay = 0.0
         try:
-            await self.process(signature, spec)
+            await self.process(signature, spec, slot)
         except Exception as exc:
             # A task whose outcome could not be recorded goes back to the queue to run again.
             self._report(exc, f"processing {signature.name} {signature.uuid} failed; requeueing it")
@@ -259,21 +298,30 @@ class Worker:
 
     # ------------------------------------------------------------------ processing (WIRE.md 6)
 
-    async def process(self, signature: Signature, spec: TaskSpec) -> None:
-        """Run one task and record its outcome; raises only if the outcome could not be recorded."""
+    async def process(self, signature: Signature, spec: TaskSpec, slot: _Slot | None = None) -> None:
+        """Run one task and record its outcome; raises only if the outcome could not be recorded.
+
+        ``slot`` is released as soon as the task function returns: the concurrency limit
+        bounds running tasks, and the next message can start while this one's outcome is
+        being written.
+        """
         backend = self.server.backend
+        _redelivered.set(await was_completed(self.server, signature))
         try:
             values = spec.convert_args(signature.args)
         except ArgumentError as exc:
             await backend.write_states([_state(signature, RECEIVED)], True)
-            await self._failed(signature, str(exc))
+            await self._failed(signature, str(exc), exc)
             return
         await backend.write_states([_state(signature, RECEIVED), _state(signature, STARTED)], True)
-        if self._pre_task is not None:
-            self._pre_task(signature)
+        self._call_hook(self._pre_task, signature)
         try:
             try:
-                returned = await spec.call(signature, values, self._executor)
+                try:
+                    returned = await spec.call(signature, values, self._executor)
+                finally:
+                    if slot is not None:
+                        slot.release()
             except RetryTaskLater as exc:
                 await self._retry(signature, exc.delay, exc)
                 return
@@ -295,15 +343,15 @@ class Worker:
                 return
             await self._succeeded(signature, results)
         finally:
-            if self._post_task is not None:
-                self._post_task(signature)
+            self._call_hook(self._post_task, signature)
 
     async def _succeeded(self, signature: Signature, results: list[TaskResult]) -> None:
         await self.server.backend.set_state(signature, SUCCESS, results=results)
         for callback in signature.on_success or ():
             if not signature.immutable:  # Go consults the finished task's flag (WIRE.md 6.3)
-                callback.args = [*(callback.args or ()), *(Arg(r.type, r.value) for r in results)]
+                callback.args = [*(callback.args or ()), *(Arg.from_wire(r.type, r.value) for r in results)]
             await self.server.asend_task(callback)
+        await complete_chord(self.server, signature, _redelivered.get())
 
     async def _failed(self, signature: Signature, error: str, exc: BaseException | None = None) -> None:
         await self.server.backend.set_state(signature, FAILURE, error=error)
@@ -311,12 +359,18 @@ class Worker:
         for callback in signature.on_error or ():
             callback.args = [Arg("string", error), *(callback.args or ())]
             await self.server.asend_task(callback)
+        # Go evaluates chords only after successes, so a chord whose last member fails hangs.
+        await complete_chord(self.server, signature, _redelivered.get())
 
     async def _retry(self, signature: Signature, delay: timedelta, exc: BaseException) -> None:
         await self.server.backend.set_state(signature, RETRY)
         signature.eta = datetime.now(timezone.utc) + delay
         log.logger.info(
-            "Task %s %s will retry in %.3g s: %s", signature.name, signature.uuid, delay.total_seconds(), error_text(exc)
+            "Task %s %s will retry in %.3g s: %s",
+            signature.name,
+            signature.uuid,
+            delay.total_seconds(),
+            error_text(exc),
         )
         await self.server.asend_task(signature)
 
@@ -338,6 +392,15 @@ class Worker:
                 self._report(exc, f"broker write failed, retrying in {delay:.0f} s")
                 await asyncio.sleep(delay)
 
+    def _call_hook(self, hook: TaskHandler | None, signature: Signature) -> None:
+        # A failing hook is the application's bug, not the task's: log it and carry on, or the
+        # message would be requeued and run again forever.
+        if hook is not None:
+            try:
+                hook(signature)
+            except Exception:
+                log.logger.exception("A task handler raised for %s %s", signature.name, signature.uuid)
+
     def _report(self, exc: BaseException, message: str) -> None:
         if self._error_handler is not None:
             self._error_handler(exc)
@@ -345,15 +408,27 @@ class Worker:
             log.logger.error("%s (%s: %s)", message, type(exc).__name__, exc)
 
 
+class _Slot:
+    """One unit of the worker's concurrency, released exactly once."""
+
+    __slots__ = ("_worker",)
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker: Worker | None = worker
+
+    def release(self) -> None:
+        if self._worker is not None:
+            self._worker._free_slot()
+            self._worker = None
+
+
 def _state(signature: Signature, state: str) -> TaskState:
     return TaskState(signature.uuid, state, signature.name)
 
 
 async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
-    try:
+    with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(event.wait(), seconds)
-    except asyncio.TimeoutError:
-        pass
 
 
 def _safe_url(url: str) -> str:

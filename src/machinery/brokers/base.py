@@ -136,8 +136,12 @@ class Broker(ABC):
     # ------------------------------------------------------------------ consuming
 
     @abstractmethod
-    async def open_consumer(self, queue: str, consumer_tag: str) -> Consumer:
-        """Start taking messages from ``queue`` for one worker."""
+    async def open_consumer(self, queue: str, consumer_tag: str, prefetch: int | None = None) -> Consumer:
+        """Start taking messages from ``queue`` for one worker.
+
+        ``prefetch`` is how many messages the worker can run at once; a broker that pushes
+        messages (RabbitMQ) must never hold more than that for it. Others may ignore it.
+        """
 
     # ------------------------------------------------------------------ inspection
 

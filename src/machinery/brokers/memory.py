@@ -8,6 +8,7 @@ taken messages stay with their consumer until acked, and return to the queue on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import threading
@@ -39,10 +40,8 @@ class _Store:
         """Wake every waiting consumer; call with ``lock`` held."""
         waiters, self.waiters = self.waiters, []
         for loop, future in waiters:
-            try:
+            with contextlib.suppress(RuntimeError):  # that loop has closed
                 loop.call_soon_threadsafe(_resolve, future)
-            except RuntimeError:
-                pass
 
     def release_due(self) -> float | None:
         """Move due delayed messages to their queues; return seconds until the next one."""
@@ -84,7 +83,7 @@ class MemoryBroker(Broker):
                 heapq.heappush(store.delayed, (unix_ns(signature.eta), next(store.seq), signature.routing_key, body))
             store.wake()
 
-    async def open_consumer(self, queue: str, consumer_tag: str) -> Consumer:
+    async def open_consumer(self, queue: str, consumer_tag: str, prefetch: int | None = None) -> Consumer:
         return _MemoryConsumer(self._store, queue)
 
     async def aget_pending_tasks(self, queue: str | None = None) -> list[Signature]:
@@ -127,7 +126,7 @@ class _MemoryConsumer(Consumer):
                 next_due = store.release_due()
                 queue = store.queue(self.queue)
                 if queue:
-                    taken = []
+                    taken: list[Delivery] = []
                     while queue and len(taken) < max_count:
                         receipt = next(self._ids)
                         body = queue.popleft()

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import threading
+from typing import ClassVar
 
 from ..config import Config
 from .base import Lock, now_ns
 
 
 class MemoryLock(Lock):
-    _keys: dict[str, int] = {}
-    _guard = threading.Lock()
+    _keys: ClassVar[dict[str, int]] = {}
+    _guard: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, config: Config, url: str) -> None:
         super().__init__(config, url)

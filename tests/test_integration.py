@@ -1,0 +1,581 @@
+"""The core scenarios end to end over the real brokers: the embedded SQLite file and Redis.
+
+Every test runs on both (the ``server`` fixture); each has its own queue, delayed-task key and
+SQLite file (conftest's ``queue_name``), and the Redis keys of that queue are deleted afterwards.
+Redis is skipped when it is not reachable on a laptop and fails the run under CI.
+
+The unit tests of the worker's rules are in test_worker.py (on ``memory://``); this module shows
+that the same scenarios hold when messages really go through a broker and states through a
+result backend. Nothing here asserts how long anything took: waits are bounded only so that a
+broken worker fails the test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from conftest import running_worker, unique
+from machinery import (
+    FAILURE,
+    PENDING,
+    STARTED,
+    SUCCESS,
+    Arg,
+    AsyncResult,
+    Config,
+    RetryTaskLater,
+    Server,
+    Signature,
+    TaskContext,
+    TaskFailed,
+)
+from machinery._sync import run_sync
+from machinery.brokers.base import Consumer, Delivery
+from machinery.brokers.redis import RedisBroker, dead_key, heartbeats_key, processing_prefix
+from machinery.brokers.sqlite import SQLiteBroker
+
+WAIT = 10.0  # upper bound for anything to happen; never an expectation of speed
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = WAIT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def server(broker_kind: str, make_config: Callable[..., Config]) -> Iterator[Server]:
+    server = Server(make_config(broker_kind))  # Redis: skipped (laptop) or failed (CI) if unreachable
+    try:
+        yield server
+    finally:
+        try:
+            if isinstance(server.broker, RedisBroker):
+                run_sync(_forget_queue_keys(server.broker, server.config.default_queue))
+        finally:
+            server.close()
+
+
+async def _forget_queue_keys(broker: RedisBroker, queue: str) -> None:
+    """Delete the shared Redis's keys of this test's queue (results expire by themselves).
+
+    Processing lists vanish by themselves: Redis deletes a list when its last element leaves.
+    """
+    await broker.connector.client().delete(queue, broker.delayed_key, dead_key(queue), heartbeats_key(queue))
+
+
+# --------------------------------------------------------------------------- broker-level looks
+
+
+def _sqlite_rows(conn: sqlite3.Connection, sql: str, *params: object) -> list[Any]:
+    return conn.execute(sql, params).fetchall()
+
+
+def taken(server: Server) -> int:
+    """How many messages some consumer holds (processing lists on Redis, leases on SQLite)."""
+    broker, queue = server.broker, server.config.default_queue
+    if isinstance(broker, SQLiteBroker):
+        sql = "SELECT COUNT(*) FROM messages WHERE queue = ? AND lease_owner IS NOT NULL"
+        return int(run_sync(broker.store.run(_sqlite_rows, sql, queue))[0][0])
+    assert isinstance(broker, RedisBroker)
+
+    async def count() -> int:
+        client = broker.connector.client()
+        # A large COUNT: the shared Redis may hold hundreds of thousands of other keys.
+        keys = [key async for key in client.scan_iter(match=processing_prefix(queue) + "*", count=10_000)]
+        return sum([await client.llen(key) for key in keys])
+
+    return run_sync(count())
+
+
+def queued_bodies(server: Server) -> list[bytes]:
+    """The raw bodies waiting on the queue, decodable or not (get_pending_tasks skips garbage)."""
+    broker, queue = server.broker, server.config.default_queue
+    if isinstance(broker, SQLiteBroker):
+        sql = "SELECT body FROM messages WHERE queue = ? AND lease_owner IS NULL ORDER BY avail_at, id"
+        return [bytes(body) for (body,) in run_sync(broker.store.run(_sqlite_rows, sql, queue))]
+    assert isinstance(broker, RedisBroker)
+
+    async def read() -> list[bytes]:
+        return list(await broker.connector.client().lrange(queue, 0, -1))
+
+    return run_sync(read())
+
+
+def push_raw(server: Server, *bodies: bytes) -> None:
+    """Put bytes straight onto the queue, as a foreign client might."""
+    queue = server.config.default_queue
+    run_sync(server.broker._push([(queue, body) for body in bodies]))
+
+
+def count_requeues(server: Server, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Record every body the worker's consumer gives back to the queue."""
+    requeued: list[bytes] = []
+    open_consumer = server.broker.open_consumer
+
+    async def opening(queue: str, consumer_tag: str, prefetch: int | None = None) -> Consumer:
+        consumer = await open_consumer(queue, consumer_tag, prefetch)
+        requeue = consumer.requeue
+
+        async def counting(delivery: Delivery) -> None:
+            requeued.append(delivery.body)
+            await requeue(delivery)
+
+        consumer.requeue = counting  # type: ignore[method-assign]
+        return consumer
+
+    monkeypatch.setattr(server.broker, "open_consumer", opening)
+    return requeued
+
+
+# --------------------------------------------------------------------------- sync and async faces
+
+
+def test_sync_face_with_def_and_async_def_tasks_and_result_types(server: Server) -> None:
+    @server.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @server.task(name="async_divmod")
+    async def divide(a: int, b: int) -> tuple[int, int]:
+        await asyncio.sleep(0)
+        return divmod(a, b)
+
+    @server.task
+    def reverse(data: bytes) -> bytes:
+        return data[::-1]
+
+    @server.task
+    async def nothing() -> None:
+        return None
+
+    with running_worker(server, concurrency=2):
+        assert add.send(1, 2).get(timeout=WAIT) == 3
+        assert server.send_task(Signature("add", [20, 22])).get(timeout=WAIT) == 42
+        several = divide.send(7, 2)
+        assert several.get(timeout=WAIT) == (3, 1)
+        raw = reverse.send(b"\x00\xffab")
+        assert raw.get(timeout=WAIT) == b"ba\xff\x00"
+        none = nothing.send()
+        assert none.get(timeout=WAIT) is None
+    # What the backend stores is Go's {Type, Value} list.
+    assert [r.to_wire() for r in several.state().results or []] == [
+        {"Type": "int64", "Value": 3},
+        {"Type": "int64", "Value": 1},
+    ]
+    assert [r.to_wire() for r in raw.state().results or []] == [{"Type": "[]uint8", "Value": "YmH/AA=="}]
+    assert none.state().results == []
+
+
+async def test_async_face(server: Server) -> None:
+    @server.task
+    async def multiply(a: int, b: int) -> int:
+        return a * b
+
+    @server.task
+    def shout(text: str) -> tuple[str, int]:
+        return text.upper(), len(text)
+
+    @server.task
+    async def raw() -> bytes:
+        return b"\x01\x02"
+
+    @server.task
+    def nothing() -> None:
+        return None
+
+    with running_worker(server, concurrency=2):
+        result = await server.asend_task(Signature("multiply", [6, 7]))
+        assert isinstance(result, AsyncResult)
+        assert await result.aget(timeout=WAIT) == 42
+        assert (await result.astate()).state == SUCCESS
+        assert await (await shout.asend("go")).aget(timeout=WAIT) == ("GO", 2)
+        assert await (await raw.asend()).aget(timeout=WAIT) == b"\x01\x02"
+        assert await (await nothing.asend()).aget(timeout=WAIT) is None
+        # several waiters on one loop at once
+        many = [await multiply.asend(i, i) for i in range(5)]
+        assert await asyncio.gather(*(r.aget(timeout=WAIT) for r in many)) == [i * i for i in range(5)]
+        with pytest.raises(TaskFailed, match="multiply takes 2 arguments, got 1"):
+            await (await multiply.asend(1)).aget(timeout=WAIT)
+    orphan = await server.asend_task(Signature("multiply", [1, 1]))  # no worker any more
+    with pytest.raises(TimeoutError):
+        await orphan.aget(timeout=0.2)
+    assert (await orphan.astate()).state == PENDING
+    await server.aclose()  # this loop's connections; the fixture closes the sync face's
+
+
+# --------------------------------------------------------------------------- states a client sees
+
+
+def test_pending_then_started_then_success(server: Server) -> None:
+    release = threading.Event()
+
+    @server.task
+    def gated(a: int, b: int) -> int:
+        release.wait(WAIT)
+        return a + b
+
+    result = gated.send(1, 1)
+    pending = result.state()
+    assert pending.state == PENDING and pending.task_name == "gated" and pending.created_at is not None
+    with running_worker(server):
+        wait_until(lambda: result.state().state == STARTED, what="STARTED while the task runs")
+        release.set()
+        assert result.get(timeout=WAIT) == 2
+    final = result.state()
+    assert (final.state, final.task_name, final.error) == (SUCCESS, "gated", "")
+    assert [r.to_wire() for r in final.results or []] == [{"Type": "int64", "Value": 2}]
+    assert final.created_at == pending.created_at  # later states keep the PENDING time
+
+
+def test_failure_stores_the_exception_text(server: Server) -> None:
+    @server.task
+    def boom(text: str) -> None:
+        raise ValueError(text)
+
+    @server.task
+    async def async_boom() -> None:
+        raise RuntimeError("async oops")
+
+    with running_worker(server):
+        for result, text in [(boom.send("bad input 42"), "bad input 42"), (async_boom.send(), "async oops")]:
+            with pytest.raises(TaskFailed) as info:
+                result.get(timeout=WAIT)
+            assert info.value.error == text and info.value.task_uuid == result.task_uuid
+            state = result.state()
+            assert (state.state, state.error, state.results) == (FAILURE, text, None)
+
+
+def test_get_times_out_when_no_worker_runs(server: Server) -> None:
+    result = server.send_task(Signature("add", [1, 2]))
+    with pytest.raises(TimeoutError):
+        result.get(timeout=0.3)
+    assert result.state().state == PENDING
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def test_retry_count_fails_twice_then_succeeds_under_the_same_uuid(server: Server) -> None:
+    seen: list[tuple[str, int]] = []
+
+    @server.task
+    def flaky(ctx: TaskContext) -> str:
+        seen.append((ctx.task_uuid, ctx.retry_count))
+        if len(seen) <= 2:
+            raise RuntimeError(f"attempt {len(seen)} fails")
+        return "third time lucky"
+
+    result = server.send_task(Signature("flaky", retry_count=2))
+    uuid = result.task_uuid
+    looks: list[list[Signature]] = []
+
+    def first_retry_is_delayed() -> bool:
+        looks.append(server.broker.get_delayed_tasks())
+        return [s.uuid for s in looks[-1]] == [uuid]
+
+    with running_worker(server):
+        # The first retry waits in the delayed store for its 1 s Fibonacci timeout.
+        wait_until(first_retry_is_delayed, what="first retry in the delayed store")
+        (delayed,) = looks[-1]
+        assert (delayed.retry_count, delayed.retry_timeout) == (1, 1) and delayed.eta is not None
+        assert result.get(timeout=WAIT) == "third time lucky"
+    assert seen == [(uuid, 2), (uuid, 1), (uuid, 0)]
+    assert result.state().state == SUCCESS
+    assert server.broker.get_delayed_tasks() == [] and server.broker.get_pending_tasks() == []
+
+
+def test_retry_task_later_once(server: Server) -> None:
+    seen: list[int] = []
+
+    @server.task
+    async def later(ctx: TaskContext) -> str:
+        seen.append(ctx.retry_count)
+        if len(seen) == 1:
+            raise RetryTaskLater("not yet", delay=0.2)
+        return "later ok"
+
+    with running_worker(server):
+        result = server.send_task(Signature("later", retry_count=3))
+        assert result.get(timeout=WAIT) == "later ok"
+    assert seen == [3, 3]  # the counters are left alone
+    assert result.state().state == SUCCESS
+
+
+# --------------------------------------------------------------------------- delayed and pending tasks
+
+
+def test_eta_task_is_delayed_and_not_run_before_its_eta(server: Server) -> None:
+    ran_at: list[datetime] = []
+
+    @server.task
+    def stamp() -> str:
+        ran_at.append(datetime.now(timezone.utc))
+        return "stamped"
+
+    with running_worker(server):
+        eta = datetime.now(timezone.utc) + timedelta(seconds=1)
+        result = server.send_task(Signature("stamp", eta=eta))
+        delayed = server.broker.get_delayed_tasks()
+        assert [s.uuid for s in delayed] == [result.task_uuid]
+        assert delayed[0].eta == eta and delayed[0].name == "stamp"
+        assert server.broker.get_pending_tasks() == []
+        assert result.get(timeout=WAIT) == "stamped"
+    assert len(ran_at) == 1 and ran_at[0] >= eta  # ordering, not timing
+    assert server.broker.get_delayed_tasks() == []
+
+
+def test_pending_tasks_are_decoded_signatures_in_order(server: Server) -> None:
+    @server.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    results = [server.send_task(Signature("add", [i, 10 * i])) for i in range(3)]
+    pending = server.broker.get_pending_tasks()
+    assert all(isinstance(s, Signature) for s in pending)
+    assert [s.uuid for s in pending] == [r.task_uuid for r in results]
+    assert [s.args for s in pending] == [[Arg("int64", i), Arg("int64", 10 * i)] for i in range(3)]
+    assert all(s.name == "add" and s.routing_key == server.config.default_queue for s in pending)
+    assert server.broker.get_pending_tasks(server.config.default_queue + "_other") == []
+    with running_worker(server):
+        assert [r.get(timeout=WAIT) for r in results] == [0, 11, 22]
+    assert server.broker.get_pending_tasks() == []
+    assert taken(server) == 0
+
+
+# --------------------------------------------------------------------------- bad and unknown messages
+
+
+def test_malformed_message_is_dead_lettered_and_can_be_requeued(server: Server) -> None:
+    @server.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    queue = server.config.default_queue
+    before = datetime.now(timezone.utc) - timedelta(seconds=1)
+    with running_worker(server, concurrency=1):
+        push_raw(server, b"not json")
+        after = add.send(2, 3)  # queued behind the bad message
+        assert after.get(timeout=WAIT) == 5
+        wait_until(lambda: len(server.broker.dead_letters()) == 1, what="dead letter")
+    (letter,) = server.broker.dead_letters()
+    assert (letter.queue, letter.body) == (queue, b"not json")
+    assert "not JSON" in letter.reason
+    assert letter.time >= before
+    assert queued_bodies(server) == [] and taken(server) == 0
+
+    assert server.broker.requeue_dead() == 1
+    assert server.broker.dead_letters() == []
+    assert queued_bodies(server) == [b"not json"]
+    with running_worker(server):  # still garbage: dead-lettered again, never lost
+        wait_until(lambda: len(server.broker.dead_letters()) == 1, what="dead letter again")
+    assert queued_bodies(server) == [] and taken(server) == 0
+
+
+def test_unregistered_task_is_requeued_and_an_ignorable_one_dropped(
+    server: Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="machinery")
+
+    @server.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    requeued = count_requeues(server, monkeypatch)
+    unknown = server.send_task(Signature("not_here", [1]))
+    ignorable = server.send_task(Signature("not_here_either", ignore_when_task_not_registered=True))
+    with running_worker(server, concurrency=2):
+        wait_until(lambda: len(requeued) >= 3, what="the unknown task requeued several times")
+        wait_until(lambda: f"Dropping not_here_either {ignorable.task_uuid}" in caplog.text, what="drop")
+        assert add.send(1, 2).get(timeout=WAIT) == 3  # registered work goes on meanwhile
+    assert {Signature.decode(body).uuid for body in requeued} == {unknown.task_uuid}
+    assert [s.uuid for s in server.broker.get_pending_tasks()] == [unknown.task_uuid]
+    assert unknown.state().state == PENDING
+    assert ignorable.state().state == PENDING  # like Go: dropped without a state
+    assert server.broker.dead_letters() == [] and taken(server) == 0
+    warnings = [r for r in caplog.records if "'not_here' is not registered" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def test_on_success_and_on_error_callbacks(server: Server) -> None:
+    @server.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @server.task
+    def pair() -> tuple[int, str]:
+        return 7, "x"
+
+    @server.task
+    def fail(text: str) -> None:
+        raise ValueError(text)
+
+    @server.task
+    def record(*args: Any) -> str:
+        return ",".join(repr(a) for a in args)
+
+    ids = {name: unique("task_cb") for name in ("sum", "pair", "err", "never_ok", "never_err")}
+    with running_worker(server, concurrency=2):
+        ok = server.send_task(
+            Signature(
+                "add",
+                [1, 2],
+                on_success=[Signature("record", ["sum"], uuid=ids["sum"])],
+                on_error=[Signature("record", uuid=ids["never_err"])],
+            )
+        )
+        assert ok.get(timeout=WAIT) == 3
+        assert server.result(ids["sum"]).get(timeout=WAIT) == "'sum',3"
+        server.send_task(Signature("pair", on_success=[Signature("record", uuid=ids["pair"])]))
+        assert server.result(ids["pair"]).get(timeout=WAIT) == "7,'x'"
+        bad = server.send_task(
+            Signature(
+                "fail",
+                ["boom"],
+                on_error=[Signature("record", ["ctx"], uuid=ids["err"])],
+                on_success=[Signature("record", uuid=ids["never_ok"])],
+            )
+        )
+        assert server.result(ids["err"]).get(timeout=WAIT) == "'boom','ctx'"
+        with pytest.raises(TaskFailed, match="boom"):
+            bad.get(timeout=WAIT)
+    assert server.result(ids["never_ok"]).state().state == PENDING
+    assert server.result(ids["never_err"]).state().state == PENDING
+    assert server.broker.get_pending_tasks() == []
+
+
+# --------------------------------------------------------------------------- shutdown
+
+
+def test_graceful_quit_finishes_the_running_task(server: Server) -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    @server.task
+    def slow() -> str:
+        started.set()
+        release.wait(WAIT)  # a gate rather than a 1 s sleep: the quit surely comes mid-task
+        time.sleep(0.1)
+        return "finished"
+
+    with running_worker(server, concurrency=1) as worker:
+        result = slow.send()
+        assert started.wait(WAIT)
+        late = slow.send()  # not taken: the only slot is busy
+        worker.quit()  # reaches the worker's loop before the task's end does
+        release.set()
+    # running_worker has joined the worker's thread: the worker returned after the task ended.
+    assert result.state().state == SUCCESS
+    assert result.get(timeout=WAIT) == "finished"
+    assert taken(server) == 0
+    assert [s.uuid for s in server.broker.get_pending_tasks()] == [late.task_uuid]
+    assert late.state().state == PENDING
+
+
+def test_abort_returns_the_running_task_for_another_worker(server: Server) -> None:
+    started = threading.Event()
+    runs: list[str] = []
+
+    @server.task
+    async def long(ctx: TaskContext) -> str:
+        runs.append(ctx.task_uuid)
+        if len(runs) == 1:
+            started.set()
+            await asyncio.sleep(60)  # cancelled by the abort
+        return "done by the second worker"
+
+    with running_worker(server, concurrency=1) as worker:
+        result = long.send()
+        assert started.wait(WAIT)
+        worker.quit(abort=True)
+    assert result.state().state == STARTED  # it never finished
+    assert taken(server) == 0
+    assert [s.uuid for s in server.broker.get_pending_tasks()] == [result.task_uuid]
+    with running_worker(server, concurrency=1):
+        assert result.get(timeout=WAIT) == "done by the second worker"
+    assert runs == [result.task_uuid] * 2
+    assert server.broker.get_pending_tasks() == [] and taken(server) == 0
+
+
+async def test_a_fetch_cancelled_at_shutdown_leaves_nothing_taken(server: Server) -> None:
+    # A worker that stops cancels its fetch in flight. On Redis the fetch script used to run
+    # after close() had given the processing list back, stranding the message in a list no
+    # reaper looks at (its heartbeat was gone). Repeated because it is a race.
+    queue = server.config.default_queue
+    bodies: list[bytes] = []
+    for i in range(10):
+        bodies.append(Signature("add", [i], uuid=f"task_cancelled_{i}").encode())
+        await server.broker._push([(queue, bodies[-1])])
+        consumer = await server.broker.open_consumer(queue, "cancelled-fetch")
+        fetch = asyncio.ensure_future(consumer.fetch(1, 0.2))
+        await asyncio.sleep(0)  # the fetch is under way
+        fetch.cancel()
+        await asyncio.gather(fetch, return_exceptions=True)
+        await consumer.close()
+        # whatever the fetch took is back at the head of the queue
+        assert await asyncio.to_thread(queued_bodies, server) == bodies, f"round {i}"
+    assert await asyncio.to_thread(taken, server) == 0
+    await server.aclose()  # this loop's connections
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_concurrency_bound(server: Server) -> None:
+    lock = threading.Lock()
+    running = [0]
+    most = [0]
+    release = threading.Event()
+
+    def enter() -> None:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+
+    def leave() -> None:
+        with lock:
+            running[0] -= 1
+
+    @server.task
+    def hold_sync(i: int) -> int:
+        enter()
+        release.wait(WAIT)
+        leave()
+        return i
+
+    @server.task
+    async def hold_async(i: int) -> int:
+        enter()
+        await asyncio.to_thread(release.wait, WAIT)
+        leave()
+        return i
+
+    results = [(hold_sync if i % 2 else hold_async).send(i) for i in range(6)]
+    with running_worker(server, concurrency=2):
+        wait_until(lambda: running[0] == 2, what="two tasks running")
+        assert taken(server) == 2  # never takes more than it can start
+        assert len(server.broker.get_pending_tasks()) == 4
+        release.set()
+        assert [r.get(timeout=WAIT) for r in results] == list(range(6))
+    assert most[0] == 2
+    assert taken(server) == 0
