@@ -153,11 +153,12 @@ class RedisConnector:
         return aioredis.Redis(connection_pool=pool)
 
     async def aclose(self) -> None:
-        """Close the running loop's client (other loops close theirs when they end)."""
+        """Close the running loop's client; clients of other loops are theirs to close."""
         loop = asyncio.get_running_loop()
+        self._pipelines.pop(loop, None)
         client = self._clients.pop(loop, None)
         if client is not None:
-            await client.aclose()
+            await client.aclose(close_connection_pool=True)  # we built the pool, so we close it
 
 
 class AutoPipeline:

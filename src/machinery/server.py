@@ -244,3 +244,10 @@ class Server:
 
     def close(self) -> None:
         run_sync(self.aclose())
+
+    async def aclose_loop_connections(self) -> None:
+        """Close the connections the running event loop holds (a worker's loop, when it ends)."""
+        await self.broker.aclose_loop_connections()
+        await self.backend.aclose_loop_connections()
+        if self._lock is not None:
+            await self._lock.aclose_loop_connections()

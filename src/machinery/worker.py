@@ -152,6 +152,10 @@ class Worker:
                 except Exception as exc:  # the messages stay taken; another worker reclaims them
                     log.logger.warning("could not return taken messages on shutdown: %s", exc)
             self._executor.shutdown(wait=False, cancel_futures=True)
+            try:
+                await self.server.aclose_loop_connections()
+            except Exception as exc:  # closing is best effort; nothing is lost by failing
+                log.logger.debug("closing the worker's connections failed: %s", exc)
             if install_signal_handlers:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     self._loop.remove_signal_handler(sig)

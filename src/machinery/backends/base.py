@@ -141,6 +141,9 @@ class Backend(ABC):
     async def aclose(self) -> None:
         """Release connections held by this backend."""
 
+    async def aclose_loop_connections(self) -> None:
+        """Close the connections bound to the running event loop; see ``Broker``'s."""
+
     # ------------------------------------------------------------------ sync twins
 
     def get_state(self, task_uuid: str) -> TaskState | None:

@@ -172,6 +172,9 @@ class RedisBackend(Backend):
     async def purge_group_meta(self, group_uuid: str) -> None:
         await self.connector.client().delete(group_uuid)
 
+    async def aclose_loop_connections(self) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
         listener = self._listeners.pop(asyncio.get_running_loop(), None)
         if listener is not None:

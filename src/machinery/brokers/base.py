@@ -164,6 +164,10 @@ class Broker(ABC):
     async def aclose(self) -> None:
         """Release connections held by this broker."""
 
+    async def aclose_loop_connections(self) -> None:
+        """Close the connections bound to the running event loop (a worker's, when it ends);
+        the broker stays usable from other loops."""
+
     def get_pending_tasks(self, queue: str | None = None) -> list[Signature]:
         return run_sync(self.aget_pending_tasks(queue))
 

@@ -185,6 +185,9 @@ class RedisBroker(Broker):
     async def aclose(self) -> None:
         await self.connector.aclose()
 
+    async def aclose_loop_connections(self) -> None:
+        await self.connector.aclose()
+
 
 class RedisConsumer(Consumer):
     """One worker's processing list, heartbeat, reaper and delayed mover on one queue."""

@@ -33,6 +33,9 @@ class Lock(ABC):
     async def aclose(self) -> None:
         """Release connections held by this lock."""
 
+    async def aclose_loop_connections(self) -> None:
+        """Close the connections bound to the running event loop; see ``Broker``'s."""
+
 
 def now_ns() -> int:
     return time.time_ns()

@@ -44,3 +44,6 @@ class RedisLock(Lock):
 
     async def aclose(self) -> None:
         await self.connector.aclose()
+
+    async def aclose_loop_connections(self) -> None:
+        await self.connector.aclose()
