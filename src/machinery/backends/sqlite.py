@@ -1,0 +1,195 @@
+"""The embedded SQLite result backend, on the same file (and connection) as the SQLite broker.
+
+Task states are stored as the JSON the Redis backend stores (``TaskState.encode()``), keyed by
+task UUID, with an expiry of ``results_expire_in`` seconds refreshed on every write. Expired
+rows are invisible at once and deleted lazily. Group metadata has its own table and expiry.
+
+``await_state`` wakes within a few milliseconds of a completion written by any process: this
+process's writes notify its waiters directly, and the store's watcher notices other
+processes' commits (``PRAGMA data_version``) and looks up which watched tasks completed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+
+from .._sqlite import SQLiteStore, StoreHandle, now_ns, ns_after, transaction
+from ..config import Config
+from ..state import COMPLETED_STATES, GroupMeta, TaskState
+from .base import Backend
+
+#: Seconds between two sweeps of expired rows by one backend object.
+PURGE_INTERVAL = 60.0
+#: Most host parameters put in one ``IN (...)`` list.
+_CHUNK = 500
+
+
+class SQLiteBackend(Backend):
+    """Task states and group metadata in a SQLite file shared by every process on the machine."""
+
+    #: A safety net only: completions wake ``await_state`` through notifications (see module doc).
+    poll_interval = 1.0
+
+    def __init__(self, config: Config, url: str) -> None:
+        super().__init__(config, url)
+        self._handle = StoreHandle(url)
+        # Every backend object on this file in this process wakes the same waiters.
+        self._waiters = self._handle.store.waiters
+        self._next_purge = 0.0
+
+    @property
+    def store(self) -> SQLiteStore:
+        """The process-wide store of this backend's database file."""
+        return self._handle.store
+
+    def _purge_due(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_purge:
+            return False
+        self._next_purge = now + PURGE_INTERVAL
+        return True
+
+    # ------------------------------------------------------------------ states
+
+    async def write_states(self, states: Sequence[TaskState], keep_created: bool) -> None:
+        if not states:
+            return
+        store = self.store
+        completed = await store.run(_write_states, list(states), keep_created, self.ttl, self._purge_due())
+        for task_uuid, body in completed:
+            store.waiters.notify(task_uuid, body)
+
+    async def aget_state(self, task_uuid: str) -> TaskState | None:
+        raw = await self.store.run(_get_state, task_uuid)
+        return None if raw is None else TaskState.decode(raw)
+
+    async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
+        found = await self.store.run(_get_states, list(task_uuids))
+        return [None if (raw := found.get(u)) is None else TaskState.decode(raw) for u in task_uuids]
+
+    async def _subscribe(self, task_uuid: str) -> None:
+        await self.store.watch_result(task_uuid)
+
+    async def _unsubscribe(self, task_uuid: str) -> None:
+        self.store.unwatch_result(task_uuid)
+
+    async def purge_state(self, task_uuid: str) -> None:
+        await self.store.run(_delete, "task_states", task_uuid)
+
+    # ------------------------------------------------------------------ groups
+
+    async def write_group_meta(self, meta: GroupMeta) -> None:
+        await self.store.run(_write_group, meta.group_uuid, meta.encode().decode(), self.ttl, self._purge_due())
+
+    async def aget_group_meta(self, group_uuid: str) -> GroupMeta | None:
+        raw = await self.store.run(_get_group, group_uuid)
+        return None if raw is None else GroupMeta.decode(raw)
+
+    async def trigger_chord(self, group_uuid: str) -> bool:
+        return await self.store.run(_trigger_chord, group_uuid, self.ttl)
+
+    async def purge_group_meta(self, group_uuid: str) -> None:
+        await self.store.run(_delete, "group_metas", group_uuid)
+
+    async def aclose(self) -> None:
+        self._handle.release()
+
+
+# ---------------------------------------------------------------------------------- statements
+# Each runs on the store's database thread and is all-or-nothing (retried when busy).
+
+
+def _write_states(
+    conn: sqlite3.Connection, states: list[TaskState], keep_created: bool, ttl: int, purge: bool
+) -> list[tuple[str, bytes]]:
+    """Write the states; return (uuid, stored JSON) of the completed ones, for their waiters."""
+    completed: list[tuple[str, bytes]] = []
+    with transaction(conn):
+        now = now_ns()
+        if purge:
+            _purge(conn, now)
+        expires = ns_after(ttl)
+        for state in states:
+            if keep_created:
+                row = conn.execute(
+                    "SELECT body FROM task_states WHERE uuid = ? AND expires_at > ?", (state.task_uuid, now)
+                ).fetchone()
+                if row is not None:
+                    state.created_at = TaskState.decode(row[0]).created_at
+            body = state.encode()
+            # REPLACE gives the row a new seq, which is how the watcher finds recent writes.
+            conn.execute(
+                "REPLACE INTO task_states (uuid, state, body, expires_at) VALUES (?, ?, ?, ?)",
+                (state.task_uuid, state.state, body.decode(), expires),
+            )
+            if state.state in COMPLETED_STATES:
+                completed.append((state.task_uuid, body))
+    return completed
+
+
+def _get_state(conn: sqlite3.Connection, task_uuid: str) -> str | None:
+    row = conn.execute(
+        "SELECT body FROM task_states WHERE uuid = ? AND expires_at > ?", (task_uuid, now_ns())
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _get_states(conn: sqlite3.Connection, task_uuids: list[str]) -> dict[str, str]:
+    now = now_ns()
+    found: dict[str, str] = {}
+    for start in range(0, len(task_uuids), _CHUNK):
+        chunk = task_uuids[start : start + _CHUNK]
+        marks = ",".join("?" * len(chunk))
+        rows = conn.execute(
+            f"SELECT uuid, body FROM task_states WHERE uuid IN ({marks}) AND expires_at > ?", (*chunk, now)
+        ).fetchall()
+        found.update((str(u), str(body)) for u, body in rows)
+    return found
+
+
+def _write_group(conn: sqlite3.Connection, group_uuid: str, body: str, ttl: int, purge: bool) -> None:
+    with transaction(conn):
+        if purge:
+            _purge(conn, now_ns())
+        conn.execute(
+            "REPLACE INTO group_metas (uuid, body, expires_at) VALUES (?, ?, ?)", (group_uuid, body, ns_after(ttl))
+        )
+
+
+def _get_group(conn: sqlite3.Connection, group_uuid: str) -> str | None:
+    row = conn.execute(
+        "SELECT body FROM group_metas WHERE uuid = ? AND expires_at > ?", (group_uuid, now_ns())
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _trigger_chord(conn: sqlite3.Connection, group_uuid: str, ttl: int) -> bool:
+    # BEGIN IMMEDIATE holds the write lock from the read to the write: one caller, in any
+    # process, sees ChordTriggered false and flips it.
+    with transaction(conn):
+        row = conn.execute(
+            "SELECT body FROM group_metas WHERE uuid = ? AND expires_at > ?", (group_uuid, now_ns())
+        ).fetchone()
+        if row is None:
+            return False
+        meta = GroupMeta.decode(row[0])
+        if meta.chord_triggered:
+            return False
+        meta.chord_triggered = True
+        conn.execute(
+            "UPDATE group_metas SET body = ?, expires_at = ? WHERE uuid = ?",
+            (meta.encode().decode(), ns_after(ttl), group_uuid),
+        )
+    return True
+
+
+def _delete(conn: sqlite3.Connection, table: str, key: str) -> None:
+    assert table in ("task_states", "group_metas")
+    conn.execute(f"DELETE FROM {table} WHERE uuid = ?", (key,))
+
+
+def _purge(conn: sqlite3.Connection, now: int) -> None:
+    conn.execute("DELETE FROM task_states WHERE expires_at <= ?", (now,))
+    conn.execute("DELETE FROM group_metas WHERE expires_at <= ?", (now,))

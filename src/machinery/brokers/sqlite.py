@@ -1,0 +1,329 @@
+"""The embedded SQLite broker: the default, for several processes on one machine.
+
+Messages are rows. A consumer takes rows by writing its lease (owner and expiry) on them
+in one atomic statement and renews its leases every ``heartbeat_timeout / 3`` seconds; a
+row whose lease has expired (its worker was SIGKILLed, or the machine lost power) can be
+taken by any consumer. ``ack`` deletes the row, ``requeue`` clears the lease and moves the
+row to the back of its queue, ``dead_letter`` moves it to the ``dead_letters`` table.
+
+Delayed messages are the same rows with an ``avail_at`` in the future; ready messages have
+the time they were published, so ordering by ``(avail_at, id)`` gives FIFO order and releases
+a delayed message at the back of the queue when it falls due, as Go's mover does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import sqlite3
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from .. import log
+from .._sqlite import SQLiteStore, StoreHandle, now_ns, ns_after, transaction
+from ..config import Config
+from ..signature import Signature
+from ..types import unix_ns
+from .base import Broker, Consumer, DeadLetter, Delivery, decode_all
+
+#: Shortest wait between two looks at the queue, so a clock oddity never makes a busy loop.
+MIN_WAIT = 0.001
+
+# (row id, body) of the rows taken, and when (Unix ns) the next row will be free to take.
+_Claimed = tuple[list[tuple[int, bytes]], int | None]
+
+
+class SQLiteBroker(Broker):
+    """Queues in a SQLite file (``sqlite:///machinery.db``) shared by every process on the machine."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.url = config.broker_urls()[0]
+        self._handle = StoreHandle(self.url)
+
+    @property
+    def store(self) -> SQLiteStore:
+        """The process-wide store of this broker's database file."""
+        return self._handle.store
+
+    async def _push(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        store = self.store
+        await store.run(_insert, [(queue, body, None) for queue, body in messages])
+        store.wake_queues()
+
+    async def _push_delayed(self, messages: Sequence[tuple[Signature, bytes]]) -> None:
+        rows: list[tuple[str, bytes, int | None]] = []
+        for signature, body in messages:
+            assert signature.eta is not None
+            rows.append((signature.routing_key, body, unix_ns(signature.eta)))
+        store = self.store
+        await store.run(_insert, rows)
+        store.wake_queues()  # waiting consumers may need to wake earlier for the new ETA
+
+    async def open_consumer(self, queue: str, consumer_tag: str, prefetch: int | None = None) -> Consumer:
+        handle = StoreHandle(self.url)
+        try:
+            await handle.store.ensure_open()  # report a bad path or a locked file now, not at the first fetch
+        except BaseException:
+            handle.release()
+            raise
+        return SQLiteConsumer(handle, queue, f"{consumer_tag}#{uuid.uuid4().hex[:12]}", self.config)
+
+    async def aget_pending_tasks(self, queue: str | None = None) -> list[Signature]:
+        rows = await self.store.run(_pending, queue or self.config.default_queue)
+        return decode_all(rows)
+
+    async def aget_delayed_tasks(self) -> list[Signature]:
+        return decode_all(await self.store.run(_delayed))
+
+    async def adead_letters(self, queue: str | None = None) -> list[DeadLetter]:
+        rows = await self.store.run(_dead_letters, queue or self.config.default_queue)
+        return [DeadLetter(q, reason, _datetime(ns), bytes(body)) for q, reason, ns, body in rows]
+
+    async def arequeue_dead(self, queue: str | None = None) -> int:
+        store = self.store
+        count = await store.run(_requeue_dead, queue or self.config.default_queue)
+        if count:
+            store.wake_queues()
+        return count
+
+    async def aclose(self) -> None:
+        self._handle.release()
+
+
+class SQLiteConsumer(Consumer):
+    """One worker's leases on one queue; ``receipt`` is the row id."""
+
+    def __init__(self, handle: StoreHandle, queue: str, owner: str, config: Config) -> None:
+        self.queue = queue
+        self.owner = owner
+        self._handle = handle
+        self._store = handle.store
+        self._config = config
+        self._closed = False
+        self._renewer = asyncio.ensure_future(self._renew_forever())
+
+    def _lease_seconds(self) -> float:
+        return self._config.heartbeat_timeout
+
+    async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+        if max_count <= 0 or self._closed:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        store = self._store
+        while True:
+            woken, unregister = store.queue_waiter(loop)
+            try:
+                claim = store.submit(_claim, self.queue, self.owner, max_count, self._lease_seconds())
+                try:
+                    rows, next_due = await asyncio.wrap_future(claim)
+                except asyncio.CancelledError:
+                    # The claim may still complete on the database thread: hand its rows back.
+                    claim.add_done_callback(self._release_abandoned)
+                    raise
+                if rows:
+                    return [Delivery(body, self.queue, row_id) for row_id, body in rows]
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return []
+                wait = remaining
+                if next_due is not None:
+                    wait = min(wait, max(MIN_WAIT, (next_due - now_ns()) / 1e9))
+                await asyncio.wait({woken}, timeout=wait)
+            finally:
+                unregister()
+
+    def _release_abandoned(self, claim: concurrent.futures.Future[_Claimed]) -> None:
+        if claim.cancelled() or claim.exception() is not None:
+            return
+        ids = [row_id for row_id, _ in claim.result()[0]]
+        if ids:
+            # If the store is closed, close() has released every lease of this owner already.
+            with contextlib.suppress(Exception):
+                self._store.submit(_release, self.owner, ids)
+
+    async def ack(self, delivery: Delivery) -> None:
+        if not await self._store.run(_ack, delivery.receipt, self.owner):
+            log.logger.warning(
+                "Acknowledged message %s of %r was no longer leased by this worker (lease expired); "
+                "another worker may run it again",
+                delivery.receipt,
+                self.queue,
+            )
+
+    async def requeue(self, delivery: Delivery) -> None:
+        if await self._store.run(_requeue, delivery.receipt, self.owner):
+            self._store.wake_queues()
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        if not await self._store.run(_dead_letter, delivery.receipt, self.owner, reason):
+            log.logger.warning(
+                "Message %s of %r was not dead-lettered here: its lease expired and another worker has it",
+                delivery.receipt,
+                self.queue,
+            )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._renewer.cancel()
+        await asyncio.gather(self._renewer, return_exceptions=True)
+        try:
+            released = await self._store.run(_release_all, self.owner)
+            if released:
+                self._store.wake_queues()
+        finally:
+            self._handle.release()
+
+    async def _renew_forever(self) -> None:
+        """Keep this consumer's leases alive while it runs."""
+        while True:
+            await asyncio.sleep(self._lease_seconds() / 3)
+            if self._store.closed:
+                # Only when machinery is shut down (or the interpreter exits) under a running
+                # consumer: its leases then run out and other workers take the messages.
+                log.logger.debug("Stopped renewing the leases of %s: the store is closed", self.owner)
+                return
+            try:
+                await self._store.run(_renew, self.owner, self._lease_seconds())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next round tries again; only a long outage loses leases
+                if self._store.closed:
+                    return
+                log.logger.warning("Could not renew the leases of %s on %r: %s", self.owner, self.queue, exc)
+
+
+# ---------------------------------------------------------------------------------- statements
+# Each runs on the store's database thread and is all-or-nothing (retried when busy).
+
+
+def _insert(conn: sqlite3.Connection, rows: Sequence[tuple[str, bytes, int | None]]) -> None:
+    with transaction(conn):
+        now = now_ns()  # taken inside the transaction, so ready rows are timed in commit order
+        conn.executemany(
+            "INSERT INTO messages (queue, body, avail_at) VALUES (?, ?, ?)",
+            [(queue, body, now if avail_at is None else avail_at) for queue, body, avail_at in rows],
+        )
+
+
+def _claim(conn: sqlite3.Connection, queue: str, owner: str, max_count: int, lease: float) -> _Claimed:
+    now = now_ns()
+    # Look first with a plain read: idle consumers wake on every commit, and a read takes
+    # no write lock away from the processes doing real work.
+    ready = conn.execute(
+        "SELECT 1 FROM messages WHERE queue = ? AND avail_at <= ? AND lease_expires <= ? LIMIT 1",
+        (queue, now, now),
+    ).fetchone()
+    if ready is None:
+        # Nothing to take: the next row becomes free when a delayed one falls due or when a
+        # lease runs out (its consumer died). The second query walks only the leased rows
+        # (the partial index), as many as there are tasks in flight.
+        due = conn.execute(
+            "SELECT MIN(avail_at) FROM messages WHERE queue = ? AND avail_at > ?", (queue, now)
+        ).fetchone()[0]
+        expiry = conn.execute(
+            "SELECT MIN(lease_expires) FROM messages INDEXED BY messages_owner"
+            " WHERE lease_owner IS NOT NULL AND queue = ? AND lease_expires > ?",
+            (queue, now),
+        ).fetchone()[0]
+        moments = [m for m in (due, expiry) if m is not None]
+        return [], min(moments) if moments else None
+    with transaction(conn):
+        now = now_ns()
+        rows = conn.execute(
+            "UPDATE messages SET lease_owner = ?, lease_expires = ? WHERE id IN ("
+            " SELECT id FROM messages WHERE queue = ? AND avail_at <= ? AND lease_expires <= ?"
+            " ORDER BY avail_at, id LIMIT ?"
+            ") RETURNING id, avail_at, body",
+            (owner, ns_after(lease), queue, now, now, max_count),
+        ).fetchall()
+    rows.sort(key=lambda row: (row[1], row[0]))  # RETURNING has no order
+    return [(row_id, bytes(body)) for row_id, _, body in rows], None
+
+
+def _ack(conn: sqlite3.Connection, row_id: int, owner: str) -> bool:
+    # A lease that expired stays ours until another consumer takes the row.
+    cursor = conn.execute("DELETE FROM messages WHERE id = ? AND lease_owner = ?", (row_id, owner))
+    return cursor.rowcount > 0
+
+
+def _requeue(conn: sqlite3.Connection, row_id: int, owner: str) -> bool:
+    cursor = conn.execute(
+        "UPDATE messages SET lease_owner = NULL, lease_expires = 0, avail_at = ? WHERE id = ? AND lease_owner = ?",
+        (now_ns(), row_id, owner),
+    )
+    return cursor.rowcount > 0
+
+
+def _dead_letter(conn: sqlite3.Connection, row_id: int, owner: str, reason: str) -> bool:
+    with transaction(conn):
+        rows = conn.execute(
+            "DELETE FROM messages WHERE id = ? AND lease_owner = ? RETURNING queue, body", (row_id, owner)
+        ).fetchall()
+        for queue, body in rows:
+            conn.execute(
+                "INSERT INTO dead_letters (queue, reason, time_ns, body) VALUES (?, ?, ?, ?)",
+                (queue, reason, now_ns(), body),
+            )
+    return bool(rows)
+
+
+def _release(conn: sqlite3.Connection, owner: str, ids: list[int]) -> None:
+    # Back where they were (the head of the queue): they were never worked on.
+    conn.executemany(
+        "UPDATE messages SET lease_owner = NULL, lease_expires = 0 WHERE id = ? AND lease_owner = ?",
+        [(row_id, owner) for row_id in ids],
+    )
+
+
+def _release_all(conn: sqlite3.Connection, owner: str) -> int:
+    cursor = conn.execute("UPDATE messages SET lease_owner = NULL, lease_expires = 0 WHERE lease_owner = ?", (owner,))
+    return cursor.rowcount
+
+
+def _renew(conn: sqlite3.Connection, owner: str, lease: float) -> None:
+    conn.execute("UPDATE messages SET lease_expires = ? WHERE lease_owner = ?", (ns_after(lease), owner))
+
+
+def _pending(conn: sqlite3.Connection, queue: str) -> list[bytes]:
+    now = now_ns()
+    rows = conn.execute(
+        "SELECT body FROM messages WHERE queue = ? AND avail_at <= ? AND lease_expires <= ? ORDER BY avail_at, id",
+        (queue, now, now),
+    ).fetchall()
+    return [bytes(body) for (body,) in rows]
+
+
+def _delayed(conn: sqlite3.Connection) -> list[bytes]:
+    rows = conn.execute("SELECT body FROM messages WHERE avail_at > ? ORDER BY avail_at, id", (now_ns(),)).fetchall()
+    return [bytes(body) for (body,) in rows]
+
+
+def _dead_letters(conn: sqlite3.Connection, queue: str) -> list[Any]:
+    return conn.execute(
+        "SELECT queue, reason, time_ns, body FROM dead_letters WHERE queue = ? ORDER BY id", (queue,)
+    ).fetchall()
+
+
+def _requeue_dead(conn: sqlite3.Connection, queue: str) -> int:
+    with transaction(conn):
+        rows = conn.execute("SELECT id, body FROM dead_letters WHERE queue = ? ORDER BY id", (queue,)).fetchall()
+        if not rows:
+            return 0
+        now = now_ns()
+        conn.executemany(
+            "INSERT INTO messages (queue, body, avail_at) VALUES (?, ?, ?)", [(queue, body, now) for _, body in rows]
+        )
+        conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(row_id,) for row_id, _ in rows])
+    return len(rows)
+
+
+def _datetime(ns: int) -> datetime:
+    seconds, rest = divmod(ns, 1_000_000_000)
+    return datetime.fromtimestamp(seconds, timezone.utc) + timedelta(microseconds=rest // 1000)
