@@ -425,3 +425,14 @@ def test_worker_survives_a_redis_restart_and_loses_nothing(private_redis: Privat
     client = redis.Redis(port=private_redis.port)
     assert leftover_processing_lists(client, queue_name) == [] and client.llen(queue_name) == 0
     client.close()
+
+
+def test_dead_letters_keep_binary_bodies_exactly(server: Server, client: redis.Redis, queue_name: str) -> None:
+    body = b"\xff\xfe not utf-8 \n and a newline"
+    client.rpush(queue_name, body)
+    with running_worker(server, concurrency=1):
+        wait_until(lambda: len(server.broker.dead_letters()) == 1, what="the message dead-lettered")
+    [letter] = server.broker.dead_letters()
+    assert letter.body == body and letter.queue == queue_name and "not JSON" in letter.reason
+    assert server.broker.requeue_dead() == 1
+    assert client.lrange(queue_name, 0, -1) == [body]

@@ -7,6 +7,7 @@ private loop in a daemon thread, so they never touch, block or deadlock a caller
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -16,6 +17,16 @@ T = TypeVar("T")
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
 _thread: threading.Thread | None = None
+
+
+def _forget_portal_after_fork() -> None:
+    # The loop's thread does not exist in a forked child (gunicorn --preload, multiprocessing):
+    # start afresh there, or every sync call would wait forever for a thread that is gone.
+    global _lock, _loop, _thread
+    _lock, _loop, _thread = threading.Lock(), None, None
+
+
+os.register_at_fork(after_in_child=_forget_portal_after_fork)
 
 
 def _portal() -> asyncio.AbstractEventLoop:

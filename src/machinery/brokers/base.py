@@ -40,25 +40,16 @@ class DeadLetter:
     time: datetime
     body: bytes
 
-    def to_json(self) -> bytes:
-        return msgspec.json.encode(
-            {
-                "queue": self.queue,
-                "reason": self.reason,
-                "time": self.time.isoformat(),
-                "body": self.body.decode("utf-8", "backslashreplace"),
-            }
-        )
+    def to_bytes(self) -> bytes:
+        """A JSON header line, then the body exactly as it was (it need not be UTF-8 or JSON)."""
+        header = msgspec.json.encode({"queue": self.queue, "reason": self.reason, "time": self.time.isoformat()})
+        return header + b"\n" + self.body
 
     @classmethod
-    def from_json(cls, data: bytes | str) -> DeadLetter:
-        raw = msgspec.json.decode(data)
-        return cls(
-            queue=raw["queue"],
-            reason=raw["reason"],
-            time=datetime.fromisoformat(raw["time"]),
-            body=raw["body"].encode("utf-8", "backslashreplace"),
-        )
+    def from_bytes(cls, data: bytes) -> DeadLetter:
+        header, _, body = data.partition(b"\n")
+        raw = msgspec.json.decode(header)
+        return cls(queue=raw["queue"], reason=raw["reason"], time=datetime.fromisoformat(raw["time"]), body=body)
 
     @classmethod
     def now(cls, queue: str, reason: str, body: bytes) -> DeadLetter:

@@ -108,12 +108,12 @@ local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {#due, nxt[2] or false}
 """
 
-# Put every dead letter of a queue back on it.
+# Put every dead letter of a queue back on it: each is a JSON header line, then the body.
 _REQUEUE_DEAD = """
 local letters = redis.call('LRANGE', KEYS[1], 0, -1)
 for _, letter in ipairs(letters) do
-  local decoded = cjson.decode(letter)
-  redis.call('RPUSH', KEYS[2], decoded['body'])
+  local newline = string.find(letter, '\\n', 1, true)
+  redis.call('RPUSH', KEYS[2], string.sub(letter, newline + 1))
 end
 redis.call('DEL', KEYS[1])
 return #letters
@@ -176,7 +176,7 @@ class RedisBroker(Broker):
 
     async def adead_letters(self, queue: str | None = None) -> list[DeadLetter]:
         raw = await self.connector.client().lrange(dead_key(queue or self.config.default_queue), 0, -1)
-        return [DeadLetter.from_json(item) for item in raw]
+        return [DeadLetter.from_bytes(item) for item in raw]
 
     async def arequeue_dead(self, queue: str | None = None) -> int:
         name = queue or self.config.default_queue
@@ -238,7 +238,7 @@ class RedisConsumer(Consumer):
         await self.broker.script(_SETTLE)(keys=[self.processing, self.queue], args=[delivery.body, delivery.body])
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        letter = DeadLetter.now(self.queue, reason, delivery.body).to_json()
+        letter = DeadLetter.now(self.queue, reason, delivery.body).to_bytes()
         await self.broker.script(_SETTLE)(keys=[self.processing, dead_key(self.queue)], args=[delivery.body, letter])
 
     async def close(self) -> None:
