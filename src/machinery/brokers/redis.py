@@ -175,7 +175,9 @@ class RedisBroker(Broker):
         return decode_all(bodies)
 
     async def adead_letters(self, queue: str | None = None) -> list[DeadLetter]:
-        raw = await self.connector.client().lrange(dead_key(queue or self.config.default_queue), 0, -1)
+        raw: list[bytes] = await self.connector.client().lrange(  # type: ignore[assignment]  # no decode_responses
+            dead_key(queue or self.config.default_queue), 0, -1
+        )
         return [DeadLetter.from_bytes(item) for item in raw]
 
     async def arequeue_dead(self, queue: str | None = None) -> int:
