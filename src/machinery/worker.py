@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import os
 import signal
 import socket
@@ -317,37 +318,53 @@ class Worker:
             await backend.write_states([_state(signature, RECEIVED)], True)
             await self._failed(signature, str(exc), exc)
             return
-        await backend.write_states([_state(signature, RECEIVED), _state(signature, STARTED)], True)
-        self._call_hook(self._pre_task, signature)
+        # STARTED travels while the function starts; the outcome is written only after it has
+        # landed (the two may go out in different pipelines), so states never go backwards.
+        started = asyncio.ensure_future(
+            backend.write_states([_state(signature, RECEIVED), _state(signature, STARTED)], True)
+        )
+        try:
+            if self._pre_task is not None:
+                await started  # Go calls the pre-task handler once STARTED is stored
+                self._call_hook(self._pre_task, signature)
+            record = await self._call(signature, spec, values, slot)
+            await started
+            await record()
+        finally:
+            if not started.done():
+                # Cancelled (an abort) while STARTED was on its way: let it land, since the
+                # function did start; it takes a round trip.
+                await _let_land(started)
+            if started.done() and not started.cancelled():
+                started.exception()  # retrieved here when an earlier error won the race
+            self._call_hook(self._post_task, signature)
+
+    async def _call(
+        self, signature: Signature, spec: TaskSpec, values: list[object], slot: _Slot | None
+    ) -> Callable[[], Awaitable[None]]:
+        """Run the task function; return how to record what happened (WIRE.md 6.1 steps 5-7)."""
         try:
             try:
-                try:
-                    returned = await spec.call(signature, values, self._executor)
-                finally:
-                    if slot is not None:
-                        slot.release()
-            except RetryTaskLater as exc:
-                await self._retry(signature, exc.delay, exc)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if signature.retry_count > 0:
-                    signature.retry_count -= 1
-                    signature.retry_timeout = fibonacci_next(signature.retry_timeout)
-                    await self._retry(signature, timedelta(seconds=signature.retry_timeout), exc)
-                else:
-                    log.logger.debug("Task %s %s raised", signature.name, signature.uuid, exc_info=True)
-                    await self._failed(signature, error_text(exc), exc)
-                return
-            try:
-                results = encode_results(returned)
-            except ResultTypeError as exc:
-                await self._failed(signature, str(exc), exc)
-                return
-            await self._succeeded(signature, results)
-        finally:
-            self._call_hook(self._post_task, signature)
+                returned = await spec.call(signature, values, self._executor)
+            finally:
+                if slot is not None:
+                    slot.release()
+        except RetryTaskLater as exc:
+            return functools.partial(self._retry, signature, exc.delay, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if signature.retry_count > 0:
+                signature.retry_count -= 1
+                signature.retry_timeout = fibonacci_next(signature.retry_timeout)
+                return functools.partial(self._retry, signature, timedelta(seconds=signature.retry_timeout), exc)
+            log.logger.debug("Task %s %s raised", signature.name, signature.uuid, exc_info=True)
+            return functools.partial(self._failed, signature, error_text(exc), exc)
+        try:
+            results = encode_results(returned)
+        except ResultTypeError as exc:
+            return functools.partial(self._failed, signature, str(exc), exc)
+        return functools.partial(self._succeeded, signature, results)
 
     async def _succeeded(self, signature: Signature, results: list[TaskResult]) -> None:
         await self.server.backend.set_state(signature, SUCCESS, results=results)
@@ -428,6 +445,21 @@ class _Slot:
 
 def _state(signature: Signature, state: str) -> TaskState:
     return TaskState(signature.uuid, state, signature.name)
+
+
+async def _let_land(write: asyncio.Future[None], timeout: float = 5.0) -> None:
+    """Wait up to ``timeout`` for ``write`` even through repeated cancellation (an abort
+    cancels a task more than once), then let the cancellation go on."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    cancelled = False
+    while not write.done() and loop.time() < deadline:
+        try:
+            await asyncio.wait({write}, timeout=deadline - loop.time())
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
