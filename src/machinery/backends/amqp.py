@@ -1,0 +1,683 @@
+"""The RabbitMQ result backend: Go Machinery's queue per task holding the stream of its states.
+
+Layout (WIRE.md 11.2), shared with Go:
+
+* every state write publishes the TaskState JSON (persistent, ``application/json``) to the
+  exchange with routing key = task UUID, into a queue named the task UUID: non-durable,
+  auto-delete, ``x-message-ttl`` = ``x-expires`` = ``results_expire_in`` x 1000 as 32-bit
+  integers, bound with the task UUID. The queue holds the stream PENDING, RECEIVED,
+  STARTED, (RETRY, PENDING, ...), SUCCESS/FAILURE. As in Go, worker-side states carry an
+  empty TaskName and a zero CreatedAt (no merge); readers here fill both in from an earlier
+  state of the stream when they have seen one.
+* a group member's SUCCESS/FAILURE is also published to a queue named the group UUID.
+
+Reading. Go's ``GetState`` takes (and acks) the *oldest* message, one per call, so Go's
+``AsyncResult`` walks the stream and deletes the queue once it sees a completed state. Here a
+read takes every message present, acks all but the newest and puts the newest back (nack
+with requeue, which returns it to the head of the queue): the queue is compacted to the
+latest state instead of emptied, so a later reader in any process, Go's included, still
+finds it. The latest state seen is also kept in a per-process cache (bounded, expiring
+with the results), which answers when the queue has been emptied by a destructive Go reader
+or deleted by Go's ``AsyncResult``. Reads and Go's reads still compete for the same messages:
+a Go ``AsyncResult`` polling a task that a Python process is also reading may miss the
+intermediate states (never the final one unless it reads after Go deleted the queue).
+
+Waiting (``await_state``) does not poll: a private exclusive queue per event loop is bound to
+the exchange with the awaited task UUIDs, so every state written for them (by any writer, Go
+too) is delivered there as well and wakes the waiter. A slow re-read (``poll_interval``)
+remains only as a safety net.
+
+Groups and chords. ``group_completed`` counts the group queue like Go, but a member run
+twice (at-least-once) would be counted twice, so when the count reaches the group size the
+queue is read under a per-group lock (an exclusive queue, released if its holder dies) and
+distinct members are counted. ``trigger_chord`` is a real test-and-set instead of Go's
+always-true check: a ``<group>_chord_triggered`` queue limited to one message with
+``x-overflow: reject-publish`` accepts (confirms) exactly one token; every later publish is
+nacked. Its existence also stops Go workers, whose ``TriggerChord`` returns false when that
+queue exists.
+
+Cost. One queue per task (and per group) lives for ``results_expire_in`` seconds and every
+state is a message; a state write is a confirmed publish (plus a queue declaration for the
+first one), a read is several round trips. That suits hundreds of tasks per second; for large
+volumes use the Redis backend, as Go Machinery's own documentation advises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from .. import log
+from .._amqp import (
+    AMQP_ERRORS,
+    AMQPConnector,
+    AMQPInt32,
+    PublishRejected,
+    Session,
+    amqp_errors,
+    bounded,
+    expiry_ms_int32,
+    message,
+    on_close,
+    quietly,
+    split_urls,
+)
+from ..config import Config
+from ..errors import BrokerConnectionError, MessageDecodeError
+from ..signature import Signature
+from ..state import COMPLETED_STATES, PENDING, GroupMeta, TaskState
+from ..types import TaskResult
+from .base import Backend
+
+#: How long a watcher keeps a binding after its last waiter left (ChordAsyncResult waits in
+#: short slices; this spares a bind/unbind pair per slice).
+WATCH_LINGER = 10.0
+#: Seconds to wait for another process's group lock before giving up.
+GROUP_LOCK_TIMEOUT = 30.0
+#: Latest states kept per process.
+CACHE_SIZE = 50_000
+#: Reads in flight at once per event loop (each holds a channel for a few round trips).
+READ_CONCURRENCY = 32
+
+
+def meta_queue(group_uuid: str) -> str:
+    """Where this backend keeps a group's metadata (Go's AMQP backend keeps none)."""
+    return f"{group_uuid}_meta"
+
+
+def chord_triggered_queue(group_uuid: str) -> str:
+    """Go's marker name (``amqmChordTriggeredQueue``); its existence means "already triggered"."""
+    return f"{group_uuid}_chord_triggered"
+
+
+def group_lock_queue(group_uuid: str) -> str:
+    return f"{group_uuid}_lock"
+
+
+class AMQPBackend(Backend):
+    """Task states as message streams in RabbitMQ, readable by Go Machinery and reading Go's."""
+
+    #: Only a safety net: waiters are woken by deliveries to their watch queue.
+    poll_interval: float = 5.0
+
+    def __init__(self, config: Config, url: str) -> None:
+        super().__init__(config, url)
+        self._connector = AMQPConnector(split_urls(url, config.multiple_broker_separator), role="backend")
+        self._cache = _StateCache(CACHE_SIZE)
+        self._watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watcher] = weakref.WeakKeyDictionary()
+        self._read_limits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._group_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, list[Any]]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    # ------------------------------------------------------------------ layout
+
+    @property
+    def _exchange(self) -> str:
+        return self.config.amqp.exchange
+
+    def _queue_args(self) -> dict[str, Any]:
+        ttl = expiry_ms_int32(self.ttl)
+        return {"x-message-ttl": ttl, "x-expires": ttl}
+
+    async def _declare(self, session: Session, name: str, cache: bool = False) -> int:
+        """Declare a state queue as Go does (and bind it to the exchange with its own name)."""
+        return await session.queue(
+            name,
+            durable=False,
+            auto_delete=True,
+            arguments=self._queue_args(),
+            exchange=self._exchange,
+            exchange_type=self.config.amqp.exchange_type,
+            binding_key=name,
+            cache=cache,
+        )
+
+    # ------------------------------------------------------------------ writes
+
+    async def write_states(self, states: Sequence[TaskState], keep_created: bool) -> None:
+        """Publish each state to its task's queue, in order per task.
+
+        Worker-side writes (``keep_created``) are sent as Go sends them: TaskName empty and
+        CreatedAt zero (WIRE.md 5: the AMQP backend does not merge).
+        """
+        streams: dict[str, list[bytes]] = {}
+        completed: list[tuple[str, bytes]] = []
+        for state in states:
+            wire = state
+            if keep_created:
+                wire = TaskState(state.task_uuid, state.state, "", state.results, state.error, None, state.ttl)
+            body = wire.encode()
+            streams.setdefault(state.task_uuid, []).append(body)
+            if state.state in COMPLETED_STATES:
+                completed.append((state.task_uuid, body))
+        session = await self._connector.session()
+
+        async def write(task_uuid: str, bodies: list[bytes]) -> None:
+            for body in bodies:
+                await self._publish(session, task_uuid, body, declare_first=not keep_created)
+
+        if len(streams) == 1:
+            (task_uuid, bodies), = streams.items()
+            await write(task_uuid, bodies)
+        else:
+            outcomes = await asyncio.gather(*(write(u, b) for u, b in streams.items()), return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        for task_uuid, body in completed:
+            self._waiters.notify(task_uuid, body)
+
+    async def set_state(
+        self, signature: Signature, state: str, results: list[TaskResult] | None = None, error: str = ""
+    ) -> None:
+        """Write a worker-side state; a group member's final state also goes to the group queue."""
+        await super().set_state(signature, state, results, error)
+        if state in COMPLETED_STATES and signature.group_uuid and signature.group_task_count > 0:
+            body = TaskState(signature.uuid, state, "", results, error).encode()
+            session = await self._connector.session()
+            await self._publish(session, signature.group_uuid, body, declare_first=False)
+
+    async def _publish(self, session: Session, queue: str, body: bytes, declare_first: bool) -> None:
+        """Publish to a state queue; declare it first, or only when RabbitMQ returns the message.
+
+        Worker-side writes go to a queue the sender has declared, so they try the publish
+        alone (mandatory) and declare only if it comes back unroutable.
+        """
+        amqp = self.config.amqp
+        if not declare_first and await session.publish(
+            amqp.exchange, queue, message(body), exchange_type=amqp.exchange_type, mandatory=True
+        ):
+            return
+        with amqp_errors(f"declaring result queue {queue!r}"):
+            await self._declare(session, queue)
+        if not await session.publish(
+            amqp.exchange, queue, message(body), exchange_type=amqp.exchange_type, mandatory=True
+        ):
+            raise BrokerConnectionError(f"RabbitMQ could not route a state to its queue {queue!r}")
+
+    # ------------------------------------------------------------------ reads
+
+    async def aget_state(self, task_uuid: str) -> TaskState | None:
+        """The latest state of the task (reading compacts its queue to that state)."""
+        for body in await self._read_stream(task_uuid):
+            try:
+                self._cache.apply(task_uuid, TaskState.decode(body), self.ttl)
+            except MessageDecodeError as exc:
+                log.logger.warning("ignoring an undecodable message in result queue %r: %s", task_uuid, exc)
+        return self._cache.get(task_uuid)
+
+    async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
+        if not task_uuids:
+            return []
+        return list(await asyncio.gather(*(self.aget_state(u) for u in task_uuids)))
+
+    def _read_slots(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        slots = self._read_limits.get(loop)
+        if slots is None:
+            slots = self._read_limits[loop] = asyncio.Semaphore(READ_CONCURRENCY)
+        return slots
+
+    async def _read_stream(self, name: str) -> list[bytes]:
+        """Every message now in queue ``name``, oldest first; the newest is left in the queue.
+
+        Each read has a channel of its own (pooled): closing it is what returns the messages
+        taken if the read fails or is cancelled half-way, and no other read shares its fate.
+        """
+        async with self._read_slots():
+            session = await self._connector.session()
+            with amqp_errors(f"reading result queue {name!r}"):
+                async with session.pooled_channel() as channel:
+                    try:
+                        # Declared as Go's GetState does (which also keeps the queue alive).
+                        queue = await channel.declare_queue(
+                            name, durable=False, auto_delete=True, arguments=self._queue_args()
+                        )
+                    except aiormq.exceptions.ChannelPreconditionFailed:
+                        pass  # it exists with other arguments (another results_expire_in): see below
+                    else:
+                        return await _take_keeping_latest(queue)
+                async with session.side_channel() as channel:
+                    return await _take_keeping_latest(await channel.declare_queue(name, passive=True))
+
+    # ------------------------------------------------------------------ waiting
+
+    async def await_state(self, task_uuid: str, timeout: float | None) -> TaskState:
+        """Wait for the task's SUCCESS or FAILURE; raises ``TimeoutError``.
+
+        Woken by the delivery of the task's states to this loop's watch queue; a broken
+        connection is waited out (the watch is set up again), like Go's polling.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        async with self._waiters.watch(task_uuid) as waiter:
+            watcher: _Watcher | None = None
+            warned = False
+            try:
+                while True:
+                    if watcher is None or not watcher.alive:
+                        watcher = await self._watch(task_uuid)
+                    delivered, waiter.state = waiter.state, None
+                    state = _decode_or_none(delivered)
+                    if state is not None and state.is_completed():
+                        self._cache.apply(task_uuid, state, self.ttl)  # fills in TaskName, CreatedAt
+                        state = self._cache.get(task_uuid)
+                    else:
+                        try:
+                            state = await self.aget_state(task_uuid)
+                        except BrokerConnectionError as exc:
+                            if not warned:
+                                log.logger.warning("waiting for %s: %s; still trying", task_uuid, exc)
+                                warned = True
+                            state = None
+                    if state is not None and state.is_completed():
+                        return state
+                    wait = self.poll_interval if watcher is not None and watcher.alive else 1.0
+                    if deadline is not None:
+                        wait = min(wait, deadline - time.monotonic())
+                        if wait <= 0:
+                            raise TimeoutError(f"task {task_uuid} did not complete within {timeout} s")
+                    with suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(waiter.event.wait()), wait)
+                    waiter.event.clear()
+            finally:
+                if watcher is not None:
+                    watcher.release(task_uuid)
+
+    async def _watch(self, task_uuid: str) -> _Watcher | None:
+        """Bind this loop's watch queue to ``task_uuid``; None (and polling) if that fails."""
+        if not self._exchange:
+            return None  # the default exchange takes no bindings: poll
+        loop = asyncio.get_running_loop()
+        try:
+            watcher = self._watchers.get(loop)
+            if watcher is None or not watcher.alive:
+                session = await self._connector.session()
+                watcher = await _Watcher.open(self, session)
+                self._watchers[loop] = watcher
+            await watcher.acquire(task_uuid)
+            return watcher
+        except AMQP_ERRORS as exc:  # BrokerConnectionError is a ConnectionError
+            log.logger.debug("cannot watch %s (%s); polling instead", task_uuid, exc)
+            return None
+
+    def _delivered(self, task_uuid: str, body: bytes) -> None:
+        """A state for a watched task went through the exchange: hand a final one to its waiters.
+
+        Every state written for the task reaches the watch queue, so the others (RECEIVED,
+        STARTED, RETRY, PENDING) need no read: the waiter sleeps on until the final one.
+        """
+        state = _decode_or_none(body)
+        if state is not None and state.is_completed():
+            self._cache.apply(task_uuid, state, self.ttl)
+            self._waiters.notify(task_uuid, body)
+
+    # ------------------------------------------------------------------ groups
+
+    async def write_group_meta(self, meta: GroupMeta) -> None:
+        """Keep the metadata in a ``<group>_meta`` queue (latest message wins).
+
+        Go's AMQP backend stores none; Go readers never look at this queue.
+        """
+        session = await self._connector.session()
+        await self._publish(session, meta_queue(meta.group_uuid), meta.encode(), declare_first=True)
+
+    async def aget_group_meta(self, group_uuid: str) -> GroupMeta | None:
+        """The stored metadata; for a group sent by Go (which stores none), one made from the
+        group queue: the members that have completed, in completion order."""
+        bodies = await self._read_stream(meta_queue(group_uuid))
+        for body in reversed(bodies):
+            try:
+                return GroupMeta.decode(body)
+            except MessageDecodeError:
+                continue
+        states = await self._distinct_group_states(group_uuid)
+        if not states:
+            return None
+        log.logger.debug("group %s has no stored metadata (sent by Go): members in completion order", group_uuid)
+        return GroupMeta(group_uuid, [s.task_uuid for s in states])
+
+    async def group_task_states(self, group_uuid: str) -> list[TaskState | None]:
+        """The completed members' states in completion order (Go's AMQP order), each member once."""
+        return list(await self._distinct_group_states(group_uuid))
+
+    async def group_completed(self, group_uuid: str, task_count: int) -> bool:
+        """True when ``task_count`` distinct members have published a final state.
+
+        Counting messages (Go) is the cheap first check; a member run twice would count
+        twice, so the decision is made on distinct members read under the group lock. Under
+        the lock the count is checked again after reading, so a completion published while
+        someone else was reading is never missed by both of them.
+        """
+        if task_count <= 0:
+            return True
+        session = await self._connector.session()
+        with amqp_errors(f"counting group queue {group_uuid!r}"):
+            if await self._declare(session, group_uuid) < task_count:
+                return False
+        async with self._group_lock(group_uuid) as channel:
+            while True:
+                states = await self._peek_group(channel, group_uuid)
+                if len({s.task_uuid for s in states if s.is_completed()}) >= task_count:
+                    return True
+                with amqp_errors(f"counting group queue {group_uuid!r}"):
+                    if await self._declare(session, group_uuid) <= len(states):
+                        return False
+
+    async def trigger_chord(self, group_uuid: str) -> bool:
+        """True for exactly one caller per group: the one whose token the marker queue took."""
+        session = await self._connector.session()
+        name = chord_triggered_queue(group_uuid)
+        arguments = {
+            "x-max-length": AMQPInt32(1),
+            "x-overflow": "reject-publish",
+            "x-expires": expiry_ms_int32(self.ttl),
+        }
+        for _ in range(3):
+            with amqp_errors(f"declaring {name!r}"):
+                await session.queue(name, durable=False, auto_delete=False, arguments=arguments, cache=False)
+            try:
+                routed = await session.publish("", name, message(b"triggered"), mandatory=True)
+            except PublishRejected:
+                return False
+            if routed:
+                await self._mark_meta_triggered(group_uuid)
+                return True
+            # The marker expired between declaring and publishing: declare it again.
+        raise BrokerConnectionError(f"could not create the chord marker {name!r}")
+
+    async def _mark_meta_triggered(self, group_uuid: str) -> None:
+        bodies = await self._read_stream(meta_queue(group_uuid))
+        if not bodies:
+            return
+        try:
+            meta = GroupMeta.decode(bodies[-1])
+        except MessageDecodeError:
+            return
+        meta.chord_triggered = True
+        await self.write_group_meta(meta)
+
+    async def _distinct_group_states(self, group_uuid: str) -> list[TaskState]:
+        async with self._group_lock(group_uuid) as channel:
+            states = await self._peek_group(channel, group_uuid)
+        order: dict[str, TaskState] = {}
+        for state in states:
+            if state.task_uuid not in order or state.is_completed():
+                order[state.task_uuid] = state  # first completion's place, latest state
+        return list(order.values())
+
+    async def _peek_group(self, channel: AbstractChannel, group_uuid: str) -> list[TaskState]:
+        """Every state in the group queue, oldest first, all returned to the queue afterwards."""
+        with amqp_errors(f"reading group queue {group_uuid!r}"):
+            queue = await channel.declare_queue(
+                group_uuid, durable=False, auto_delete=True, arguments=self._queue_args()
+            )
+            taken: list[AbstractIncomingMessage] = []
+            while True:
+                incoming = await queue.get(no_ack=False, fail=False, timeout=None)
+                if incoming is None:
+                    break
+                taken.append(incoming)
+            if taken:
+                await bounded(taken[-1].nack(multiple=True, requeue=True))
+        states = []
+        for incoming in taken:
+            decoded = _decode_or_none(incoming.body)
+            if decoded is not None:
+                states.append(decoded)
+        return states
+
+    @asynccontextmanager
+    async def _group_lock(self, group_uuid: str) -> AsyncIterator[AbstractChannel]:
+        """Hold the group's lock; yields the channel that holds it, for reading the group queue.
+
+        Across processes the lock is an exclusive queue (RabbitMQ refuses to declare it for
+        any other connection, and deletes it if the holder's connection dies); within this
+        loop, whose coroutines share one connection, an asyncio lock.
+        """
+        locks = self._group_locks.setdefault(asyncio.get_running_loop(), {})
+        entry = locks.setdefault(group_uuid, [asyncio.Lock(), 0])
+        entry[1] += 1  # users (holding or waiting): the lock is forgotten when none are left
+        local: asyncio.Lock = entry[0]
+        try:
+            async with local:
+                session = await self._connector.session()
+                name = group_lock_queue(group_uuid)
+                deadline = time.monotonic() + GROUP_LOCK_TIMEOUT
+                pause = 0.01
+                while True:
+                    with amqp_errors("opening a channel"):
+                        channel = await session.connection.channel(publisher_confirms=False)
+                    try:
+                        await channel.declare_queue(name, exclusive=True, auto_delete=True)
+                        break
+                    except aiormq.exceptions.ChannelLockedResource:
+                        # Held by another connection; RabbitMQ closed this channel.
+                        if time.monotonic() > deadline:
+                            raise BrokerConnectionError(
+                                f"group {group_uuid} stayed locked for {GROUP_LOCK_TIMEOUT} s"
+                            ) from None
+                        await asyncio.sleep(pause)
+                        pause = min(0.2, pause * 2)
+                    except AMQP_ERRORS as exc:
+                        await quietly(channel.close())
+                        raise BrokerConnectionError(f"cannot lock group {group_uuid}: {exc}") from exc
+                try:
+                    yield channel
+                finally:
+                    try:
+                        if not channel.is_closed:
+                            underlay = await channel.get_underlay_channel()
+                            await underlay.queue_delete(name)
+                    except AMQP_ERRORS as exc:  # the connection is gone, and the lock with it
+                        log.logger.debug("releasing the lock of group %s: %s", group_uuid, exc)
+                    finally:
+                        await quietly(channel.close())
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                locks.pop(group_uuid, None)
+
+    # ------------------------------------------------------------------ purging
+
+    async def purge_state(self, task_uuid: str) -> None:
+        """Delete the task's queue (as Go's ``AsyncResult`` does after completion)."""
+        await self._delete_queues(task_uuid)
+        self._cache.forget(task_uuid)
+
+    async def purge_group_meta(self, group_uuid: str) -> None:
+        """Delete the group queue and its metadata. The chord marker stays until it expires,
+        so that a member redelivered later can never trigger the chord again."""
+        await self._delete_queues(group_uuid, meta_queue(group_uuid))
+
+    async def _delete_queues(self, *names: str) -> None:
+        session = await self._connector.session()
+        async with session.side_channel() as channel:
+            with amqp_errors(f"deleting {', '.join(names)}"):
+                underlay = await channel.get_underlay_channel()
+                for name in names:
+                    await underlay.queue_delete(name)
+        for name in names:
+            session.forget(name)
+
+    async def aclose(self) -> None:
+        """Close this loop's connection and watch queue (other loops' close when their loop ends)."""
+        await self.aclose_loop_connections()
+
+    async def aclose_loop_connections(self) -> None:
+        watcher = self._watchers.pop(asyncio.get_running_loop(), None)
+        if watcher is not None:
+            await watcher.close()
+        await self._connector.aclose()
+
+
+async def _take_keeping_latest(queue: AbstractQueue) -> list[bytes]:
+    """Take the messages ``queue`` holds, ack all but the newest and put that one back."""
+    taken: list[AbstractIncomingMessage] = []
+    for _ in range(int(queue.declaration_result.message_count or 0)):
+        incoming = await queue.get(no_ack=False, fail=False, timeout=None)
+        if incoming is None:
+            break
+        taken.append(incoming)
+    for incoming in taken[:-1]:
+        await bounded(incoming.ack())
+    if taken:
+        # Back to the head of the queue (its original place) for the next reader, Go's included.
+        await bounded(taken[-1].nack(requeue=True))
+    return [incoming.body for incoming in taken]
+
+
+def _decode_or_none(body: bytes | None) -> TaskState | None:
+    if not body:
+        return None
+    try:
+        return TaskState.decode(body)
+    except MessageDecodeError:
+        return None
+
+
+class _StateCache:
+    """The latest state seen per task, bounded and expiring with the results.
+
+    A final state (SUCCESS/FAILURE) is not replaced by a RECEIVED/STARTED/RETRY arriving
+    later: that is a duplicate run of a redelivered message, and the task stays completed.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[float, TaskState]] = OrderedDict()
+
+    def apply(self, task_uuid: str, state: TaskState, ttl: int) -> None:
+        with self._lock:
+            entry = self._entries.get(task_uuid)
+            old = entry[1] if entry is not None and entry[0] > time.monotonic() else None
+            if old is not None:
+                if old.is_completed() and not state.is_completed() and state.state != PENDING:
+                    return
+                if not state.task_name:
+                    state.task_name = old.task_name
+                if state.created_at is None or state.created_at.year == 1:
+                    state.created_at = old.created_at
+            self._entries[task_uuid] = (time.monotonic() + ttl, state)
+            self._entries.move_to_end(task_uuid)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+    def get(self, task_uuid: str) -> TaskState | None:
+        with self._lock:
+            entry = self._entries.get(task_uuid)
+            if entry is None:
+                return None
+            if entry[0] <= time.monotonic():
+                del self._entries[task_uuid]
+                return None
+            state = entry[1]
+            return TaskState(
+                state.task_uuid, state.state, state.task_name, state.results, state.error, state.created_at, state.ttl
+            )
+
+    def forget(self, task_uuid: str) -> None:
+        with self._lock:
+            self._entries.pop(task_uuid, None)
+
+
+class _Watcher:
+    """One loop's exclusive, server-named queue, bound to the exchange once per awaited task."""
+
+    def __init__(self, backend: AMQPBackend, session: Session, channel: AbstractChannel, queue: AbstractQueue):
+        self._backend = backend
+        self._session = session
+        self._channel = channel
+        self._queue = queue
+        self._counts: dict[str, int] = {}
+        self._bound: set[str] = set()
+        self._lingering: dict[str, asyncio.TimerHandle] = {}
+        self.alive = True
+
+    @classmethod
+    async def open(cls, backend: AMQPBackend, session: Session) -> _Watcher:
+        with amqp_errors("opening the result watch queue"):
+            channel = await session.connection.channel(publisher_confirms=False)
+            try:
+                queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+                watcher = cls(backend, session, channel, queue)
+                on_close(channel, watcher._lost)
+                await queue.consume(watcher._on_message, no_ack=True)
+            except BaseException:
+                await quietly(channel.close())
+                raise
+        return watcher
+
+    async def _on_message(self, incoming: AbstractIncomingMessage) -> None:
+        if incoming.routing_key:
+            self._backend._delivered(incoming.routing_key, incoming.body)
+
+    def _lost(self) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        for handle in self._lingering.values():
+            handle.cancel()
+        # Wake every waiter so it re-reads and watches again on a new connection.
+        for task_uuid in list(self._counts):
+            self._backend._waiters.notify(task_uuid)
+
+    async def acquire(self, task_uuid: str) -> None:
+        """Count one more waiter for ``task_uuid``; bind the queue for it if not bound yet."""
+        handle = self._lingering.pop(task_uuid, None)
+        if handle is not None:
+            handle.cancel()
+        self._counts[task_uuid] = self._counts.get(task_uuid, 0) + 1
+        if task_uuid in self._bound:
+            return
+        self._bound.add(task_uuid)
+        try:
+            with amqp_errors(f"watching {task_uuid}"):
+                await self._queue.bind(self._backend._exchange, task_uuid)
+        except BaseException:
+            self._bound.discard(task_uuid)
+            self.release(task_uuid)
+            raise
+
+    def release(self, task_uuid: str) -> None:
+        """One waiter fewer; the binding lingers a little after the last one leaves."""
+        count = self._counts.get(task_uuid, 0) - 1
+        if count > 0:
+            self._counts[task_uuid] = count
+            return
+        self._counts.pop(task_uuid, None)
+        if not self.alive or task_uuid not in self._bound or task_uuid in self._lingering:
+            return
+        # Result objects often wait again right away (ChordAsyncResult waits in slices).
+        self._lingering[task_uuid] = asyncio.get_running_loop().call_later(
+            WATCH_LINGER, lambda: asyncio.ensure_future(self._unbind(task_uuid))
+        )
+
+    async def _unbind(self, task_uuid: str) -> None:
+        self._lingering.pop(task_uuid, None)
+        if self._counts.get(task_uuid) or not self.alive:
+            return  # watched again meanwhile
+        self._bound.discard(task_uuid)
+        try:
+            await self._queue.unbind(self._backend._exchange, task_uuid)
+        except AMQP_ERRORS as exc:
+            log.logger.debug("unbinding the watch of %s: %s", task_uuid, exc)
+
+    async def close(self) -> None:
+        self.alive = False
+        for handle in self._lingering.values():
+            handle.cancel()
+        self._lingering.clear()
+        await quietly(self._channel.close())

@@ -1,0 +1,1082 @@
+"""RabbitMQ: the AMQP broker and result backend against the server on this machine (WIRE.md 10, 11.2).
+
+Every test uses its own exchange, queues and binding key (``mt_<hex>_...``), so tests never see
+each other, and removes them afterwards; result queues expire on their own. Topology checks
+read RabbitMQ's own view with ``rabbitmqctl`` (flags, arguments and their AMQP integer types)
+and compare it with the captures a real Go Machinery run left in ``shared/interop``. Cutting
+connections closes only this test process's own connections (found by the connection name
+machinery gives them), never RabbitMQ itself.
+
+Nothing here asserts how long anything took; waits are bounded so a broken broker fails the
+test instead of hanging it.
+
+Run as a script, this file is the worker of the SIGKILL test (see ``_worker_main``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import aio_pika
+import pytest
+from aiormq import spec
+from aiormq.abc import DeliveredMessage
+
+from conftest import AMQP_URL, IN_CI, INTEROP_DIR, REDIS_URL, require_service, running_worker
+from machinery import (
+    FAILURE,
+    PENDING,
+    SUCCESS,
+    AMQPConfig,
+    Chain,
+    Chord,
+    Config,
+    Group,
+    RedisConfig,
+    RetryTaskLater,
+    Server,
+    Signature,
+    TaskFailed,
+)
+from machinery._amqp import AMQPConnector, AMQPInt32, AMQPInt64
+from machinery._sync import run_sync
+from machinery.backends.amqp import AMQPBackend, chord_triggered_queue
+from machinery.brokers.amqp import REASON_HEADER, AMQPConsumer, dead_letter_queue
+from machinery.errors import BrokerConnectionError
+
+pytestmark = pytest.mark.amqp
+
+WAIT = 30.0  # an upper bound for anything to happen; never an expectation of speed
+RESULTS_TTL = 180
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def amqp_config(prefix: str, backend_url: str | None = None, results_ttl: int = RESULTS_TTL, **amqp: Any) -> Config:
+    """A config whose exchange, binding key and queue are this test's own."""
+    options: dict[str, Any] = {"exchange": f"{prefix}_ex", "binding_key": f"{prefix}_key", **amqp}
+    return Config(
+        broker=AMQP_URL,
+        result_backend=backend_url or AMQP_URL,
+        default_queue=f"{prefix}_q",
+        results_expire_in=results_ttl,
+        amqp=AMQPConfig(**options),
+        redis=RedisConfig(normal_tasks_poll_period=200, delayed_tasks_poll_period=100),
+    )
+
+
+def vhost() -> str:
+    path = urlsplit(AMQP_URL).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def rabbitmqctl(*args: str) -> str:
+    """Run ``rabbitmqctl -q`` on this machine's RabbitMQ (skip without it, fail under CI)."""
+    exe = shutil.which("rabbitmqctl")
+    if exe is None:
+        message = "rabbitmqctl is not available to inspect RabbitMQ"
+        if IN_CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    done = subprocess.run([exe, "-q", *args], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        message = f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()}"
+        if IN_CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return done.stdout
+
+
+def list_queues(*names: str) -> dict[str, tuple[bool, bool, dict[str, Any]]]:
+    """name -> (durable, auto_delete, arguments) as ``rabbitmqctl list_queues`` shows them."""
+    out = rabbitmqctl("list_queues", "-p", vhost(), "name", "durable", "auto_delete", "arguments")
+    found = {}
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 4 and parts[0] in names:
+            found[parts[0]] = (parts[1] == "true", parts[2] == "true", parse_arguments(parts[3]))
+    return found
+
+
+def parse_arguments(text: str) -> dict[str, Any]:
+    """``[{"x-message-ttl",3600000},{"x-dead-letter-exchange","ex"}]`` -> a dict."""
+    pairs = re.findall(r'\{"([^"]+)",("[^"]*"|-?\d+)\}', text)
+    return {key: (value.strip('"') if value.startswith('"') else int(value)) for key, value in pairs}
+
+
+def argument_types(queue: str) -> dict[str, str]:
+    """The AMQP field types RabbitMQ stored for a queue's arguments (``signedint``, ``long``...)."""
+    expression = (
+        f'[[{{K, T}} || {{K, T, _}} <- amqqueue:get_arguments(Q)] || Q <- rabbit_amqqueue:list(<<"{vhost()}">>), '
+        f'amqqueue:get_name(Q) =:= {{resource, <<"{vhost()}">>, queue, <<"{queue}">>}}].'
+    )
+    out = rabbitmqctl("eval", expression)
+    return dict(re.findall(r'\{<<"([^"]+)">>,(\w+)\}', out))
+
+
+def list_bindings(exchange: str) -> set[tuple[str, str]]:
+    """(queue, routing key) bound to ``exchange``."""
+    out = rabbitmqctl("list_bindings", "-p", vhost(), "source_name", "destination_name", "routing_key")
+    found = set()
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[0] == exchange:
+            found.add((parts[1], parts[2]))
+    return found
+
+
+def own_connections(pid: int | None = None) -> list[str]:
+    """RabbitMQ's ids of the connections machinery opened in process ``pid`` (by their name)."""
+    marker = f"pid={pid or os.getpid()} "
+    out = rabbitmqctl("list_connections", "-p", vhost(), "pid", "client_properties")
+    return [line.split("\t", 1)[0] for line in out.splitlines() if marker in line]
+
+
+def close_connections(targets: list[str]) -> None:
+    """Close these connections server-side, all at once (``rabbitmqctl close_connection``)."""
+    exe = shutil.which("rabbitmqctl")
+    assert exe is not None
+    running = [
+        subprocess.Popen([exe, "-q", "close_connection", target, "test: cut"], stdout=subprocess.DEVNULL)
+        for target in targets
+    ]
+    for proc in running:
+        proc.wait(60)
+
+
+def capture(name: str) -> str:
+    path = INTEROP_DIR / name
+    if not path.exists():
+        pytest.skip(f"interop capture {path} is missing")
+    return path.read_text()
+
+
+def parse_capture_queues(text: str) -> dict[str, tuple[bool, bool, dict[str, Any]]]:
+    queues: dict[str, tuple[bool, bool, dict[str, Any]]] = {}
+    section = ""
+    for line in text.splitlines():
+        if line.startswith(("QUEUES", "EXCHANGES", "BINDINGS")):
+            section = line.split()[0]
+            continue
+        parts = line.split("\t")
+        if section == "QUEUES" and len(parts) >= 4 and parts[0] != "name":
+            queues[parts[0]] = (parts[1] == "true", parts[2] == "true", parse_arguments(parts[3]))
+    return queues
+
+
+def parse_capture_bindings(text: str, exchange: str) -> set[tuple[str, str]]:
+    found, section = set(), ""
+    for line in text.splitlines():
+        if line.startswith(("QUEUES", "EXCHANGES", "BINDINGS")):
+            section = line.split()[0]
+            continue
+        parts = line.split("\t")
+        if section == "BINDINGS" and len(parts) >= 3 and parts[0] == exchange:
+            found.add((parts[1], parts[2]))
+    return found
+
+
+async def _raw(coro_fn: Callable[[aio_pika.abc.AbstractChannel], Any]) -> Any:
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        return await coro_fn(channel)
+    finally:
+        await connection.close()
+
+
+def raw(coro_fn: Callable[[aio_pika.abc.AbstractChannel], Any]) -> Any:
+    """Run ``coro_fn(channel)`` on a plain aio-pika connection of its own (like a foreign client)."""
+    return asyncio.run(_raw(coro_fn))
+
+
+def peek(queue: str) -> list[DeliveredMessage]:
+    """The messages in ``queue`` exactly as delivered (taken without ack, returned on close).
+
+    Raw aiormq messages, because aio-pika reports an absent priority as 0 and absent headers
+    as ``{}``, and the point is to see what is (not) on the wire.
+    """
+
+    async def run(channel: aio_pika.abc.AbstractChannel) -> list[DeliveredMessage]:
+        underlay = await channel.get_underlay_channel()
+        await underlay.queue_declare(queue, passive=True)
+        taken = []
+        while not isinstance((m := await underlay.basic_get(queue, no_ack=False)).delivery, spec.Basic.GetEmpty):
+            taken.append(m)
+        return taken
+
+    return list(raw(run))
+
+
+def message_count(queue: str) -> int:
+    async def run(channel: aio_pika.abc.AbstractChannel) -> int:
+        q = await channel.declare_queue(queue, passive=True)
+        return int(q.declaration_result.message_count or 0)
+
+    return int(raw(run))
+
+
+def publish_raw(exchange: str, routing_key: str, body: bytes, headers: dict[str, Any] | None = None) -> None:
+    """Publish bytes as a foreign (Go) client would: persistent JSON, nothing of ours involved."""
+
+    async def run(channel: aio_pika.abc.AbstractChannel) -> None:
+        ex = await channel.get_exchange(exchange, ensure=False) if exchange else channel.default_exchange
+        await ex.publish(
+            aio_pika.Message(body, content_type="application/json", delivery_mode=2, headers=headers),
+            routing_key,
+        )
+
+    raw(run)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = WAIT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+def cleanup(prefix: str, extra_queues: list[str]) -> None:
+    """Delete what a test declared with ``prefix`` (queues and exchange); result queues expire."""
+
+    async def run(channel: aio_pika.abc.AbstractChannel) -> None:
+        underlay = await channel.get_underlay_channel()
+        for name in [f"{prefix}_q", f"{prefix}_key", dead_letter_queue(f"{prefix}_q"), f"{prefix}_delayed",
+                     f"{prefix}_other", *extra_queues]:
+            await underlay.queue_delete(name)
+        await underlay.exchange_delete(f"{prefix}_ex")
+
+    try:
+        raw(run)
+    except Exception as exc:  # cleanup must never hide the test's own outcome
+        print(f"cleanup of {prefix}: {exc}")
+
+
+@pytest.fixture
+def prefix(amqp_url: str) -> Iterator[str]:
+    name = f"mt_{uuid.uuid4().hex[:10]}"
+    extra: list[str] = []
+    yield name
+    cleanup(name, extra)
+
+
+@pytest.fixture(params=["amqp", "redis"])
+def backend(request: pytest.FixtureRequest, amqp_url: str) -> str:
+    """The result backend beside the AMQP broker: AMQP itself, or Redis."""
+    if request.param == "redis":
+        require_service("Redis", REDIS_URL, 6379)
+        pytest.importorskip("machinery.backends.redis")
+        return REDIS_URL
+    return amqp_url
+
+
+class Recorder:
+    """What the tasks did, shared between the test and the worker thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls: list[tuple[str, tuple[Any, ...], float]] = []
+
+    def add(self, name: str, *args: Any) -> None:
+        with self.lock:
+            self.calls.append((name, args, time.time()))
+
+    def of(self, name: str) -> list[tuple[Any, ...]]:
+        with self.lock:
+            return [args for n, args, _ in self.calls if n == name]
+
+    def times(self, name: str) -> list[float]:
+        with self.lock:
+            return [t for n, _, t in self.calls if n == name]
+
+
+def make_server(
+    prefix: str, backend_url: str | None = None, results_ttl: int = RESULTS_TTL, **amqp: Any
+) -> tuple[Server, Recorder]:
+    server = Server(amqp_config(prefix, backend_url, results_ttl, **amqp))
+    rec = Recorder()
+    attempts: Counter[str] = Counter()
+
+    @server.task
+    def add(*args: int) -> int:
+        rec.add("add", *args)
+        return sum(args)
+
+    @server.task
+    def multiply(*args: int) -> int:
+        rec.add("multiply", *args)
+        product = 1
+        for a in args:
+            product *= a
+        return product
+
+    @server.task
+    def error_task(message: str) -> None:
+        rec.add("error_task", message)
+        raise ValueError(message)
+
+    @server.task
+    def later(key: str) -> str:
+        attempts[key] += 1
+        rec.add("later", key)
+        if attempts[key] == 1:
+            raise RetryTaskLater("not yet", 0.5)
+        return "retried ok"
+
+    return server, rec
+
+
+def declare_worker_queue(server: Server) -> None:
+    """Have the workers' queue exist, as in any deployment where a worker has ever run.
+
+    (With Go's topology a task published before that only reaches the publisher-side queue.)
+    """
+
+    async def run() -> None:
+        consumer = await server.broker.open_consumer(server.config.default_queue, "setup", prefetch=1)
+        await consumer.close()
+
+    run_sync(run())
+
+
+@pytest.fixture
+def env(prefix: str, backend: str) -> Iterator[tuple[Server, Recorder]]:
+    server, rec = make_server(prefix, backend)
+    declare_worker_queue(server)
+    yield server, rec
+    server.close()
+
+
+# --------------------------------------------------------------------------- core scenarios
+
+
+def test_tasks_run_and_results_come_back(env: tuple[Server, Recorder]) -> None:
+    server, _ = env
+    with running_worker(server, concurrency=4):
+        results = [server.send_task(Signature("add", [i, i])) for i in range(10)]
+        assert [r.get(timeout=WAIT) for r in results] == [2 * i for i in range(10)]
+        failed = server.send_task(Signature("error_task", ["boom"]))
+        with pytest.raises(TaskFailed, match="boom"):
+            failed.get(timeout=WAIT)
+    state = results[0].state()
+    assert state.state == SUCCESS and state.task_name == "add"
+
+
+def test_eta_task_waits_in_a_delay_queue(env: tuple[Server, Recorder]) -> None:
+    server, rec = env
+    eta = datetime.now(timezone.utc) + timedelta(seconds=1.5)
+    with running_worker(server, concurrency=2):
+        result = server.send_task(Signature("add", [10, 20], eta=eta))
+        assert result.get(timeout=WAIT) == 30
+    assert rec.times("add")[0] >= eta.timestamp() - 0.05  # never before its ETA
+    assert server.broker.get_delayed_tasks() == []  # documented: RabbitMQ cannot list delay queues
+
+
+def test_retries_go_through_delay_queues_with_fibonacci_timeouts(env: tuple[Server, Recorder]) -> None:
+    server, rec = env
+    seen: list[tuple[str, int, int]] = []
+    original = server.broker.publish_many
+
+    async def recording(signatures: Any) -> None:
+        signatures = list(signatures)
+        seen.extend((s.name, s.retry_count, s.retry_timeout) for s in signatures)
+        await original(signatures)
+
+    server.broker.publish_many = recording  # type: ignore[method-assign]
+    with running_worker(server, concurrency=2):
+        result = server.send_task(Signature("error_task", ["retry me"], retry_count=2))
+        with pytest.raises(TaskFailed, match="retry me"):
+            result.get(timeout=WAIT)
+    assert rec.of("error_task") == [("retry me",)] * 3
+    assert seen == [("error_task", 2, 0), ("error_task", 1, 1), ("error_task", 0, 2)]
+
+
+def test_retry_task_later_keeps_counters(env: tuple[Server, Recorder]) -> None:
+    server, rec = env
+    with running_worker(server, concurrency=2):
+        result = server.send_task(Signature("later", ["k"], retry_count=3))
+        assert result.get(timeout=WAIT) == "retried ok"
+    assert rec.of("later") == [("k",), ("k",)]
+
+
+def test_unregistered_task_is_requeued_without_a_hot_loop(
+    env: tuple[Server, Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, _ = env
+    requeues: list[float] = []
+    original = AMQPConsumer.requeue
+
+    async def counting(self: AMQPConsumer, delivery: Any) -> None:
+        requeues.append(time.monotonic())
+        await original(self, delivery)
+
+    monkeypatch.setattr(AMQPConsumer, "requeue", counting)
+    unknown = server.send_task(Signature("no_such_task", [1]))
+    with running_worker(server, concurrency=2):
+        wait_until(lambda: len(requeues) >= 2, what="the unknown task being requeued")
+        time.sleep(1.0)
+        # A registered task still runs meanwhile.
+        assert server.send_task(Signature("add", [1, 1])).get(timeout=WAIT) == 2
+        observed = len(requeues)
+    # Backing off (0.05, 0.1, 0.2 ... s) gives a handful of requeues where a hot loop gives thousands.
+    assert observed < 60
+    assert [s.uuid for s in server.broker.get_pending_tasks()] == [unknown.task_uuid]  # not lost
+    assert unknown.state().state == PENDING
+
+
+def test_unregistered_task_with_the_ignore_flag_is_dropped(env: tuple[Server, Recorder]) -> None:
+    server, _ = env
+    body = capture("amqp_task_ignore_when_unregistered.json").strip()
+    body = body.replace("task_fbeb4c1e-87c5-41ee-ad26-9db0520f0d6c", f"task_{uuid.uuid4()}")
+    amqp = server.config.amqp
+    with running_worker(server, concurrency=2):
+        publish_raw(amqp.exchange, amqp.binding_key, body.encode())
+        assert server.send_task(Signature("add", [2, 2])).get(timeout=WAIT) == 4
+        wait_until(lambda: message_count(server.config.default_queue) == 0, what="the queue emptying")
+    assert server.broker.get_pending_tasks() == []
+    assert server.broker.dead_letters() == []
+
+
+def test_bad_bodies_are_dead_lettered_with_the_reason_and_the_consumer_goes_on(
+    env: tuple[Server, Recorder],
+) -> None:
+    server, _ = env
+    queue = server.config.default_queue
+    with running_worker(server, concurrency=2):
+        publish_raw("", queue, b"")
+        publish_raw("", queue, b"{not json")
+        wait_until(lambda: len(server.broker.dead_letters()) == 2, what="two dead letters")
+        assert server.send_task(Signature("add", [3, 4])).get(timeout=WAIT) == 7  # still consuming
+    letters = server.broker.dead_letters()
+    assert sorted(letter.body for letter in letters) == [b"", b"{not json"]
+    assert all(letter.reason and letter.queue == queue for letter in letters)
+    raw_letters = peek(dead_letter_queue(queue))
+    assert all((m.header.properties.headers or {}).get(REASON_HEADER) for m in raw_letters)
+    assert server.broker.dead_letters() == letters  # inspecting leaves them in place
+    assert server.broker.requeue_dead() == 2
+    assert message_count(queue) == 2 and message_count(dead_letter_queue(queue)) == 0
+
+
+def test_pending_tasks_keep_their_order(env: tuple[Server, Recorder]) -> None:
+    server, rec = env
+    sent = [server.send_task(Signature("add", [i])) for i in range(6)]
+    first = server.broker.get_pending_tasks()
+    second = server.broker.get_pending_tasks()
+    assert [s.uuid for s in first] == [r.task_uuid for r in sent]
+    assert [s.uuid for s in second] == [r.task_uuid for r in sent]
+    with running_worker(server, concurrency=1):
+        for result in sent:
+            result.get(timeout=WAIT)
+    assert rec.of("add") == [(i,) for i in range(6)]  # delivered in the original order
+
+
+def test_prefetch_never_exceeds_the_worker_concurrency(prefix: str, amqp_url: str) -> None:
+    gate = threading.Event()
+    server = Server(amqp_config(prefix, prefetch_count=0))
+    running = Counter[str]()
+
+    @server.task
+    def hold(i: int) -> int:
+        running["now"] += 1
+        assert gate.wait(WAIT)
+        return i
+
+    try:
+        declare_worker_queue(server)
+        for i in range(5):
+            server.send_task(Signature("hold", [i]))
+        with running_worker(server, concurrency=2):
+            wait_until(lambda: running["now"] == 2, what="two tasks running")
+            time.sleep(0.3)
+            assert message_count(server.config.default_queue) == 3  # the rest stay in RabbitMQ
+            gate.set()
+    finally:
+        gate.set()
+        server.close()
+
+
+def test_broker_urls_fail_over_in_order(prefix: str, amqp_url: str) -> None:
+    dead = "amqp://guest:guest@127.0.0.1:1/"  # nothing listens there
+    base = amqp_config(prefix)
+    config = Config(
+        broker=f"{dead}|{AMQP_URL}",
+        multiple_broker_separator="|",
+        result_backend=f"{dead}|{AMQP_URL}",
+        default_queue=base.default_queue,
+        results_expire_in=RESULTS_TTL,
+        amqp=base.amqp,
+    )
+    server = Server(config)
+
+    @server.task
+    def add(*args: int) -> int:
+        return sum(args)
+
+    try:
+        declare_worker_queue(server)
+        with running_worker(server, concurrency=1):
+            assert server.send_task(Signature("add", [20, 22])).get(timeout=WAIT) == 42
+    finally:
+        server.close()
+
+
+def test_amqps_urls_speak_tls() -> None:
+    # RabbitMQ here has no TLS listener: the TLS handshake against its plain port must fail,
+    # which shows an amqps:// URL is not silently used in the clear.
+    url = AMQP_URL.replace("amqp://", "amqps://", 1)
+    connector = AMQPConnector([url], role="test")
+    with pytest.raises(BrokerConnectionError) as failure:
+        run_sync(connector.open_connection("tls"))
+    assert "amqps://" in str(failure.value) and ":***@" in str(failure.value)
+
+
+def test_topic_exchange_routes_by_the_default_queue(prefix: str, amqp_url: str) -> None:
+    # Go: for a non-direct exchange the routing key is the default queue, and the publisher
+    # declares that queue bound with the binding key (here the same name, as Go users set it).
+    server, _ = make_server(prefix, exchange_type="topic", binding_key=f"{prefix}_q")
+    try:
+        result = server.send_task(Signature("add", [2, 3]))  # before any worker: the queue exists
+        assert [s.routing_key for s in server.broker.get_pending_tasks()] == [f"{prefix}_q"]
+        with running_worker(server, concurrency=1):
+            assert result.get(timeout=WAIT) == 5
+    finally:
+        server.close()
+
+
+# --------------------------------------------------------------------------- workflows (seed examples)
+
+
+def test_chain_group_and_chord(env: tuple[Server, Recorder]) -> None:
+    server, rec = env
+    with running_worker(server, concurrency=4):
+        chain = Chain(Signature("add", [1, 1]), Signature("add", [5, 5]), Signature("multiply", [4]))
+        assert server.send_chain(chain).get(timeout=WAIT) == 48
+        group = Group(Signature("add", [1, 1]), Signature("add", [2, 2]), Signature("add", [5, 6]))
+        assert [r.get(timeout=WAIT) for r in server.send_group(group)] == [2, 4, 11]
+        chord = Chord([Signature("add", [1, 1]), Signature("add", [2, 2]), Signature("add", [5, 6])],
+                      Signature("multiply", []))
+        assert server.send_chord(chord).get(timeout=WAIT) == 88
+    # The chain's multiply(4, 12), then the chord callback once, with results in group order.
+    assert rec.of("multiply") == [(4, 12), (2, 4, 11)]
+
+
+def test_periodic_task(env: tuple[Server, Recorder]) -> None:
+    server, rec = env
+    server.register_periodic_task("@every 1s", f"tick-{uuid.uuid4().hex[:6]}", Signature("add", [7, 7]))
+    with running_worker(server, concurrency=2):  # the worker runs the periodic scheduler beside consuming
+        wait_until(lambda: len(rec.of("add")) >= 2, what="two ticks")
+    assert set(rec.of("add")) == {(7, 7)}
+
+
+# --------------------------------------------------------------------------- wire: topology and messages
+
+
+def test_topology_matches_the_go_capture(prefix: str, amqp_url: str) -> None:
+    server, _ = make_server(prefix, results_ttl=3600)
+    amqp = server.config.amqp
+    queue, key, exchange = server.config.default_queue, amqp.binding_key, amqp.exchange
+    try:
+        with running_worker(server, concurrency=1):
+            pass  # the worker declares its queue, then stops (as in the capture: no consumer)
+        result = server.send_task(Signature("add", [1, 1]))
+        eta_result = server.send_task(
+            Signature("add", [10, 20], eta=datetime.now(timezone.utc) + timedelta(seconds=30))
+        )
+        text = capture("amqp_topology_add_before_worker.txt")
+        go_queues = parse_capture_queues(text)
+        go_state = next(n for n in go_queues if n.startswith("task_"))
+        renames = {"machinery_task": key, "machinery_tasks": queue, go_state: result.task_uuid}
+        ours = list_queues(*renames.values())
+        assert ours == {renames[name]: spec for name, spec in go_queues.items()}
+        go_bindings = parse_capture_bindings(text, "machinery_exchange")
+        expected_bindings = {(renames[q], renames.get(k, k)) for q, k in go_bindings}
+        bindings = list_bindings(exchange)
+        assert expected_bindings <= bindings
+        assert argument_types(result.task_uuid) == {"x-message-ttl": "signedint", "x-expires": "signedint"}  # int32
+
+        exchanges = rabbitmqctl("list_exchanges", "-p", vhost(), "name", "type", "durable", "auto_delete", "arguments")
+        go_exchange = re.search(r"^machinery_exchange\t(.*)$", capture("amqp_topology_add_before_worker.txt"), re.M)
+        assert go_exchange is not None
+        assert f"{exchange}\t{go_exchange.group(1)}" in exchanges.splitlines()
+
+        # The delay queue of the ETA task (capture: delay.2991.machinery_exchange.machinery_task).
+        go_eta = parse_capture_queues(capture("amqp_topology_eta_before_worker.txt"))
+        go_delay_name = next(n for n in go_eta if n.startswith("delay."))
+        go_flags = go_eta[go_delay_name][:2]
+        go_ms = int(go_delay_name.split(".")[1])
+        delay_names = [q for q, _ in list_bindings(exchange) if q.startswith("delay.")]
+        assert len(delay_names) == 1 and re.fullmatch(rf"delay\.\d+\.{exchange}\.{key}", delay_names[0])
+        ms = int(delay_names[0].split(".")[1])
+        durable, auto_delete, arguments = list_queues(delay_names[0])[delay_names[0]]
+        assert (durable, auto_delete) == go_flags
+        expected: dict[str, Any] = {}
+        for name, value in go_eta[go_delay_name][2].items():
+            if isinstance(value, str):
+                expected[name] = value.replace("machinery_exchange", exchange).replace("machinery_task", key)
+            else:  # x-message-ttl is the delay, x-expires twice that
+                expected[name] = ms if value == go_ms else 2 * ms
+        assert arguments == expected
+        assert argument_types(delay_names[0]) == {
+            "x-dead-letter-exchange": "longstr", "x-dead-letter-routing-key": "longstr",
+            "x-message-ttl": "long", "x-expires": "long",  # int64, as Go sends them
+        }
+        server.broker.close()
+        cleanup(prefix, [result.task_uuid, eta_result.task_uuid, delay_names[0]])
+    finally:
+        server.close()
+
+
+def test_message_properties_match_the_go_envelope(prefix: str, amqp_url: str) -> None:
+    server, _ = make_server(prefix)
+    amqp = server.config.amqp
+    try:
+        plain = server.send_task(Signature("add", [1, 1]))
+        fancy = server.send_task(Signature("add", [1, 2], priority=5, headers={"trace": "x"}))
+        delayed = server.send_task(Signature("add", [3], eta=datetime.now(timezone.utc) + timedelta(seconds=30)))
+        messages = peek(amqp.binding_key)  # Go's publisher-side queue holds the copies
+        by_uuid = {json.loads(m.body)["UUID"]: m for m in messages}
+        go = json.loads(capture("amqp_task_add_envelope.json"))
+        m = by_uuid[plain.task_uuid]
+        p = m.header.properties
+        assert {
+            "exchange": (m.delivery.exchange or "").replace(amqp.exchange, "machinery_exchange"),
+            "routing_key": (m.delivery.routing_key or "").replace(amqp.binding_key, "machinery_task"),
+            "content_type": p.content_type,
+            "delivery_mode": p.delivery_mode,
+            "priority": p.priority,
+            "expiration": p.expiration,
+            "headers": p.headers,
+        } == {k: v for k, v in go.items() if k != "body"}
+        assert list(json.loads(m.body)) == list(json.loads(go["body"]))  # Go's 19 keys in Go's order
+        # No timestamp, correlation id, reply-to, type, app id or user id either. (aiormq stamps a
+        # random message id on every publish to pair returns with confirms; Go readers ignore it.)
+        assert (p.timestamp, p.correlation_id, p.reply_to, p.message_type, p.app_id, p.user_id) == (None,) * 6
+        f = by_uuid[fancy.task_uuid].header.properties
+        assert (f.priority, f.headers) == (5, {"trace": "x"})
+
+        go_eta = json.loads(capture("amqp_task_eta_envelope.json"))
+        delay_queue = next(q for q, _ in list_bindings(amqp.exchange) if q.startswith("delay."))
+        d = peek(delay_queue)[0]
+        assert json.loads(d.body)["UUID"] == delayed.task_uuid
+        assert d.delivery.routing_key == delay_queue and d.delivery.exchange == amqp.exchange
+        dp = d.header.properties
+        assert (dp.content_type, dp.delivery_mode, dp.priority, dp.expiration, dp.headers) == (
+            go_eta["content_type"], go_eta["delivery_mode"], go_eta["priority"], go_eta["expiration"], go_eta["headers"]
+        )
+        cleanup(prefix, [delay_queue])
+    finally:
+        server.close()
+
+
+def test_amqp_integer_widths_on_the_wire() -> None:
+    import pamqp.encode
+
+    assert pamqp.encode.field_table({"a": AMQPInt32(5)})[4:] == b"\x01aI\x00\x00\x00\x05"
+    assert pamqp.encode.field_table({"a": AMQPInt64(5)})[4:] == b"\x01al" + (5).to_bytes(8, "big")
+    assert pamqp.encode.field_table({"a": 5})[4:] == b"\x01ab\x05"  # everyone else's ints untouched
+
+
+def test_skip_publisher_queue_switch(prefix: str, amqp_url: str) -> None:
+    quirk, _ = make_server(prefix)
+    clean, _ = make_server(prefix, skip_publisher_queue=True)
+    queue, key = quirk.config.default_queue, quirk.config.amqp.binding_key
+    try:
+        # Python-only mode: a task sent before any worker ever ran waits in the workers' queue.
+        early = clean.send_task(Signature("add", [1]))
+        assert [s.uuid for s in clean.broker.get_pending_tasks()] == [early.task_uuid]
+        assert key not in list_queues(queue, key)
+        # Go-compatible default: the publisher declares and fills a queue named after the key.
+        quirky = quirk.send_task(Signature("add", [2]))
+        assert [json.loads(m.body)["UUID"] for m in peek(key)] == [quirky.task_uuid]
+        assert [s.uuid for s in quirk.broker.get_pending_tasks()] == [early.task_uuid, quirky.task_uuid]
+    finally:
+        quirk.close()
+        clean.close()
+
+
+def test_delayed_queue_variant(prefix: str, amqp_url: str) -> None:
+    server, rec = make_server(prefix, delayed_queue=f"{prefix}_delayed")
+    try:
+        with running_worker(server, concurrency=2):
+            eta = datetime.now(timezone.utc) + timedelta(seconds=1)
+            result = server.send_task(Signature("add", [4, 5], eta=eta))
+            arguments = list_queues(f"{prefix}_delayed")[f"{prefix}_delayed"][2]
+            assert arguments == {
+                "x-dead-letter-exchange": server.config.amqp.exchange,
+                "x-dead-letter-routing-key": server.config.amqp.binding_key,
+            }
+            assert result.get(timeout=WAIT) == 9
+        assert rec.times("add")[0] >= eta.timestamp() - 0.05
+    finally:
+        server.close()
+
+
+# --------------------------------------------------------------------------- result backend (WIRE.md 11.2)
+
+
+def test_state_stream_matches_the_go_capture_and_reads_leave_the_latest(prefix: str, amqp_url: str) -> None:
+    server, _ = make_server(prefix)
+    try:
+        with running_worker(server, concurrency=1):
+            result = server.send_task(Signature("add", [1, 1]))
+            wait_until(lambda: message_count(result.task_uuid) == 4, what="four states")  # no reads meanwhile
+        go = [json.loads(line) for line in capture("amqp_backend_states_add.jsonl").splitlines()]
+        ours = [json.loads(m.body) for m in peek(result.task_uuid)]
+        assert [list(s) for s in ours] == [list(s) for s in go]
+        assert [s["State"] for s in ours] == [s["State"] for s in go]
+        assert [(bool(s["TaskName"]), s["CreatedAt"] == "0001-01-01T00:00:00Z") for s in ours] == [
+            (bool(s["TaskName"]), s["CreatedAt"] == "0001-01-01T00:00:00Z") for s in go
+        ]
+        assert ours[-1]["Results"] == go[-1]["Results"]
+        state = result.state()  # reading compacts the queue to the latest state
+        assert (state.state, state.task_name, state.results[0].value if state.results else None) == (SUCCESS, "add", 2)
+        assert [json.loads(m.body)["State"] for m in peek(result.task_uuid)] == [SUCCESS]
+        # Go's GetState (basic.get + ack, oldest first) now gets the final state.
+        assert json.loads(peek(result.task_uuid)[0].body)["State"] == SUCCESS
+    finally:
+        server.close()
+
+
+def test_reads_a_go_state_stream_and_go_can_read_ours(prefix: str, amqp_url: str) -> None:
+    server, _ = make_server(prefix)
+    task_uuid = f"task_{uuid.uuid4()}"
+    lines = capture("amqp_backend_states_retry.jsonl").splitlines()
+    go_uuid = json.loads(lines[0])["TaskUUID"]
+    exchange = server.config.amqp.exchange
+    ttl = AMQPInt32(RESULTS_TTL * 1000)
+
+    async def write_like_go(channel: aio_pika.abc.AbstractChannel) -> None:
+        ex = await channel.declare_exchange(exchange, "direct", durable=True)
+        q = await channel.declare_queue(
+            task_uuid, auto_delete=True, arguments={"x-message-ttl": ttl, "x-expires": ttl}
+        )
+        await q.bind(ex, task_uuid)
+        for line in lines:
+            await ex.publish(
+                aio_pika.Message(line.replace(go_uuid, task_uuid).encode(), content_type="application/json",
+                                 delivery_mode=2),
+                task_uuid,
+            )
+
+    try:
+        raw(write_like_go)
+        state = server.result(task_uuid).state()
+        assert (state.state, state.error, state.task_name) == (FAILURE, "retry me", "error_task")
+        fresh = Server(amqp_config(prefix))  # another process: no cache, reads the compacted queue
+        try:
+            with pytest.raises(TaskFailed, match="retry me"):
+                fresh.result(task_uuid).get(timeout=WAIT)
+        finally:
+            fresh.close()
+    finally:
+        server.close()
+
+
+def test_await_state_waits_on_deliveries_not_polling(prefix: str, amqp_url: str) -> None:
+    server, _ = make_server(prefix)
+    gate = threading.Event()
+
+    @server.task
+    def slow() -> str:
+        assert gate.wait(WAIT)
+        return "done"
+
+    backend = server.backend
+    assert isinstance(backend, AMQPBackend)
+    reads = Counter[str]()
+    original = backend._read_stream
+
+    async def counting(name: str) -> list[bytes]:
+        reads[name] += 1
+        return await original(name)
+
+    backend._read_stream = counting  # type: ignore[method-assign]
+    try:
+        with running_worker(server, concurrency=1):
+            result = server.send_task(Signature("slow", []))
+            threading.Timer(2.0, gate.set).start()
+            assert result.get(timeout=WAIT) == "done"
+        # One read on entry (and at most a couple more for states delivered meanwhile),
+        # not one per 50 ms poll over two seconds.
+        assert reads[result.task_uuid] <= 5
+    finally:
+        gate.set()
+        server.close()
+
+
+def test_group_completion_counts_distinct_members_and_the_chord_triggers_once(prefix: str, amqp_url: str) -> None:
+    server, _ = make_server(prefix)
+    backend = server.backend
+    assert isinstance(backend, AMQPBackend)
+    group_uuid = f"group_{uuid.uuid4()}"
+    members = [Signature("add", [i], uuid=f"task_{uuid.uuid4()}", group_uuid=group_uuid, group_task_count=3)
+               for i in range(3)]
+
+    async def scenario() -> tuple[list[bool], list[str], list[bool], bool]:
+        done = []
+        await backend.set_state(members[0], SUCCESS)
+        await backend.set_state(members[0], SUCCESS)  # redelivered and run again: counted once
+        await backend.set_state(members[1], FAILURE, error="x")
+        done.append(await backend.group_completed(group_uuid, 3))
+        await backend.set_state(members[2], SUCCESS)
+        done.append(await backend.group_completed(group_uuid, 3))
+        states = await backend.group_task_states(group_uuid)
+        order = [s.task_uuid for s in states if s is not None]
+        triggers = await asyncio.gather(*(backend.trigger_chord(group_uuid) for _ in range(10)))
+        meta = await backend.aget_group_meta(group_uuid)  # Go stores none: made from the group queue
+        return done, order, list(triggers), meta is not None and meta.task_uuids == order
+
+    try:
+        done, order, triggers, meta_ok = run_sync(scenario())
+        assert done == [False, True]
+        assert order == [m.uuid for m in members]  # completion order
+        assert triggers.count(True) == 1
+        assert meta_ok
+        other = Server(amqp_config(prefix))  # another connection: still triggered
+        try:
+            assert run_sync(other.backend.trigger_chord(group_uuid)) is False
+        finally:
+            other.close()
+        message_count(chord_triggered_queue(group_uuid))  # exists: a Go worker's TriggerChord says no
+        run_sync(backend.purge_group_meta(group_uuid))
+        cleanup(prefix, [chord_triggered_queue(group_uuid), *(m.uuid for m in members)])
+    finally:
+        server.close()
+
+
+# --------------------------------------------------------------------------- Go messages on our worker
+
+
+def _fresh_uuids(text: str, routing_key: str) -> str:
+    """A capture with new UUIDs (no state left from an earlier run) and this test's routing key
+    (a Go retry republishes with the routing key the message carries)."""
+    for old in set(re.findall(r"(?:task|chord|group)_[0-9a-f-]{36}", text)):
+        text = text.replace(old, f"{old.split('_', 1)[0]}_{uuid.uuid4()}")
+    return text.replace('"RoutingKey":"machinery_task"', f'"RoutingKey":"{routing_key}"')
+
+
+def test_captured_go_messages_run_on_our_worker(prefix: str, amqp_url: str) -> None:
+    server, rec = make_server(prefix)
+    amqp = server.config.amqp
+    try:
+        with running_worker(server, concurrency=3):
+            # add(1,1), as the Go client published it
+            add = _fresh_uuids(capture("amqp_task_add.json").strip(), amqp.binding_key)
+            publish_raw(amqp.exchange, amqp.binding_key, add.encode())
+            assert server.result(json.loads(add)["UUID"]).get(timeout=WAIT) == 2
+
+            # a chain add(1,1) -> add(5,5) -> multiply(4): 4 * (5 + 5 + 2)
+            chain = _fresh_uuids(capture("amqp_chain.json").strip(), amqp.binding_key)
+            publish_raw(amqp.exchange, amqp.binding_key, chain.encode())
+            last = json.loads(chain)["OnSuccess"][0]["OnSuccess"][0]["UUID"]
+            assert server.result(last).get(timeout=WAIT) == 48
+
+            # a chord sent by Go (no group metadata on AMQP): callback gets 2, 4, 11 in completion order
+            members = _fresh_uuids(capture("amqp_chord_tasks.jsonl"), amqp.binding_key).splitlines()
+            for member in members:
+                publish_raw(amqp.exchange, amqp.binding_key, member.encode())
+            callback = json.loads(members[0])["ChordCallback"]["UUID"]
+            assert server.result(callback).get(timeout=WAIT) == 88
+            assert sorted(rec.of("multiply")[-1]) == [2, 4, 11]
+
+            # a group sent by Go
+            group = _fresh_uuids(capture("amqp_group_tasks.jsonl"), amqp.binding_key).splitlines()
+            for member in group:
+                publish_raw(amqp.exchange, amqp.binding_key, member.encode())
+            assert [server.result(json.loads(m)["UUID"]).get(timeout=WAIT) for m in group] == [2, 4, 11]
+
+            # a retry republish that went through a delay queue (x-death headers and all)
+            envelope = json.loads(capture("amqp_retry_deadlettered_envelope.json"))
+            body = _fresh_uuids(envelope["body"], amqp.binding_key)
+            publish_raw(amqp.exchange, amqp.binding_key, body.encode(), headers=envelope["headers"])
+            with pytest.raises(TaskFailed, match="retry me"):  # RetryCount 1: one more try, then FAILURE
+                server.result(json.loads(body)["UUID"]).get(timeout=WAIT)
+    finally:
+        server.close()
+
+
+# --------------------------------------------------------------------------- losing nothing
+
+
+def _worker_main(prefix: str, marker: str) -> None:
+    """The SIGKILL test's first worker: takes ``slow`` tasks and never finishes them."""
+    server = Server(amqp_config(prefix))
+
+    @server.task
+    def slow(i: int) -> int:
+        Path(marker).write_text(f"{os.getpid()} {i}")
+        time.sleep(WAIT * 2)
+        return i
+
+    server.new_worker(concurrency=1).launch()
+
+
+def test_a_worker_killed_mid_task_loses_nothing(prefix: str, amqp_url: str, tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+    server = Server(amqp_config(prefix))
+    ran = Counter[int]()
+
+    @server.task
+    def slow(i: int) -> int:
+        ran[i] += 1
+        return i
+
+    try:
+        with running_worker(server, concurrency=1):
+            pass  # declare the workers' queue
+        first, second = server.send_task(Signature("slow", [1])), server.send_task(Signature("slow", [2]))
+        proc = subprocess.Popen([sys.executable, __file__, prefix, str(marker)], cwd=Path(__file__).parent)
+        try:
+            wait_until(marker.exists, what="the doomed worker starting a task")
+            # prefetch is the concurrency (1): the other task is still in RabbitMQ, not in the dead worker.
+            assert message_count(server.config.default_queue) == 1
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(WAIT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert marker.read_text().split()[1] == "1"
+        with running_worker(server, concurrency=2):
+            assert (first.get(timeout=WAIT), second.get(timeout=WAIT)) == (1, 2)
+        assert ran == {1: 1, 2: 1}
+    finally:
+        server.close()
+
+
+def test_connection_cut_with_1000_tasks_in_flight(
+    prefix: str, amqp_url: str, record_property: Callable[[str, object], None]
+) -> None:
+    total, extra = 1000, 20
+    server = Server(amqp_config(prefix, prefetch_count=0))
+    executions = Counter[int]()
+    lock = threading.Lock()
+
+    @server.task
+    async def work(i: int) -> int:
+        with lock:
+            executions[i] += 1
+        await asyncio.sleep(0.02)
+        return i
+
+    async def send(numbers: range) -> list[str]:
+        semaphore = asyncio.Semaphore(100)
+
+        async def one(i: int) -> str:
+            async with semaphore:
+                return (await server.asend_task(Signature("work", [i]))).task_uuid
+
+        return list(await asyncio.gather(*(one(i) for i in numbers)))
+
+    try:
+        with running_worker(server, concurrency=1):
+            pass  # declare the workers' queue
+        uuids = run_sync(send(range(total)))
+        with running_worker(server, concurrency=20):
+            wait_until(lambda: len(executions) >= 20, what="tasks running")
+            targets = own_connections()
+            assert len(targets) >= 3  # the sender's, and the worker's consumer and backend connections
+            wait_until(lambda: len(executions) >= 200, what="200 tasks started")
+            close_connections(targets)
+            in_flight_at_cut = total - len(executions)
+            uuids += run_sync(send(range(total, total + extra)))  # publishers reconnect by themselves
+            wait_until(lambda: len(executions) == total + extra, timeout=120, what="every task running")
+
+            def all_succeeded() -> bool:
+                states = run_sync(server.backend.get_states(uuids))
+                return all(s is not None and s.state == SUCCESS for s in states)
+
+            wait_until(all_succeeded, timeout=60, what="every task's SUCCESS")
+        missing = [i for i in range(total + extra) if executions[i] == 0]
+        duplicates = sum(count - 1 for count in executions.values())
+        report = (
+            f"{total + extra} tasks ({total} sent before the cut, {extra} after), {len(targets)} connections cut with "
+            f"{in_flight_at_cut} not yet started, executions {sum(executions.values())}, "
+            f"duplicates {duplicates}, lost {len(missing)}"
+        )
+        print("\n" + report)
+        record_property("amqp_cut_connection", report)
+        assert not missing
+    finally:
+        server.close()
+
+
+def _chord_worker_main(prefix: str, record: str) -> None:
+    """A worker of the multi-process chord test: callbacks append what they got to ``record``."""
+    server = Server(amqp_config(prefix))
+
+    @server.task
+    def add(*args: int) -> int:
+        return sum(args)
+
+    @server.task
+    def collect(tag: str, *results: int) -> int:
+        with open(record, "a") as out:  # one short O_APPEND write per call: lines never interleave
+            out.write(json.dumps([tag, list(results)]) + "\n")
+        return len(results)
+
+    server.new_worker(concurrency=8).launch()
+
+
+def test_chords_fire_exactly_once_across_worker_processes(prefix: str, amqp_url: str, tmp_path: Path) -> None:
+    chords, members, processes = 40, 5, 3
+    record = tmp_path / "callbacks.jsonl"
+    record.touch()
+    server = Server(amqp_config(prefix))
+    try:
+        declare_worker_queue(server)
+
+        async def send_all() -> list[str]:
+            sent = []
+            for c in range(chords):
+                chord = Chord([Signature("add", [c, m]) for m in range(members)], Signature("collect", [f"c{c}"]))
+                sent.append((await server.asend_chord(chord)).task_uuid)
+            return sent
+
+        callbacks = run_sync(send_all())
+        workers = [
+            subprocess.Popen([sys.executable, __file__, "chord", prefix, str(record)], cwd=Path(__file__).parent)
+            for _ in range(processes)
+        ]
+        try:
+            wait_until(lambda: len(record.read_text().splitlines()) >= chords, timeout=90, what="every callback")
+            states = run_sync(server.backend.get_states(callbacks))
+            assert all(st is not None and st.state == SUCCESS for st in states)
+        finally:
+            for worker in workers:
+                worker.send_signal(signal.SIGTERM)
+            for worker in workers:
+                worker.wait(WAIT)
+        assert message_count(server.config.default_queue) == 0  # no second callback still waiting
+        calls = [json.loads(line) for line in record.read_text().splitlines()]
+        assert sorted(tag for tag, _ in calls) == sorted(f"c{c}" for c in range(chords))  # each exactly once
+        for tag, results in calls:
+            c = int(tag[1:])
+            assert results == [c + m for m in range(members)]  # group order
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "chord":
+        _chord_worker_main(sys.argv[2], sys.argv[3])
+    else:
+        _worker_main(sys.argv[1], sys.argv[2])
