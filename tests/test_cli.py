@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from conftest import running_worker
-from machinery import Arg, Config, Server
+from machinery import Arg, Chord, Config, Group, Server, Signature, Worker
 from machinery.cli import BadArgument, main, parse_arg, parse_eta
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +42,11 @@ def add(*args: int) -> int:
 @server.task
 def boom() -> None:
     raise ValueError("boom went the task")
+"""
+
+PERIODIC_LINES = """
+server.register_periodic_task("@every 1s", "every_second", add.signature(1, 2))
+server.register_periodic_chain("@hourly", "hourly_chain", add.signature(1, 1), add.signature(5, 5))
 """
 
 
@@ -89,7 +95,10 @@ def memory_env() -> dict[str, str]:
 # --------------------------------------------------------------------------- help
 
 
-@pytest.mark.parametrize("command", ["worker", "send", "status", "pending", "delayed", "dead", "requeue-dead", "demo"])
+COMMANDS = ("worker", "periodic", "send", "status", "pending", "delayed", "dead", "requeue-dead", "demo")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help_with_examples(command: str) -> None:
     result = invoke([command, "--help"])
     assert result.exit_code == 0, result.output
@@ -98,9 +107,9 @@ def test_every_command_has_help_with_examples(command: str) -> None:
 
 
 def test_the_overview_lists_every_command_on_one_line() -> None:
-    result = invoke(["--help"])
+    result = CliRunner().invoke(main, ["--help"], prog_name="machinery", terminal_width=80)
     assert result.exit_code == 0
-    for command in ("worker", "send", "status", "pending", "delayed", "dead", "requeue-dead", "demo"):
+    for command in COMMANDS:
         line = next(line for line in result.output.splitlines() if line.strip().startswith(command + " "))
         assert not line.endswith("..."), f"the summary of {command} is cut: {line!r}"
 
@@ -453,9 +462,235 @@ def test_demo_runs_the_main_job(tmp_path: Path) -> None:
     retry_later = results[results.index("  retry_later()") :].splitlines()
     assert '= "ok"' in retry_later[0] and retry_later[0].endswith("RETRY")
     assert retry_later[1].strip().endswith("SUCCESS")
-    assert "All 5 tasks returned what they should" in out and out.rstrip().endswith("Worker stopped.")
+
+    # Workflows: one line per task under the result, each with its states.
+    def task_lines(label: str) -> list[str]:
+        lines = results[results.index(f"  {label} ") :].splitlines()
+        column = len(lines[1]) - len(lines[1].lstrip())  # where the task lines start
+        block = [lines[0], *itertools.takewhile(lambda line: line.startswith(" " * column), lines[1:])]
+        return [line[column:] for line in block if not line[column:].startswith(" ")]
+
+    assert "= 48 " in result_line("chain")
+    assert [line.split()[0] for line in task_lines("chain")[:3]] == ["add", "add", "multiply"]
+    assert "= [2, 10] " in result_line("group")
+    assert "= 20 " in result_line("chord")
+    assert [line.split()[0] for line in task_lines("chord")[:3]] == ["add", "add", "multiply"]
+    for label in ("chain", "group", "chord"):
+        assert all(line.endswith("SUCCESS") for line in task_lines(label)[:3]), out
+
+    # The periodic task: three ticks, each sent and run.
+    assert "= [1, 2, 3] " in result_line("periodic")
+    ticks = [line for line in task_lines("periodic") if line.startswith("tick ")]
+    assert len(ticks) == 3 and all(line.endswith(chain) for line in ticks), out
+    assert "All 9 examples returned what they should" in out and out.rstrip().endswith("Worker stopped.")
 
 
 def test_demo_on_an_unreachable_broker_is_one_line() -> None:
     result = invoke(["demo", "--broker", "redis://127.0.0.1:1/0"])
     assert_one_line_error(result, "cannot reach redis://127.0.0.1:1/0")
+
+
+# --------------------------------------------------------------------------- periodic
+
+
+@pytest.fixture
+def periodic_app(tmp_path: Path, app_dir: str) -> str:
+    """The tasks module plus periodic entries (every second, hourly), as another module; its name."""
+    name = app_dir + "_periodic"
+    (tmp_path / f"{name}.py").write_text(TASKS_MODULE + PERIODIC_LINES)
+    return name
+
+
+def test_worker_runs_the_periodic_scheduler_unless_no_periodic(
+    app_dir: str, memory_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    launched: list[bool] = []
+    monkeypatch.setattr(Worker, "launch", lambda self: launched.append(self.periodic))
+    assert invoke(["worker", "-A", f"{app_dir}:server"], memory_env).exit_code == 0
+    assert invoke(["worker", "-A", f"{app_dir}:server", "--no-periodic"], memory_env).exit_code == 0
+    assert invoke(["worker", "-A", f"{app_dir}:server", "--periodic"], memory_env).exit_code == 0
+    assert launched == [True, False, True]
+
+
+def test_periodic_list_shows_the_entries_and_exits(periodic_app: str, memory_env: dict[str, str]) -> None:
+    result = invoke(["periodic", "-A", f"{periodic_app}:server", "--list"], memory_env)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "KIND", "SPEC", "NEXT", "RUN", "SENDS"]
+    every, hourly = lines[1], lines[2]
+    assert every.startswith("every_second ") and " task " in every and "@every 1s" in every
+    assert "(in " in every and every.endswith("add(1, 2)")
+    assert hourly.startswith("hourly_chain ") and " chain " in hourly and hourly.endswith("add(1, 1) -> add(5, 5)")
+    assert hourly.split()[3].endswith(":00:00Z")  # the next whole hour
+    assert lines[3] == f"2 periodic entries registered by {periodic_app}:server"
+    assert result.stderr == ""
+
+
+def test_periodic_needs_an_app_with_entries(app_dir: str, memory_env: dict[str, str]) -> None:
+    assert_one_line_error(invoke(["periodic"], memory_env), "needs -A MODULE:ATTR")
+    assert_one_line_error(invoke(["periodic", "-A", f"{app_dir}:server"], memory_env), "registers no periodic tasks")
+    listed = invoke(["periodic", "-A", f"{app_dir}:server", "--list"], memory_env)
+    assert listed.exit_code == 0 and listed.stdout == f"0 periodic entries registered by {app_dir}:server\n"
+
+
+@pytest.mark.slow
+def test_periodic_process_fires_its_entries_and_stops_on_sigterm(tmp_path: Path, periodic_app: str) -> None:
+    env = subprocess_env(BROKER=sqlite_url(tmp_path), DEFAULT_QUEUE="cli_periodic")
+    server = Server(Config(broker=sqlite_url(tmp_path), default_queue="cli_periodic"))
+    out_path, err_path = tmp_path / "periodic.out", tmp_path / "periodic.err"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        process = subprocess.Popen(
+            [str(MACHINERY), "periodic", "-A", f"{periodic_app}:server"], cwd=tmp_path, env=env, stdout=out, stderr=err
+        )
+    try:
+        # Nothing consumes the queue: every tick's task waits there.
+        deadline = time.monotonic() + 30
+        sent: list[Signature] = []
+        while len(sent) < 2 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.1)
+            sent = server.broker.get_pending_tasks("cli_periodic")
+        assert len(sent) >= 2, err_path.read_text()
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        server.close()
+    stdout, stderr = out_path.read_text(), err_path.read_text()
+    assert returncode == 0, stdout + stderr
+    assert all(s.name == "add" and s.args == [Arg("int64", 1), Arg("int64", 2)] for s in sent)
+    assert len({s.uuid for s in sent}) == len(sent), "each tick sends a fresh copy"
+    lines = stdout.splitlines()
+    assert lines[0].split()[:2] == ["NAME", "KIND"]
+    assert lines[1].startswith("every_second ") and lines[2].startswith("hourly_chain ")
+    assert lines[3] == "Running 2 periodic entries; SIGINT or SIGTERM stops."
+    assert "program 'machinery'" in lines[4]
+    assert lines[-1] == "Periodic scheduler stopped."
+    assert "Periodic task 'every_second' sent" in stderr and "Traceback" not in stderr
+
+
+# --------------------------------------------------------------------------- groups: send --group, status
+
+
+def tasks_server(memory_env: Mapping[str, str]) -> Server:
+    """A Server on the test's memory broker with the tasks module's tasks."""
+    server = Server(Config(broker=memory_env["BROKER"], default_queue="cli_q"))
+
+    @server.task
+    def add(*args: int) -> int:
+        return sum(args)
+
+    @server.task
+    def boom() -> None:
+        raise ValueError("boom went the task")
+
+    return server
+
+
+def test_send_group_publishes_one_group(memory_env: dict[str, str]) -> None:
+    result = invoke(["send", "add", "1", "2", "--group", "3", "--send-concurrency", "1"], memory_env)
+    assert result.exit_code == 0, result.output
+    group_uuid, summary = result.stdout.splitlines()
+    assert group_uuid.startswith("group_") and summary == "Sent 3 add tasks as one group"
+    server = Server(Config(broker=memory_env["BROKER"], default_queue="cli_q"))
+    sent = server.broker.get_pending_tasks()
+    meta = server.backend.get_group_meta(group_uuid)
+    assert meta is not None and meta.task_uuids == [s.uuid for s in sent]
+    assert all(s.group_uuid == group_uuid and s.group_task_count == 3 and s.name == "add" for s in sent)
+    assert all(s.args == [Arg("int64", 1), Arg("int64", 2)] for s in sent)
+
+    alone = invoke(["send", "add", "1", "--send-concurrency", "2"], memory_env)
+    assert_one_line_error(alone, "--send-concurrency applies to --group N only")
+    assert alone.exit_code == 2
+
+
+def test_send_group_wait_summarises_and_status_lists_the_members(memory_env: dict[str, str]) -> None:
+    server = tasks_server(memory_env)
+    with running_worker(server):
+        good = invoke(["send", "add", "1", "2", "--group", "5", "--wait", "--timeout", "30"], memory_env)
+        bad = invoke(["send", "boom", "--group", "2", "--wait", "--timeout", "30"], memory_env)
+    assert good.exit_code == 0, good.output
+    group_uuid, sent, summary = good.stdout.splitlines()
+    assert sent == "Sent 5 add tasks as one group"
+    assert summary == "5 succeeded (each returned 3), 0 failed"
+
+    assert bad.exit_code == 1
+    assert bad.stdout.splitlines()[-1] == "0 succeeded, 2 failed"
+    assert_one_line_error(bad, "2 of 2 tasks of group_", "failed; the first, task_", "boom went the task")
+
+    status = invoke(["status", group_uuid], memory_env)
+    assert status.exit_code == 0, status.output
+    head, table = status.stdout.split("\n\n")
+    fields = dict(line.split(None, 1) for line in head.splitlines())
+    assert fields["group"] == group_uuid
+    assert fields["members"] == "5 (5 SUCCESS)"
+    assert fields["chord"].startswith("not triggered")
+    assert fields["created"].endswith("ago)")
+    rows = table.splitlines()
+    assert rows[0].split() == ["#", "UUID", "TASK", "STATE", "RESULT", "OR", "ERROR"]
+    meta = server.backend.get_group_meta(group_uuid)
+    assert meta is not None
+    assert [row.split() for row in rows[1:]] == [
+        [str(i), member, "add", "SUCCESS", "3"] for i, member in enumerate(meta.task_uuids, 1)
+    ]
+
+    limited = invoke(["status", group_uuid, "--limit", "2"], memory_env).stdout.splitlines()
+    assert len([row for row in limited if row.split()[:1] in (["1"], ["2"], ["3"])]) == 2
+    assert limited[-1] == "5 members (showing the first 2; --limit 0 shows all)"
+
+
+def test_status_of_a_chord_shows_the_trigger_and_the_callback(memory_env: dict[str, str]) -> None:
+    server = tasks_server(memory_env)
+    with running_worker(server):
+        chord = Chord(Group(Signature("add", [1, 1]), Signature("boom", [])), Signature("add", []))
+        result = server.send_chord(chord)
+        with pytest.raises(Exception, match="boom went the task"):
+            result.get(10)
+        deadline = time.monotonic() + 10  # the callback's FAILURE follows the member's
+        while server.backend.get_state(result.task_uuid) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    group = invoke(["status", chord.group.group_uuid], memory_env)
+    assert group.exit_code == 0, group.output
+    assert "members  2 (1 SUCCESS, 1 FAILURE)" in group.stdout
+    assert "chord    triggered" in group.stdout
+    assert "  boom  FAILURE  boom went the task" in group.stdout
+
+    callback = invoke(["status", result.task_uuid], memory_env)
+    assert callback.exit_code == 0, callback.output
+    fields = dict(line.split(None, 1) for line in callback.stdout.splitlines())
+    assert fields["state"] == "FAILURE" and fields["error"].startswith("chord member ")
+    assert fields["workflow"].startswith("a chord's callback")
+
+    assert_one_line_error(invoke(["status", "chord_nope"], memory_env), "a chord's callback has none until")
+    assert_one_line_error(invoke(["status", "group_nope"], memory_env), "no group group_nope", "expired")
+
+
+@pytest.mark.slow
+def test_send_group_shows_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    env = subprocess_env(BROKER=sqlite_url(tmp_path), DEFAULT_QUEUE="cli_progress", TERM="dumb")
+    controller, terminal = os.openpty()
+    try:
+        process = subprocess.Popen(
+            [str(MACHINERY), "send", "add", "1", "--group", "1000"],
+            cwd=tmp_path,
+            env=env,
+            stdout=terminal,
+            stderr=subprocess.PIPE,
+        )
+        os.close(terminal)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the terminal's other end closed
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert process.wait(60) == 0, process.stderr.read() if process.stderr else ""
+    finally:
+        os.close(controller)
+    text = output.decode()
+    assert "Publishing 1000 tasks" in text and "100%" in text
+    assert "Sent 1000 add tasks as one group" in text

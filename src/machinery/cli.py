@@ -17,22 +17,27 @@ import math
 import os
 import sqlite3
 import sys
+import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import click
 
 from . import __version__
+from ._sync import run_sync
 from .config import Config
 from .errors import BrokerConnectionError, ConfigError, MachineryError, TaskFailed
+from .periodic import LOCK_PREFIX, PeriodicEntry
 from .server import Server
-from .signature import Signature
-from .state import FAILURE, RETRY, SUCCESS
-from .types import BYTE_SLICE_TYPES, GO_TYPES, INT_RANGES, Arg, infer_arg, infer_type
+from .signature import Group, Signature
+from .state import FAILURE, RETRY, SUCCESS, TaskState
+from .types import BYTE_SLICE_TYPES, GO_TYPES, INT_RANGES, Arg, decode_results, infer_arg, infer_type
 from .worker import _safe_url as safe_url
+from .workflow import ProgressHandler
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -449,8 +454,11 @@ _WORKER_EPILOG = """\b
 Examples:
   machinery worker -A examples.tasks:server
   machinery worker -A myapp.tasks:server -c 8 -Q emails --loglevel debug
+  machinery worker -A myapp.tasks:server --no-periodic
   BROKER=redis://localhost:6379/0 machinery worker -A myapp.tasks:server
 
+The worker also fires the app's periodic entries (each tick once across every worker and
+scheduler running them); --no-periodic leaves that to others, e.g. 'machinery periodic'.
 SIGINT or SIGTERM finishes the running tasks and stops; a second one stops at once
 (unfinished tasks go back to the queue)."""
 
@@ -470,12 +478,19 @@ SIGINT or SIGTERM finishes the running tasks and stops; a second one stops at on
     show_default=True,
     help="Log level (the log goes to stderr).",
 )
+@click.option(
+    "--periodic/--no-periodic",
+    default=True,
+    help="Also run the app's periodic scheduler (its registered periodic tasks and workflows).  [default: on]",
+)
 @click.pass_context
-def worker(ctx: click.Context, concurrency: int, queue: str | None, consumer_tag: str, loglevel: str) -> None:
+def worker(
+    ctx: click.Context, concurrency: int, queue: str | None, consumer_tag: str, loglevel: str, periodic: bool
+) -> None:
     """Run a worker that consumes a queue and runs its tasks."""
     setup_logging(loglevel)
     server = get_server(ctx, need_app=True)
-    server.new_worker(consumer_tag, concurrency, queue).launch()
+    server.new_worker(consumer_tag, concurrency, queue, periodic=periodic).launch()
 
 
 _SEND_EPILOG = """\b
@@ -489,8 +504,12 @@ Examples:
   machinery send add 1 2 --wait --timeout 10
   machinery send -A myapp.tasks:server email "to@example.com" --eta 30
   machinery send report --eta 2030-01-02T15:04:05Z --retry-count 3 --queue reports
+  machinery send add 1 2 --group 10000 --wait
 
-With --wait the exit code is 0 on SUCCESS, 1 on FAILURE and 2 on timeout."""
+--group N sends N copies of the task as one group and prints the group's UUID (a progress
+bar shows long sends on a terminal); with --wait it prints how many succeeded and failed.
+With --wait the exit code is 0 on SUCCESS, 1 on FAILURE (of any member of a group) and 2
+on timeout."""
 
 
 @main.command(epilog=_SEND_EPILOG, context_settings={"ignore_unknown_options": True})
@@ -500,7 +519,20 @@ With --wait the exit code is 0 on SUCCESS, 1 on FAILURE and 2 on timeout."""
 @click.option("--eta", metavar="WHEN", help="Run no earlier than WHEN: seconds from now, or an ISO-8601 time.")
 @click.option("--retry-count", type=click.IntRange(min=0), default=0, help="Retries on failure.  [default: 0]")
 @click.option("-Q", "--queue", metavar="QUEUE", help="Queue to send to  [default: the config's default_queue]")
-@click.option("--wait", is_flag=True, help="Wait for the task to finish and print its result.")
+@click.option(
+    "--group",
+    "group_size",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Send N copies of the task as one group; print the group's UUID.",
+)
+@click.option(
+    "--send-concurrency",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="With --group: publish at most N messages at a time.  [default: 0, unlimited]",
+)
+@click.option("--wait", is_flag=True, help="Wait for the task (or group) to finish and print its result.")
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
@@ -515,19 +547,36 @@ def send(
     eta: str | None,
     retry_count: int,
     queue: str | None,
+    group_size: int | None,
+    send_concurrency: int | None,
     wait: bool,
     timeout: float | None,
 ) -> None:
-    """Send a task; print its UUID (and its result with --wait)."""
+    """Send a task (or --group N copies); print its UUID.
+
+    With --wait, also wait for it and print its result (for a group: how many succeeded).
+    """
     task_args = [parse_arg(text, i) for i, text in enumerate(args, 1)]
     when = parse_eta(eta) if eta is not None else None
+    if send_concurrency is not None and group_size is None:
+        raise BadArgument("--send-concurrency applies to --group N only")
     server = get_server(ctx)
     state = ctx.ensure_object(_State)
     if state.app and not server.is_task_registered(name):
         known = ", ".join(sorted(server.tasks)) or "none"
         click.echo(f"Warning: {name!r} is not registered with {state.app} (registered: {known})", err=True)
-    signature = Signature(name, task_args, eta=when, retry_count=retry_count, routing_key=queue or "")
-    result = server.send_task(signature)
+
+    def signature() -> Signature:
+        return Signature(
+            name, [replace(a) for a in task_args], eta=when, retry_count=retry_count, routing_key=queue or ""
+        )
+
+    target = queue or server.config.default_queue
+    if group_size is not None:
+        group = Group(*(signature() for _ in range(group_size)))
+        _send_group(server, group, send_concurrency or 0, wait or timeout is not None, timeout, target)
+        return
+    result = server.send_task(signature())
     click.echo(result.task_uuid)
     if not (wait or timeout is not None):
         return
@@ -537,35 +586,146 @@ def send(
         raise CliError(f"{name} {result.task_uuid} failed: {_one_line(exc.error)}") from None
     except TimeoutError:
         current = result.state().state
-        target = queue or server.config.default_queue
         raise WaitTimeout(
             f"no result within {timeout:g} s: {result.task_uuid} is {current}; is a worker consuming "
             f"{target!r}? check later with: machinery status {result.task_uuid}"
         ) from None
-    click.echo(_json(list(value) if isinstance(value, tuple) else value))
+    click.echo(_show_value(value))
+
+
+PROGRESS_MIN = 1000
+"""Groups at least this big show progress bars (on a terminal)."""
+WAIT_BATCH = 5000
+"""States read per round trip while waiting for a group."""
+WAIT_POLL_MAX = 0.5
+"""Longest pause (seconds) between two looks at a group's states."""
+
+
+def _show_value(value: Any) -> str:
+    return _json(list(value) if isinstance(value, tuple) else value)
+
+
+@contextlib.contextmanager
+def _progress(total: int, label: str) -> Iterator[ProgressHandler | None]:
+    """A ``fn(done, total)`` drawing a progress bar, for big groups on a terminal; else None."""
+    if total < PROGRESS_MIN or not sys.stdout.isatty():
+        yield None
+        return
+    with click.progressbar(length=total, label=label) as bar:
+
+        def update(done: int, _total: int) -> None:
+            bar.update(done - bar.pos)
+
+        yield update
+
+
+def _send_group(
+    server: Server, group: Group, send_concurrency: int, wait: bool, timeout: float | None, target: str
+) -> None:
+    total = len(group)
+    name = group.signatures[0].name
+    with _progress(total, f"Publishing {total} tasks") as progress:
+        server.send_group(group, send_concurrency, on_progress=progress)
+    click.echo(group.group_uuid)
+    click.echo(f"Sent {_plural(total, name + ' task')} as one group")
+    if not wait:
+        return
+    with _progress(total, f"Waiting for {total} tasks") as progress:
+        done, unfinished = _wait_for_all(server, group.task_uuids, timeout, progress)
+    succeeded = [s for s in done.values() if s.is_success()]
+    failed = [(u, done[u]) for u in group.task_uuids if u in done and done[u].is_failure()]
+    values = {_show_value(decode_results(s.results)) for s in succeeded}
+    same = f" (each returned {values.pop()})" if len(values) == 1 else ""
+    line = f"{len(succeeded)} succeeded{same}, {len(failed)} failed"
+    click.echo(line + (f", {len(unfinished)} unfinished" if unfinished else ""))
+    if unfinished:
+        raise WaitTimeout(
+            f"no result within {timeout:g} s for {len(unfinished)} of {total} tasks of {group.group_uuid}; "
+            f"is a worker consuming {target!r}? check later with: machinery status {group.group_uuid}"
+        )
+    if failed:
+        first_uuid, first = failed[0]
+        raise CliError(
+            f"{len(failed)} of {total} tasks of {group.group_uuid} failed; the first, {first_uuid}: "
+            f"{_one_line(first.error)}"
+        )
+
+
+def _wait_for_all(
+    server: Server, task_uuids: Sequence[str], timeout: float | None, progress: ProgressHandler | None
+) -> tuple[dict[str, TaskState], list[str]]:
+    """Poll until every task is completed or ``timeout`` passes: (completed states, unfinished UUIDs)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    done: dict[str, TaskState] = {}
+    unfinished = list(task_uuids)
+    pause = 0.05
+    while True:
+        waiting = []
+        for start in range(0, len(unfinished), WAIT_BATCH):
+            batch = unfinished[start : start + WAIT_BATCH]
+            for task_uuid, state in zip(batch, run_sync(server.backend.get_states(batch)), strict=True):
+                if state is not None and state.is_completed():
+                    done[task_uuid] = state
+                else:
+                    waiting.append(task_uuid)
+        unfinished = waiting
+        if progress is not None:
+            progress(len(done), len(task_uuids))
+        if not unfinished:
+            return done, []
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return done, unfinished
+            pause = min(pause, left)
+        time.sleep(pause)
+        pause = min(pause * 1.5, WAIT_POLL_MAX)
 
 
 _STATUS_EPILOG = """\b
-Example:
-  machinery status task_0e2d4ac2-7f7e-4b7c-8a8e-3b6c0e1f9a11"""
+Examples:
+  machinery status task_0e2d4ac2-7f7e-4b7c-8a8e-3b6c0e1f9a11
+  machinery status group_5b1d3c0e-2f4a-4d7e-9c1b-6a8f0e2d4c13
+
+A chain's steps and a chord's members are tasks like any other: their stored state does not
+say which workflow they belong to. A group UUID lists the group's members."""
+
+_LIMIT = click.option(
+    "--limit", type=click.IntRange(min=0), default=100, show_default=True, help="Show at most this many (0: all)."
+)
 
 
 @main.command(epilog=_STATUS_EPILOG)
 @server_options
 @click.argument("task_uuid", metavar="UUID")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="For a group: show at most this many members (0: all).",
+)
 @click.pass_context
-def status(ctx: click.Context, task_uuid: str) -> None:
-    """Show a task's state, and its result or error.
+def status(ctx: click.Context, task_uuid: str, limit: int) -> None:
+    """Show a task's state and result, or a group's members.
 
-    Prints the state, the task name, when it was created, and its results (with their Go
-    types) or its error.
+    For a task: the state, the task name, when it was created, and its results (with their
+    Go types) or its error. For a group (group_...): each member's UUID, task, state and
+    result or error in group order, and whether a chord was triggered on the group.
     """
     server = get_server(ctx)
+    if task_uuid.startswith("group_"):
+        _group_status(server, task_uuid, limit)
+        return
     state = server.backend.get_state(task_uuid)
+    is_callback = task_uuid.startswith("chord_")
     if state is None:
+        why = "never sent there, or expired"
+        if is_callback:
+            why = "a chord's callback has none until its group has finished; or it was never sent there, or expired"
         raise CliError(
-            f"no state for {task_uuid} in {safe_url(server.config.result_backend_url)}: never sent there, "
-            f"or expired (results live {server.config.results_ttl} s)"
+            f"no state for {task_uuid} in {safe_url(server.config.result_backend_url)}: {why} "
+            f"(results live {server.config.results_ttl} s)"
         )
     rows = [
         ("uuid", state.task_uuid or task_uuid),
@@ -580,13 +740,56 @@ def status(ctx: click.Context, task_uuid: str) -> None:
         rows.append(("result", "none"))
     if state.error:
         rows.append(("error", click.style(state.error, fg="red")))
+    if is_callback:
+        rows.append(("workflow", "a chord's callback: sent once every member of its group succeeded"))
     for key, value in rows:
         click.echo(f"{key:<8} {value}")
 
 
-_LIMIT = click.option(
-    "--limit", type=click.IntRange(min=0), default=100, show_default=True, help="Show at most this many (0: all)."
-)
+def _group_status(server: Server, group_uuid: str, limit: int) -> None:
+    meta = server.backend.get_group_meta(group_uuid)
+    if meta is None:
+        raise CliError(
+            f"no group {group_uuid} in {safe_url(server.config.result_backend_url)}: never sent there, "
+            f"or expired (groups live {server.config.results_ttl} s, as results do)"
+        )
+    members = meta.task_uuids
+    states: list[TaskState | None] = []
+    for start in range(0, len(members), WAIT_BATCH):
+        states += run_sync(server.backend.get_states(members[start : start + WAIT_BATCH]))
+    counts = Counter(s.state if s is not None else "no state" for s in states)
+    tally = ", ".join(f"{n} {style_state(state)}" for state, n in counts.most_common())
+    if meta.chord_triggered:
+        chord = "triggered (ChordTriggered: its callback was sent, or recorded as failed)"
+    else:
+        chord = "not triggered (ChordTriggered: set once a chord's members all finished; a plain group never sets it)"
+    rows = [
+        ("group", meta.group_uuid or group_uuid),
+        ("members", f"{len(members)}" + (f" ({tally})" if tally else "")),
+        ("chord", chord),
+        ("created", f"{format_time(meta.created_at)}  ({_relative(meta.created_at)})" if meta.created_at else "-"),
+    ]
+    for key, value in rows:
+        click.echo(f"{key:<8} {value}")
+    pairs, note = _limited(list(zip(members, states, strict=True)), limit)
+    if not pairs:
+        return
+    click.echo()
+    table = []
+    for index, (member_uuid, state) in enumerate(pairs, 1):
+        if state is None:
+            table.append((str(index), member_uuid, "-", "-", "no stored state (expired?)"))
+            continue
+        if state.error:
+            outcome = state.error
+        elif state.results:
+            outcome = ", ".join(_json(r.value) for r in state.results)
+        else:
+            outcome = "none" if state.is_success() else ""
+        table.append((str(index), member_uuid, state.task_name or "-", state.state, _cut(outcome)))
+    echo_table(("#", "UUID", "TASK", "STATE", "RESULT OR ERROR"), table)
+    if note:
+        click.echo(f"{_plural(len(members), 'member')}{note}")
 
 
 @main.command(epilog="\b\nExamples:\n  machinery pending\n  machinery pending emails --limit 10")
@@ -674,6 +877,90 @@ def requeue_dead(ctx: click.Context, queue: str | None) -> None:
     click.echo(f"Requeued {_plural(count, 'dead letter')} to {name}")
 
 
+_PERIODIC_EPILOG = """\b
+Examples:
+  machinery periodic -A myapp.tasks:server
+  machinery periodic -A myapp.tasks:server --list
+  machinery periodic -A myapp.tasks:server --loglevel debug
+
+Runs the periodic tasks and workflows the app registers (server.register_periodic_task,
+_chain, _group, _chord), and no worker. Workers run them too unless started with
+--no-periodic; however many processes run an entry, each tick fires once (through the
+config's lock). SIGINT or SIGTERM stops it."""
+
+
+@main.command(epilog=_PERIODIC_EPILOG)
+@server_options
+@click.option("--list", "list_only", is_flag=True, help="List the app's periodic entries and exit.")
+@click.option(
+    "-l",
+    "--loglevel",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="Log level (the log goes to stderr).",
+)
+@click.pass_context
+def periodic(ctx: click.Context, list_only: bool, loglevel: str) -> None:
+    """Fire the app's periodic tasks and workflows (no worker)."""
+    if not list_only:
+        setup_logging(loglevel)
+    server = get_server(ctx, need_app=True)
+    app = ctx.ensure_object(_State).app
+    entries = server.periodic_entries()
+    if list_only:
+        if entries:
+            echo_entries(entries)
+        click.echo(f"{_entries(len(entries))} registered by {app}")
+        return
+    if not entries:
+        raise CliError(
+            f"{app} registers no periodic tasks or workflows: nothing to run; register them with "
+            "server.register_periodic_task(spec, name, signature) and its _chain, _group, _chord twins"
+        )
+    echo_entries(entries)
+    key = server.periodic.lock_key(entries[0])
+    program = key[len(LOCK_PREFIX) : len(key) - len(entries[0].name) - len(entries[0].spec)]
+    click.echo(f"Running {_entries(len(entries))}; SIGINT or SIGTERM stops.")
+    click.echo(
+        f"Each tick fires once across the schedulers sharing the lock {safe_url(server.config.lock_url)} "
+        f"as program {program!r} (Config.periodic_lock_program)."
+    )
+    with contextlib.suppress(KeyboardInterrupt):  # no signal handlers when the config says no_unix_signals
+        server.run_periodic()
+    click.echo("Periodic scheduler stopped.")
+
+
+def _entries(count: int) -> str:
+    return f"{count} periodic {'entry' if count == 1 else 'entries'}"
+
+
+def echo_entries(entries: Sequence[PeriodicEntry]) -> None:
+    """A table of periodic entries: name, kind, spec, next run, and what each tick sends."""
+    now = datetime.now(timezone.utc)
+    rows = []
+    for entry in entries:
+        upcoming = entry.next_run
+        if upcoming is not None and upcoming <= now:  # the scheduler moves it on when it runs
+            upcoming = entry.schedule.next(now)
+        when = f"{format_time(upcoming)} ({_relative(upcoming)})" if upcoming is not None else "never"
+        rows.append((entry.name, entry.kind, entry.spec, when, _cut(describe_entry(entry))))
+    echo_table(("NAME", "KIND", "SPEC", "NEXT RUN", "SENDS"), rows)
+
+
+def describe_entry(entry: PeriodicEntry) -> str:
+    """What a periodic entry sends on each tick, e.g. ``[add(1, 1), add(5, 5)] -> multiply()``."""
+    calls = [f"{s.name}({format_args(s.args)})" for s in entry.signatures]
+    if entry.kind == "chain":
+        return " -> ".join(calls)
+    if entry.kind in ("group", "chord"):
+        members = f"[{', '.join(calls)}]"
+        if entry.callback is None:
+            return members
+        return f"{members} -> {entry.callback.name}({format_args(entry.callback.args)})"
+    return calls[0]
+
+
 _DEMO_EPILOG = """\b
 Examples:
   machinery demo
@@ -686,7 +973,14 @@ Examples:
 )
 @click.option("-v", "--verbose", is_flag=True, help="Also show the worker's log on stderr.")
 def demo(broker: str | None, verbose: bool) -> None:
-    """Run a worker and example tasks, in this process."""
+    """Run a worker, example tasks, workflows and a periodic task.
+
+    In this process: single tasks (with an ETA, retries, RetryTaskLater), the chain
+    add(1, 1) -> add(5, 5) -> multiply(4) = 48, the group [add(1, 1), add(5, 5)] = [2, 10],
+    the chord of that group into multiply() = 20, and a periodic task on '@every 1s' until
+    it has ticked 3 times. Each result is shown with the states its tasks went through.
+    Exits 1 if a result is not what it should be.
+    """
     from .demo import run_demo
 
     if verbose:

@@ -2,8 +2,12 @@
 
 The demo is a list of ``DemoStep``s. Each step sends something and says what it should
 return; the demo sends them all, then prints each result as it arrives with the states the
-task went through and how long it took. Adding an example (a chain, a group, a chord...) is
-adding a task to ``TASKS`` if it needs one and a step to ``STEPS``.
+task went through and how long it took. The steps are single tasks (with an ETA, retries,
+``RetryTaskLater``), the seed's chain, group and chord, and a periodic task that a
+scheduler fires on ``@every 1s`` until it has ticked three times. A step of several tasks
+prints one line per task: its name, when its first state was written (counted from the
+step's send), and its states. Adding an example is adding a task to ``TASKS`` if it needs
+one and a step to ``STEPS``.
 
 States are recorded as the backend writes them rather than by polling: a worker writes
 RECEIVED and STARTED together, so a poller would never see RECEIVED.
@@ -20,7 +24,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -31,10 +35,10 @@ import click
 from . import log
 from .config import Config
 from .errors import MachineryError, TaskFailed
-from .result import AsyncResult
+from .result import AsyncResult, ChainAsyncResult, ChordAsyncResult
 from .retry import RetryTaskLater
 from .server import Server
-from .signature import Signature
+from .signature import Chain, Chord, Group, Signature
 from .state import COMPLETED_STATES, FAILURE, RETRY, SUCCESS, TaskState
 from .worker import Worker
 
@@ -85,18 +89,26 @@ def retry_later() -> str:
     return "ok"
 
 
-TASKS: dict[str, Callable[..., Any]] = {"add": add, "multiply": multiply, "flaky": flaky, "retry_later": retry_later}
+def tick() -> int:
+    """Count the ticks: return how many times it has run in this process."""
+    _calls["tick"] += 1
+    return _calls["tick"]
+
+
+TASKS: dict[str, Callable[..., Any]] = {
+    "add": add,
+    "multiply": multiply,
+    "flaky": flaky,
+    "retry_later": retry_later,
+    "tick": tick,
+}
 
 
 # --------------------------------------------------------------------------- the steps
 
 
 class ResultHandle(Protocol):
-    """What a step's send returns: AsyncResult, ChainAsyncResult, ChordAsyncResult..."""
-
-    @property
-    def task_uuid(self) -> str:
-        """The task whose states are shown (a chain's or chord's last task)."""
+    """What a step's send returns: AsyncResult, ChainAsyncResult, ChordAsyncResult, GroupResult..."""
 
     async def aget(self, timeout: float | None = None) -> Any:
         """Wait for the result."""
@@ -125,6 +137,133 @@ def send_task(name: str, *args: Any, eta_in: float | None = None, **options: Any
     return send
 
 
+def call(name: str, *args: Any) -> Signature:
+    """A signature of ``name`` with ``args`` (Go's default types)."""
+    return Signature(name, list(args))
+
+
+def send_chain(*steps: Signature) -> Sender:
+    """A Sender of a fresh chain of copies of ``steps``."""
+
+    async def send(server: Server) -> ChainAsyncResult:
+        return await server.asend_chain(Chain(*(s.copy() for s in steps)))
+
+    return send
+
+
+class GroupResult:
+    """A sent group as one handle: ``aget`` returns the members' values in group order."""
+
+    def __init__(self, results: Sequence[AsyncResult]) -> None:
+        self.results = list(results)
+
+    @property
+    def task_uuids(self) -> list[str]:
+        return [r.task_uuid for r in self.results]
+
+    async def aget(self, timeout: float | None = None) -> list[Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return [await r.aget(None if deadline is None else max(0.0, deadline - time.monotonic())) for r in self.results]
+
+
+def send_group(*members: Signature) -> Sender:
+    """A Sender of a fresh group of copies of ``members``."""
+
+    async def send(server: Server) -> GroupResult:
+        return GroupResult(await server.asend_group(Group(*(m.copy() for m in members))))
+
+    return send
+
+
+def send_chord(members: Sequence[Signature], callback: Signature) -> Sender:
+    """A Sender of a fresh chord: copies of ``members``, then ``callback`` with their results."""
+
+    async def send(server: Server) -> ChordAsyncResult:
+        return await server.asend_chord(Chord(Group(*(m.copy() for m in members)), callback.copy()))
+
+    return send
+
+
+class PeriodicTicks:
+    """A periodic task registered for the demo, until its first ``ticks`` sends.
+
+    ``start`` registers the entry under a unique name (so that demos sharing a broker do not
+    take each other's ticks) and runs a scheduler for it, as ``machinery periodic`` does;
+    ``aget`` waits for the ticks' results, then removes the entry and stops the scheduler.
+    """
+
+    def __init__(self, server: Server, spec: str, task: str, ticks: int) -> None:
+        self.server = server
+        self.spec = spec
+        self.task = task
+        self.ticks = ticks
+        self.name = f"machinery-demo-{task}-{uuid.uuid4().hex[:8]}"
+        self.results: list[AsyncResult] = []
+        self._enough = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._scheduler: asyncio.Future[None] | None = None
+
+    @property
+    def task_uuids(self) -> list[str]:
+        return [r.task_uuid for r in self.results]
+
+    async def start(self) -> PeriodicTicks:
+        self.server.set_pre_publish_handler(self._published)
+        self.server.register_periodic_task(self.spec, self.name, Signature(self.task, []))
+        self._scheduler = asyncio.ensure_future(self.server.periodic.run(self._stop))
+        return self
+
+    def _published(self, signature: Signature) -> None:
+        if signature.name != self.task or len(self.results) >= self.ticks:
+            return
+        self.results.append(AsyncResult(signature.uuid, self.server.backend))
+        if len(self.results) == self.ticks:
+            self.server.remove_periodic(self.name)  # no more ticks, even before the scheduler stops
+            self._enough.set()
+
+    async def aget(self, timeout: float | None = None) -> list[Any]:
+        """Wait for ``ticks`` sends and their results; stops the scheduler either way."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            try:
+                await asyncio.wait_for(self._enough.wait(), timeout)
+            except asyncio.TimeoutError:  # not yet TimeoutError itself on Python 3.10
+                raise TimeoutError(f"{len(self.results)} of {self.ticks} ticks within {timeout} s") from None
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return await GroupResult(self.results).aget(left)
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Remove the entry and stop the scheduler (at once: it has nothing else to send)."""
+        self.server.remove_periodic(self.name)
+        self.server.set_pre_publish_handler(None)
+        self._stop.set()
+        if self._scheduler is not None:
+            with suppress(asyncio.TimeoutError):  # wait_for cancels it then
+                await asyncio.wait_for(self._scheduler, WORKER_START_TIMEOUT)
+
+
+def every(spec: str, task: str, ticks: int) -> Sender:
+    """A Sender registering ``task`` as a periodic task on ``spec``, waited on for ``ticks`` sends."""
+
+    async def send(server: Server) -> PeriodicTicks:
+        return await PeriodicTicks(server, spec, task, ticks).start()
+
+    return send
+
+
+def tracked(handle: ResultHandle) -> list[str]:
+    """The tasks whose states a step's result shows, in order (a chord's callback last)."""
+    if isinstance(handle, ChainAsyncResult):
+        return [r.task_uuid for r in handle.results]
+    if isinstance(handle, ChordAsyncResult):
+        return [*(r.task_uuid for r in handle.results), handle.task_uuid]
+    if isinstance(handle, AsyncResult):
+        return [handle.task_uuid]
+    return list(getattr(handle, "task_uuids", []))
+
+
 STEPS: list[DemoStep] = [
     DemoStep("add(1, 1)", send_task("add", 1, 1), 2),
     DemoStep("multiply(2, 3)", send_task("multiply", 2, 3), 6),
@@ -141,6 +280,30 @@ STEPS: list[DemoStep] = [
         "ok",
         'raises RetryTaskLater("not yet", delay=1) once, then succeeds',
     ),
+    DemoStep(
+        "chain",
+        send_chain(call("add", 1, 1), call("add", 5, 5), call("multiply", 4)),
+        48,
+        "add(1, 1) → add(5, 5) → multiply(4), each given the previous result",
+    ),
+    DemoStep(
+        "group",
+        send_group(call("add", 1, 1), call("add", 5, 5)),
+        [2, 10],
+        "add(1, 1) and add(5, 5) in parallel, results in group order",
+    ),
+    DemoStep(
+        "chord",
+        send_chord([call("add", 1, 1), call("add", 5, 5)], call("multiply")),
+        20,
+        "[add(1, 1), add(5, 5)] → multiply() of their results",
+    ),
+    DemoStep(
+        "periodic",
+        every("@every 1s", "tick", 3),
+        [1, 2, 3],
+        "tick() on @every 1s by a periodic scheduler, until 3 ticks",
+    ),
 ]
 
 
@@ -148,20 +311,27 @@ STEPS: list[DemoStep] = [
 
 
 class StateLog:
-    """Every state the server's backend writes, with the time it was written."""
+    """Every state the server's backend writes, with the time it was written, and task names."""
 
     def __init__(self) -> None:
         self.history: dict[str, list[tuple[str, float]]] = defaultdict(list)
+        self.names: dict[str, str] = {}
 
     def attach(self, server: Server) -> None:
-        """Record the writes of ``server``'s backend from now on (this process only)."""
+        """Record the writes of ``server``'s backend from now on (this process only).
+
+        A state is recorded as its write starts: a backend may wake the result's waiter
+        (through a watcher of its store) before the write returns to its writer.
+        """
         write = server.backend.write_states
 
         async def recording_write(states: Sequence[TaskState], keep_created: bool) -> None:
-            await write(states, keep_created)
             now = time.perf_counter()
             for state in states:
                 self.history[state.task_uuid].append((state.state, now))
+                if state.task_name:
+                    self.names[state.task_uuid] = state.task_name
+            await write(states, keep_created)
 
         server.backend.write_states = recording_write  # type: ignore[method-assign]
 
@@ -169,11 +339,13 @@ class StateLog:
 @dataclass
 class _Outcome:
     step: DemoStep
-    task_uuid: str
+    task_uuids: list[str]
     sent: float
     done: float
     value: Any = None
     error: str = ""
+    several: bool = False
+    """A workflow or periodic step: one line per task."""
 
     @property
     def ok(self) -> bool:
@@ -200,9 +372,10 @@ async def _demo(url: str, steps: Sequence[DemoStep]) -> bool:
         await server.backend.aget_state("machinery-demo-probe")  # fail now, clearly, if unreachable
         states = StateLog()
         states.attach(server)
-        out = _Printer(steps)
+        out = _Printer(steps, list(server.tasks))
         out.header(url, queue)
-        worker = server.new_worker("machinery-demo", concurrency=4)
+        # The periodic step runs a scheduler of its own, only as long as it needs one.
+        worker = server.new_worker("machinery-demo", concurrency=4, periodic=False)
         errors: list[BaseException] = []
         worker.set_error_handler(errors.append)
         running = asyncio.ensure_future(worker.arun())
@@ -215,7 +388,7 @@ async def _demo(url: str, steps: Sequence[DemoStep]) -> bool:
             for next_done in asyncio.as_completed([_run_step(step, server, deadline) for step in steps]):
                 outcome = await next_done
                 outcomes.append(outcome)
-                out.outcome(outcome, states.history.get(outcome.task_uuid, []))
+                out.outcome(outcome, states)
         finally:
             worker.quit()
             try:
@@ -246,7 +419,7 @@ async def _started(worker: Worker, running: asyncio.Future[None], url: str, erro
 async def _run_step(step: DemoStep, server: Server, deadline: float) -> _Outcome:
     sent = time.perf_counter()
     result = await step.send(server)
-    outcome = _Outcome(step, result.task_uuid, sent, sent)
+    outcome = _Outcome(step, [], sent, sent)
     try:
         outcome.value = await result.aget(timeout=max(0.0, deadline - time.perf_counter()))
     except TaskFailed as exc:
@@ -254,6 +427,8 @@ async def _run_step(step: DemoStep, server: Server, deadline: float) -> _Outcome
     except TimeoutError:
         outcome.error = f"no result within {RESULTS_TIMEOUT:g} s"
     outcome.done = time.perf_counter()
+    outcome.task_uuids = tracked(result)
+    outcome.several = not isinstance(result, AsyncResult)
     return outcome
 
 
@@ -297,27 +472,29 @@ STATE_COLOURS = {SUCCESS: "green", FAILURE: "red", RETRY: "yellow"}
 class _Printer:
     """Aligned, coloured lines on a terminal; the same text without colour when piped."""
 
-    def __init__(self, steps: Sequence[DemoStep]) -> None:
+    def __init__(self, steps: Sequence[DemoStep], task_names: Sequence[str] = ()) -> None:
         self.steps = steps
         self.label_width = max(len(s.label) for s in steps)
         self.value_width = max(len(_show(s.expected)) for s in steps)
+        self.name_width = max((len(n) for n in task_names), default=0)
         self.arrow, self.dots = ("→", "⋯") if _fits_output("→⋯") else ("->", "...")
 
     def header(self, url: str, queue: str) -> None:
-        click.echo(click.style("machinery demo", bold=True) + ": a worker and a client in this process")
+        click.echo(click.style("machinery demo", bold=True) + ": a worker, a scheduler and a client in this process")
         click.echo(f"  broker and backend  {url}")
         click.echo(f"  queue               {queue}")
 
     def sending(self) -> None:
         click.echo("\nSending:")
         for step in self.steps:
-            note = click.style(step.note, dim=True) if step.note else ""
+            note = click.style(step.note.replace("→", self.arrow), dim=True) if step.note else ""
             click.echo(f"  {step.label:<{self.label_width}}  {note}".rstrip())
         click.echo("\nResults, as they arrive:")
 
-    def outcome(self, outcome: _Outcome, history: list[tuple[str, float]]) -> None:
-        finished = [t for state, t in history if state in COMPLETED_STATES]
-        elapsed = (finished[-1] if finished else outcome.done) - outcome.sent
+    def outcome(self, outcome: _Outcome, states: StateLog) -> None:
+        histories = [(u, states.history.get(u, [])) for u in outcome.task_uuids]
+        finished = [t for _, history in histories for state, t in history if state in COMPLETED_STATES]
+        elapsed = (max(finished) if finished else outcome.done) - outcome.sent
         if outcome.error:
             text = f"✗ {outcome.error}" if _fits_output("✗") else outcome.error
         elif outcome.ok:
@@ -325,12 +502,28 @@ class _Printer:
         else:
             text = f"= {_show(outcome.value)} (expected {_show(outcome.step.expected)})"
         shown = click.style(f"{text:<{self.value_width + 2}}", fg="green" if outcome.ok else "red", bold=outcome.ok)
-        lines = self._chain(history) or [""]
+        if outcome.several:
+            lines = self._tasks(histories, states.names, outcome.sent) or ["(no task sent)"]
+        else:
+            lines = self._chain(histories[0][1] if histories else []) or [""]
         prefix = f"  {click.style(f'{outcome.step.label:<{self.label_width}}', bold=True)}  {shown}"
         click.echo(f"{prefix}  {_duration(elapsed):>9}  {lines[0]}".rstrip())
         indent = " " * (2 + self.label_width + 2 + 2 + self.value_width + 2 + 9 + 2)
         for line in lines[1:]:
             click.echo(indent + line)
+
+    def _tasks(
+        self, histories: Sequence[tuple[str, list[tuple[str, float]]]], names: dict[str, str], sent: float
+    ) -> list[str]:
+        """One line per task: its name, when its first state was written after ``sent``, its states."""
+        width = max([self.name_width, *(len(names.get(u, "?")) for u, _ in histories)])
+        lines: list[str] = []
+        for task_uuid, history in histories:
+            at = f"+{_duration(history[0][1] - sent)}" if history else ""
+            chain = self._chain(history) or ["(no state recorded)"]
+            lines.append(f"{names.get(task_uuid, '?'):<{width}}  {at:>9}  {chain[0]}")
+            lines.extend(" " * (width + 13) + line for line in chain[1:])
+        return lines
 
     def _chain(self, history: list[tuple[str, float]]) -> list[str]:
         """The states in order, a new line after each RETRY, with the longer waits between them."""
@@ -360,10 +553,11 @@ class _Printer:
         click.echo()
         if good == len(outcomes):
             click.echo(
-                click.style(f"All {good} tasks returned what they should", fg="green") + f", in {_duration(elapsed)}."
+                click.style(f"All {good} examples returned what they should", fg="green")
+                + f", in {_duration(elapsed)}."
             )
         else:
-            click.echo(click.style(f"{len(outcomes) - good} of {len(outcomes)} tasks went wrong.", fg="red"))
+            click.echo(click.style(f"{len(outcomes) - good} of {len(outcomes)} examples went wrong.", fg="red"))
             for exc in errors:
                 click.echo(f"  the worker reported: {type(exc).__name__}: {exc}")
         click.echo("Worker stopped.")
