@@ -6,9 +6,8 @@ repository root::
     python -m examples.workflows
 """
 
-from machinery import Chain, Chord, Group
-
 from examples.tasks import add, multiply, server
+from machinery import Chain, Chord, Group
 
 if __name__ == "__main__":
     # multiply(4, add(5, 5, add(1, 1))): each step gets the previous step's result appended.
