@@ -26,7 +26,7 @@ import socket
 import struct
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,10 +34,11 @@ from urllib.parse import urlsplit
 import aio_pika
 import aiormq
 import pamqp.encode
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 from aio_pika.connection import make_url
 
 from . import log
+from .config import redact_url
 from .errors import BrokerConnectionError, ConfigError
 from .retry import Backoff
 
@@ -130,14 +131,6 @@ def split_urls(text: str, separator: str) -> list[str]:
     return urls
 
 
-def safe_url(url: str) -> str:
-    """``url`` with its password hidden, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return url.replace(f":{parts.password}@", ":***@", 1)
-
-
 def is_dead(connection: AbstractConnection | None) -> bool:
     """True when ``connection`` can no longer be used (closed by either side)."""
     if connection is None or connection.is_closed:
@@ -183,12 +176,12 @@ class AMQPConnector:
                     await connection.connect(timeout=CONNECT_TIMEOUT)
                 except AMQP_ERRORS as exc:
                     # Closed here: left to the garbage collector it warns of a close never awaited.
-                    await _quietly(connection.close())
-                    errors.append(f"{safe_url(url)}: {type(exc).__name__}: {exc}")
-                    log.logger.debug("AMQP connect to %s failed: %s", safe_url(url), exc)
+                    await quietly(connection.close())
+                    errors.append(f"{redact_url(url)}: {type(exc).__name__}: {exc}")
+                    log.logger.debug("AMQP connect to %s failed: %s", redact_url(url), exc)
                     continue
                 if len(self.urls) > 1:
-                    log.logger.info("AMQP %s connected to %s", purpose, safe_url(url))
+                    log.logger.info("AMQP %s connected to %s", purpose, redact_url(url))
                 return connection
         raise BrokerConnectionError(f"cannot connect to RabbitMQ ({'; '.join(errors)})")
 
@@ -223,7 +216,7 @@ class AMQPConnector:
             try:
                 session = await Session.open(connection)
             except BaseException:
-                await _quietly(connection.close())
+                await quietly(connection.close())
                 raise
             slot.session = session
             slot.closer = await _close_at_loop_shutdown(session)
@@ -299,7 +292,7 @@ class Session:
         self._exchanges.clear()
 
     async def close(self) -> None:
-        await _quietly(self.connection.close())
+        await quietly(self.connection.close())
 
     # ------------------------------------------------------------------ topology
 
@@ -390,7 +383,7 @@ class Session:
             yield channel
         finally:
             if not channel.is_closed:
-                await _quietly(channel.close())
+                await quietly(channel.close())
 
     @asynccontextmanager
     async def pooled_channel(self) -> AsyncIterator[AbstractChannel]:
@@ -409,7 +402,7 @@ class Session:
             if clean and not channel.is_closed and len(self._pool) < CHANNEL_POOL:
                 self._pool.append(channel)
             elif not channel.is_closed:
-                await _quietly(channel.close())
+                await quietly(channel.close())
 
 
 @contextmanager
@@ -423,10 +416,10 @@ def amqp_errors(what: str) -> Iterator[None]:
         raise BrokerConnectionError(f"RabbitMQ error while {what}: {type(exc).__name__}: {exc}") from exc
 
 
-async def _quietly(awaitable: Any) -> None:
+async def quietly(awaitable: Any) -> None:
     """Await a close; a connection that is already gone has nothing left to close."""
     try:
-        await asyncio.wait_for(awaitable, SETTLE_TIMEOUT)
+        await bounded(awaitable)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -437,11 +430,6 @@ async def bounded(awaitable: Any) -> Any:
     """Await an ack, nack or other fire-and-forget frame for at most ``SETTLE_TIMEOUT`` seconds
     (``asyncio.TimeoutError``, one of ``AMQP_ERRORS``, if the connection died under it)."""
     return await asyncio.wait_for(awaitable, SETTLE_TIMEOUT)
-
-
-async def quietly(awaitable: Any) -> None:
-    """``_quietly`` for the broker and backend modules."""
-    await _quietly(awaitable)
 
 
 async def settle(delivered: aiormq.abc.DeliveredMessage, ack: bool) -> bool:
@@ -456,9 +444,9 @@ async def settle(delivered: aiormq.abc.DeliveredMessage, ack: bool) -> bool:
         if tag is None:
             raise aiormq.exceptions.ChannelInvalidStateError("delivery without a tag")
         if ack:
-            await asyncio.wait_for(delivered.channel.basic_ack(tag), SETTLE_TIMEOUT)
+            await bounded(delivered.channel.basic_ack(tag))
         else:
-            await asyncio.wait_for(delivered.channel.basic_nack(tag, requeue=True), SETTLE_TIMEOUT)
+            await bounded(delivered.channel.basic_nack(tag, requeue=True))
         return True
     except asyncio.CancelledError:
         raise
@@ -500,25 +488,49 @@ def message(
     return built
 
 
-async def peek_queue(
-    channel: AbstractChannel, name: str, limit: int | None = None
-) -> tuple[list[aio_pika.abc.AbstractIncomingMessage], AbstractQueue | None]:
-    """Take up to ``limit`` messages from ``name`` without acking them.
+async def take_messages(queue: AbstractQueue, limit: int | None = None) -> list[AbstractIncomingMessage]:
+    """Take messages from ``queue`` (``basic.get``, not acked) until it is empty or ``limit`` are taken.
 
-    The caller settles them (or closes ``channel``, which returns them to their original
-    positions). Returns ``([], None)`` when the queue does not exist; that closes ``channel``.
+    The caller settles them, hands them back with ``give_back``, or closes the channel,
+    which returns them to their original positions.
     """
-    try:
-        queue = await channel.declare_queue(name, passive=True)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return [], None
-    taken: list[aio_pika.abc.AbstractIncomingMessage] = []
+    taken: list[AbstractIncomingMessage] = []
     while limit is None or len(taken) < limit:
         incoming = await queue.get(no_ack=False, fail=False, timeout=None)
         if incoming is None:
             break
         taken.append(incoming)
-    return taken, queue
+    return taken
+
+
+async def give_back(taken: Sequence[AbstractIncomingMessage]) -> None:
+    """Return every message taken on their channel to its original position (``basic.nack``
+    multiple, requeue), so that delivery order is unchanged."""
+    if taken:
+        await bounded(taken[-1].nack(multiple=True, requeue=True))
+
+
+async def peek_queue(channel: AbstractChannel, name: str) -> list[AbstractIncomingMessage]:
+    """``take_messages`` from the existing queue ``name``; ``[]`` when there is no such queue
+    (which closes ``channel``)."""
+    try:
+        queue = await channel.declare_queue(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return []
+    return await take_messages(queue)
+
+
+async def gather_all(jobs: Sequence[Awaitable[Any]]) -> None:
+    """Run every job (publishes, mostly); raise the first error only after all have settled."""
+    if not jobs:
+        return
+    if len(jobs) == 1:
+        await jobs[0]
+        return
+    outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 def on_close(target: Any, callback: Callable[[], None]) -> None:

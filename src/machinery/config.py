@@ -219,6 +219,18 @@ class Config:
             setattr(self, f.name, getattr(other, f.name))
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password hidden, for logs and error messages."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user, has_password, _ = credentials.partition(":")
+    if not has_password or not user:  # a single userinfo word is the password (Go's Redis URLs)
+        return f"{scheme}://***@{host}"
+    return f"{scheme}://{user}:***@{host}"
+
+
 def _coerce(value: Any, hint: Any, name: str, from_text: bool) -> Any:
     """Turn a YAML or environment value into the field's type, or raise ConfigError."""
     text_hint = str(hint)

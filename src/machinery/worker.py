@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from . import log
 from .brokers.base import Consumer, Delivery
+from .config import redact_url
 from .errors import ArgumentError, MessageDecodeError, ResultTypeError
 from .registry import TaskSpec
 from .retry import Backoff, RetryTaskLater, fibonacci_next
@@ -121,8 +122,8 @@ class Worker:
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="machinery-task")
         log.logger.info(
             "Launching a worker: broker=%s backend=%s queue=%s concurrency=%d tag=%s tasks=%s",
-            _safe_url(self.server.config.broker),
-            _safe_url(self.server.config.result_backend_url),
+            redact_url(self.server.config.broker),
+            redact_url(self.server.config.result_backend_url),
             self.queue,
             self.concurrency,
             self.consumer_tag,
@@ -465,14 +466,3 @@ async def _let_land(write: asyncio.Future[None], timeout: float = 5.0) -> None:
 async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(event.wait(), seconds)
-
-
-def _safe_url(url: str) -> str:
-    """A URL with its password hidden, for logs."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0] if ":" in credentials else ""
-    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}"
-

@@ -34,7 +34,8 @@ distinct members are counted. ``trigger_chord`` is a real test-and-set instead o
 always-true check: a ``<group>_chord_triggered`` queue limited to one message with
 ``x-overflow: reject-publish`` accepts (confirms) exactly one token; every later publish is
 nacked. Its existence also stops Go workers, whose ``TriggerChord`` returns false when that
-queue exists.
+queue exists. The queues beside a group's, and the lock, are in ``_amqp_groups``; the state
+cache and the watch queue in ``_amqp_states``.
 
 Cost. One queue per task (and per group) lives for ``results_expire_in`` seconds and every
 state is a message; a state write is a confirmed publish (plus a queue declaration for the
@@ -45,62 +46,50 @@ volumes use the Redis backend, as Go Machinery's own documentation advises.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import weakref
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Sequence
+from contextlib import suppress
 from typing import Any
 
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractQueue
 
 from .. import log
 from .._amqp import (
     AMQP_ERRORS,
     AMQPConnector,
-    AMQPInt32,
-    PublishRejected,
     Session,
     amqp_errors,
     bounded,
     expiry_ms_int32,
+    gather_all,
     message,
-    on_close,
-    quietly,
     split_urls,
+    take_messages,
 )
 from ..config import Config
 from ..errors import BrokerConnectionError, MessageDecodeError
 from ..signature import Signature
-from ..state import COMPLETED_STATES, PENDING, GroupMeta, TaskState
+from ..state import COMPLETED_STATES, GroupMeta, TaskState
 from ..types import TaskResult
+from ._amqp_groups import (
+    GroupLocks,
+    chord_triggered_queue,
+    distinct_members,
+    meta_queue,
+    peek_group,
+    take_chord_token,
+)
+from ._amqp_states import StateCache, StateWatcher, decode_state_or_none
 from .base import Backend
 
-#: How long a watcher keeps a binding after its last waiter left (ChordAsyncResult waits in
-#: short slices; this spares a bind/unbind pair per slice).
-WATCH_LINGER = 10.0
-#: Seconds to wait for another process's group lock before giving up.
-GROUP_LOCK_TIMEOUT = 30.0
+__all__ = ["AMQPBackend", "chord_triggered_queue", "meta_queue"]
+
 #: Latest states kept per process.
 CACHE_SIZE = 50_000
 #: Reads in flight at once per event loop (each holds a channel for a few round trips).
 READ_CONCURRENCY = 32
-
-
-def meta_queue(group_uuid: str) -> str:
-    """Where this backend keeps a group's metadata (Go's AMQP backend keeps none)."""
-    return f"{group_uuid}_meta"
-
-
-def chord_triggered_queue(group_uuid: str) -> str:
-    """Go's marker name (``amqmChordTriggeredQueue``); its existence means "already triggered"."""
-    return f"{group_uuid}_chord_triggered"
-
-
-def group_lock_queue(group_uuid: str) -> str:
-    return f"{group_uuid}_lock"
 
 
 class AMQPBackend(Backend):
@@ -112,14 +101,12 @@ class AMQPBackend(Backend):
     def __init__(self, config: Config, url: str) -> None:
         super().__init__(config, url)
         self._connector = AMQPConnector(split_urls(url, config.multiple_broker_separator), role="backend")
-        self._cache = _StateCache(CACHE_SIZE)
-        self._watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watcher] = weakref.WeakKeyDictionary()
+        self._cache = StateCache(CACHE_SIZE)
+        self._watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, StateWatcher] = weakref.WeakKeyDictionary()
         self._read_limits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
             weakref.WeakKeyDictionary()
         )
-        self._group_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, list[Any]]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._group_locks = GroupLocks(self._connector)
 
     # ------------------------------------------------------------------ layout
 
@@ -168,14 +155,7 @@ class AMQPBackend(Backend):
             for body in bodies:
                 await self._publish(session, task_uuid, body, declare_first=not keep_created)
 
-        if len(streams) == 1:
-            (task_uuid, bodies), = streams.items()
-            await write(task_uuid, bodies)
-        else:
-            outcomes = await asyncio.gather(*(write(u, b) for u, b in streams.items()), return_exceptions=True)
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
+        await gather_all([write(task_uuid, bodies) for task_uuid, bodies in streams.items()])
         for task_uuid, body in completed:
             self._waiters.notify(task_uuid, body)
 
@@ -196,15 +176,17 @@ class AMQPBackend(Backend):
         alone (mandatory) and declare only if it comes back unroutable.
         """
         amqp = self.config.amqp
-        if not declare_first and await session.publish(
-            amqp.exchange, queue, message(body), exchange_type=amqp.exchange_type, mandatory=True
-        ):
+
+        async def routed() -> bool:
+            return await session.publish(
+                amqp.exchange, queue, message(body), exchange_type=amqp.exchange_type, mandatory=True
+            )
+
+        if not declare_first and await routed():
             return
         with amqp_errors(f"declaring result queue {queue!r}"):
             await self._declare(session, queue)
-        if not await session.publish(
-            amqp.exchange, queue, message(body), exchange_type=amqp.exchange_type, mandatory=True
-        ):
+        if not await routed():
             raise BrokerConnectionError(f"RabbitMQ could not route a state to its queue {queue!r}")
 
     # ------------------------------------------------------------------ reads
@@ -262,14 +244,14 @@ class AMQPBackend(Backend):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         async with self._waiters.watch(task_uuid) as waiter:
-            watcher: _Watcher | None = None
+            watcher: StateWatcher | None = None
             warned = False
             try:
                 while True:
                     if watcher is None or not watcher.alive:
                         watcher = await self._watch(task_uuid)
                     delivered, waiter.state = waiter.state, None
-                    state = _decode_or_none(delivered)
+                    state = decode_state_or_none(delivered)
                     if state is not None and state.is_completed():
                         self._cache.apply(task_uuid, state, self.ttl)  # fills in TaskName, CreatedAt
                         state = self._cache.get(task_uuid)
@@ -295,7 +277,7 @@ class AMQPBackend(Backend):
                 if watcher is not None:
                     watcher.release(task_uuid)
 
-    async def _watch(self, task_uuid: str) -> _Watcher | None:
+    async def _watch(self, task_uuid: str) -> StateWatcher | None:
         """Bind this loop's watch queue to ``task_uuid``; None (and polling) if that fails."""
         if not self._exchange:
             return None  # the default exchange takes no bindings: poll
@@ -304,7 +286,7 @@ class AMQPBackend(Backend):
             watcher = self._watchers.get(loop)
             if watcher is None or not watcher.alive:
                 session = await self._connector.session()
-                watcher = await _Watcher.open(self, session)
+                watcher = await StateWatcher.open(session, self._exchange, self._delivered, self._waiters.notify)
                 self._watchers[loop] = watcher
             await watcher.acquire(task_uuid)
             return watcher
@@ -318,7 +300,7 @@ class AMQPBackend(Backend):
         Every state written for the task reaches the watch queue, so the others (RECEIVED,
         STARTED, RETRY, PENDING) need no read: the waiter sleeps on until the final one.
         """
-        state = _decode_or_none(body)
+        state = decode_state_or_none(body)
         if state is not None and state.is_completed():
             self._cache.apply(task_uuid, state, self.ttl)
             self._waiters.notify(task_uuid, body)
@@ -336,12 +318,9 @@ class AMQPBackend(Backend):
     async def aget_group_meta(self, group_uuid: str) -> GroupMeta | None:
         """The stored metadata; for a group sent by Go (which stores none), one made from the
         group queue: the members that have completed, in completion order."""
-        bodies = await self._read_stream(meta_queue(group_uuid))
-        for body in reversed(bodies):
-            try:
-                return GroupMeta.decode(body)
-            except MessageDecodeError:
-                continue
+        meta = await self._stored_group_meta(group_uuid)
+        if meta is not None:
+            return meta
         states = await self._distinct_group_states(group_uuid)
         if not states:
             return None
@@ -366,9 +345,9 @@ class AMQPBackend(Backend):
         with amqp_errors(f"counting group queue {group_uuid!r}"):
             if await self._declare(session, group_uuid) < task_count:
                 return False
-        async with self._group_lock(group_uuid) as channel:
+        async with self._group_locks.hold(group_uuid) as channel:
             while True:
-                states = await self._peek_group(channel, group_uuid)
+                states = await peek_group(channel, group_uuid, self._queue_args())
                 if len({s.task_uuid for s in states if s.is_completed()}) >= task_count:
                     return True
                 with amqp_errors(f"counting group queue {group_uuid!r}"):
@@ -378,116 +357,26 @@ class AMQPBackend(Backend):
     async def trigger_chord(self, group_uuid: str) -> bool:
         """True for exactly one caller per group: the one whose token the marker queue took."""
         session = await self._connector.session()
-        name = chord_triggered_queue(group_uuid)
-        arguments = {
-            "x-max-length": AMQPInt32(1),
-            "x-overflow": "reject-publish",
-            "x-expires": expiry_ms_int32(self.ttl),
-        }
-        for _ in range(3):
-            with amqp_errors(f"declaring {name!r}"):
-                await session.queue(name, durable=False, auto_delete=False, arguments=arguments, cache=False)
-            try:
-                routed = await session.publish("", name, message(b"triggered"), mandatory=True)
-            except PublishRejected:
-                return False
-            if routed:
-                await self._mark_meta_triggered(group_uuid)
-                return True
-            # The marker expired between declaring and publishing: declare it again.
-        raise BrokerConnectionError(f"could not create the chord marker {name!r}")
+        if not await take_chord_token(session, group_uuid, self.ttl):
+            return False
+        meta = await self._stored_group_meta(group_uuid)
+        if meta is not None:
+            meta.chord_triggered = True
+            await self.write_group_meta(meta)
+        return True
 
-    async def _mark_meta_triggered(self, group_uuid: str) -> None:
-        bodies = await self._read_stream(meta_queue(group_uuid))
-        if not bodies:
-            return
-        try:
-            meta = GroupMeta.decode(bodies[-1])
-        except MessageDecodeError:
-            return
-        meta.chord_triggered = True
-        await self.write_group_meta(meta)
+    async def _stored_group_meta(self, group_uuid: str) -> GroupMeta | None:
+        """The latest metadata in the group's ``<group>_meta`` queue, if any."""
+        for body in reversed(await self._read_stream(meta_queue(group_uuid))):
+            try:
+                return GroupMeta.decode(body)
+            except MessageDecodeError:
+                continue
+        return None
 
     async def _distinct_group_states(self, group_uuid: str) -> list[TaskState]:
-        async with self._group_lock(group_uuid) as channel:
-            states = await self._peek_group(channel, group_uuid)
-        order: dict[str, TaskState] = {}
-        for state in states:
-            if state.task_uuid not in order or state.is_completed():
-                order[state.task_uuid] = state  # first completion's place, latest state
-        return list(order.values())
-
-    async def _peek_group(self, channel: AbstractChannel, group_uuid: str) -> list[TaskState]:
-        """Every state in the group queue, oldest first, all returned to the queue afterwards."""
-        with amqp_errors(f"reading group queue {group_uuid!r}"):
-            queue = await channel.declare_queue(
-                group_uuid, durable=False, auto_delete=True, arguments=self._queue_args()
-            )
-            taken: list[AbstractIncomingMessage] = []
-            while True:
-                incoming = await queue.get(no_ack=False, fail=False, timeout=None)
-                if incoming is None:
-                    break
-                taken.append(incoming)
-            if taken:
-                await bounded(taken[-1].nack(multiple=True, requeue=True))
-        states = []
-        for incoming in taken:
-            decoded = _decode_or_none(incoming.body)
-            if decoded is not None:
-                states.append(decoded)
-        return states
-
-    @asynccontextmanager
-    async def _group_lock(self, group_uuid: str) -> AsyncIterator[AbstractChannel]:
-        """Hold the group's lock; yields the channel that holds it, for reading the group queue.
-
-        Across processes the lock is an exclusive queue (RabbitMQ refuses to declare it for
-        any other connection, and deletes it if the holder's connection dies); within this
-        loop, whose coroutines share one connection, an asyncio lock.
-        """
-        locks = self._group_locks.setdefault(asyncio.get_running_loop(), {})
-        entry = locks.setdefault(group_uuid, [asyncio.Lock(), 0])
-        entry[1] += 1  # users (holding or waiting): the lock is forgotten when none are left
-        local: asyncio.Lock = entry[0]
-        try:
-            async with local:
-                session = await self._connector.session()
-                name = group_lock_queue(group_uuid)
-                deadline = time.monotonic() + GROUP_LOCK_TIMEOUT
-                pause = 0.01
-                while True:
-                    with amqp_errors("opening a channel"):
-                        channel = await session.connection.channel(publisher_confirms=False)
-                    try:
-                        await channel.declare_queue(name, exclusive=True, auto_delete=True)
-                        break
-                    except aiormq.exceptions.ChannelLockedResource:
-                        # Held by another connection; RabbitMQ closed this channel.
-                        if time.monotonic() > deadline:
-                            raise BrokerConnectionError(
-                                f"group {group_uuid} stayed locked for {GROUP_LOCK_TIMEOUT} s"
-                            ) from None
-                        await asyncio.sleep(pause)
-                        pause = min(0.2, pause * 2)
-                    except AMQP_ERRORS as exc:
-                        await quietly(channel.close())
-                        raise BrokerConnectionError(f"cannot lock group {group_uuid}: {exc}") from exc
-                try:
-                    yield channel
-                finally:
-                    try:
-                        if not channel.is_closed:
-                            underlay = await channel.get_underlay_channel()
-                            await underlay.queue_delete(name)
-                    except AMQP_ERRORS as exc:  # the connection is gone, and the lock with it
-                        log.logger.debug("releasing the lock of group %s: %s", group_uuid, exc)
-                    finally:
-                        await quietly(channel.close())
-        finally:
-            entry[1] -= 1
-            if not entry[1]:
-                locks.pop(group_uuid, None)
+        async with self._group_locks.hold(group_uuid) as channel:
+            return distinct_members(await peek_group(channel, group_uuid, self._queue_args()))
 
     # ------------------------------------------------------------------ purging
 
@@ -524,160 +413,10 @@ class AMQPBackend(Backend):
 
 async def _take_keeping_latest(queue: AbstractQueue) -> list[bytes]:
     """Take the messages ``queue`` holds, ack all but the newest and put that one back."""
-    taken: list[AbstractIncomingMessage] = []
-    for _ in range(int(queue.declaration_result.message_count or 0)):
-        incoming = await queue.get(no_ack=False, fail=False, timeout=None)
-        if incoming is None:
-            break
-        taken.append(incoming)
+    taken = await take_messages(queue, limit=int(queue.declaration_result.message_count or 0))
     for incoming in taken[:-1]:
         await bounded(incoming.ack())
     if taken:
         # Back to the head of the queue (its original place) for the next reader, Go's included.
         await bounded(taken[-1].nack(requeue=True))
     return [incoming.body for incoming in taken]
-
-
-def _decode_or_none(body: bytes | None) -> TaskState | None:
-    if not body:
-        return None
-    try:
-        return TaskState.decode(body)
-    except MessageDecodeError:
-        return None
-
-
-class _StateCache:
-    """The latest state seen per task, bounded and expiring with the results.
-
-    A final state (SUCCESS/FAILURE) is not replaced by a RECEIVED/STARTED/RETRY arriving
-    later: that is a duplicate run of a redelivered message, and the task stays completed.
-    """
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[str, tuple[float, TaskState]] = OrderedDict()
-
-    def apply(self, task_uuid: str, state: TaskState, ttl: int) -> None:
-        with self._lock:
-            entry = self._entries.get(task_uuid)
-            old = entry[1] if entry is not None and entry[0] > time.monotonic() else None
-            if old is not None:
-                if old.is_completed() and not state.is_completed() and state.state != PENDING:
-                    return
-                if not state.task_name:
-                    state.task_name = old.task_name
-                if state.created_at is None or state.created_at.year == 1:
-                    state.created_at = old.created_at
-            self._entries[task_uuid] = (time.monotonic() + ttl, state)
-            self._entries.move_to_end(task_uuid)
-            while len(self._entries) > self._size:
-                self._entries.popitem(last=False)
-
-    def get(self, task_uuid: str) -> TaskState | None:
-        with self._lock:
-            entry = self._entries.get(task_uuid)
-            if entry is None:
-                return None
-            if entry[0] <= time.monotonic():
-                del self._entries[task_uuid]
-                return None
-            state = entry[1]
-            return TaskState(
-                state.task_uuid, state.state, state.task_name, state.results, state.error, state.created_at, state.ttl
-            )
-
-    def forget(self, task_uuid: str) -> None:
-        with self._lock:
-            self._entries.pop(task_uuid, None)
-
-
-class _Watcher:
-    """One loop's exclusive, server-named queue, bound to the exchange once per awaited task."""
-
-    def __init__(self, backend: AMQPBackend, session: Session, channel: AbstractChannel, queue: AbstractQueue):
-        self._backend = backend
-        self._session = session
-        self._channel = channel
-        self._queue = queue
-        self._counts: dict[str, int] = {}
-        self._bound: set[str] = set()
-        self._lingering: dict[str, asyncio.TimerHandle] = {}
-        self.alive = True
-
-    @classmethod
-    async def open(cls, backend: AMQPBackend, session: Session) -> _Watcher:
-        with amqp_errors("opening the result watch queue"):
-            channel = await session.connection.channel(publisher_confirms=False)
-            try:
-                queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
-                watcher = cls(backend, session, channel, queue)
-                on_close(channel, watcher._lost)
-                await queue.consume(watcher._on_message, no_ack=True)
-            except BaseException:
-                await quietly(channel.close())
-                raise
-        return watcher
-
-    async def _on_message(self, incoming: AbstractIncomingMessage) -> None:
-        if incoming.routing_key:
-            self._backend._delivered(incoming.routing_key, incoming.body)
-
-    def _lost(self) -> None:
-        if not self.alive:
-            return
-        self.alive = False
-        for handle in self._lingering.values():
-            handle.cancel()
-        # Wake every waiter so it re-reads and watches again on a new connection.
-        for task_uuid in list(self._counts):
-            self._backend._waiters.notify(task_uuid)
-
-    async def acquire(self, task_uuid: str) -> None:
-        """Count one more waiter for ``task_uuid``; bind the queue for it if not bound yet."""
-        handle = self._lingering.pop(task_uuid, None)
-        if handle is not None:
-            handle.cancel()
-        self._counts[task_uuid] = self._counts.get(task_uuid, 0) + 1
-        if task_uuid in self._bound:
-            return
-        self._bound.add(task_uuid)
-        try:
-            with amqp_errors(f"watching {task_uuid}"):
-                await self._queue.bind(self._backend._exchange, task_uuid)
-        except BaseException:
-            self._bound.discard(task_uuid)
-            self.release(task_uuid)
-            raise
-
-    def release(self, task_uuid: str) -> None:
-        """One waiter fewer; the binding lingers a little after the last one leaves."""
-        count = self._counts.get(task_uuid, 0) - 1
-        if count > 0:
-            self._counts[task_uuid] = count
-            return
-        self._counts.pop(task_uuid, None)
-        if not self.alive or task_uuid not in self._bound or task_uuid in self._lingering:
-            return
-        # Result objects often wait again right away (ChordAsyncResult waits in slices).
-        self._lingering[task_uuid] = asyncio.get_running_loop().call_later(
-            WATCH_LINGER, lambda: asyncio.ensure_future(self._unbind(task_uuid))
-        )
-
-    async def _unbind(self, task_uuid: str) -> None:
-        self._lingering.pop(task_uuid, None)
-        if self._counts.get(task_uuid) or not self.alive:
-            return  # watched again meanwhile
-        self._bound.discard(task_uuid)
-        try:
-            await self._queue.unbind(self._backend._exchange, task_uuid)
-        except AMQP_ERRORS as exc:
-            log.logger.debug("unbinding the watch of %s: %s", task_uuid, exc)
-
-    async def close(self) -> None:
-        self.alive = False
-        for handle in self._lingering.values():
-            handle.cancel()
-        self._lingering.clear()
-        await quietly(self._channel.close())

@@ -47,7 +47,7 @@ import asyncio
 import functools
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -63,6 +63,8 @@ from .._amqp import (
     Session,
     amqp_errors,
     bounded,
+    gather_all,
+    give_back,
     is_dead,
     message,
     on_close,
@@ -137,32 +139,24 @@ class AMQPBroker(Broker):
         for signature in signatures:
             if not signature.routing_key:
                 signature.routing_key = self.routing_key_for(signature)
-            body = signature.encode()
-            delay_ms = 0
-            if signature.eta is not None and signature.eta > now:
-                delay_ms = math.floor((signature.eta - now).total_seconds() * 1000)
-            if delay_ms > 0:
-                jobs.append(self._publish_delayed(signature.routing_key, body, delay_ms, signature.headers))
-            else:
-                jobs.append(
-                    self._publish_now(signature.routing_key, body, signature.priority, signature.headers)
-                )
-        await _gather_all(jobs)
+            jobs.append(self._publish_signature(signature, signature.encode(), now))
+        await gather_all(jobs)
 
     async def _push(self, messages: Sequence[tuple[str, bytes]]) -> None:
-        await _gather_all([self._publish_now(queue, body, 0, None) for queue, body in messages])
+        await gather_all([self._publish_now(queue, body, 0, None) for queue, body in messages])
 
     async def _push_delayed(self, messages: Sequence[tuple[Signature, bytes]]) -> None:
         now = datetime.now(timezone.utc)
-        jobs = []
-        for signature, body in messages:
-            assert signature.eta is not None
+        await gather_all([self._publish_signature(signature, body, now) for signature, body in messages])
+
+    def _publish_signature(self, signature: Signature, body: bytes, now: datetime) -> Coroutine[Any, Any, None]:
+        """The publish of ``body``: through a delay queue while the signature's ETA is ahead of ``now``."""
+        delay_ms = 0
+        if signature.eta is not None and signature.eta > now:
             delay_ms = math.floor((signature.eta - now).total_seconds() * 1000)
-            if delay_ms > 0:
-                jobs.append(self._publish_delayed(signature.routing_key, body, delay_ms, signature.headers))
-            else:
-                jobs.append(self._publish_now(signature.routing_key, body, signature.priority, signature.headers))
-        await _gather_all(jobs)
+        if delay_ms > 0:
+            return self._publish_delayed(signature.routing_key, body, delay_ms, signature.headers)
+        return self._publish_now(signature.routing_key, body, signature.priority, signature.headers)
 
     async def _publish_now(
         self, routing_key: str, body: bytes, priority: int, headers: dict[str, str] | None
@@ -257,14 +251,8 @@ class AMQPBroker(Broker):
         consumer may be handed the messages behind them.
         """
         name = queue or self.config.default_queue
-        session = await self._connector.session()
-        async with session.side_channel() as channel:
-            with amqp_errors(f"inspecting queue {name!r}"):
-                taken, _ = await peek_queue(channel, name)
-                bodies = [m.body for m in taken]
-                if taken:
-                    await bounded(taken[-1].nack(multiple=True, requeue=True))
-        return decode_all(bodies)
+        taken = await self._peek(name, f"inspecting queue {name!r}")
+        return decode_all([incoming.body for incoming in taken])
 
     async def aget_delayed_tasks(self) -> list[Signature]:
         """Always ``[]`` on RabbitMQ, as in Go.
@@ -278,16 +266,18 @@ class AMQPBroker(Broker):
     async def adead_letters(self, queue: str | None = None) -> list[DeadLetter]:
         """The dead letters of ``queue`` (default queue if None), oldest first, left in place."""
         name = queue or self.config.default_queue
+        taken = await self._peek(dead_letter_queue(name), f"inspecting {dead_letter_queue(name)!r}")
+        return [_dead_letter_from(incoming, name) for incoming in taken]
+
+    async def _peek(self, name: str, what: str) -> list[AbstractIncomingMessage]:
+        """The messages in queue ``name``, oldest first, left in place (``what`` names the
+        operation in errors)."""
         session = await self._connector.session()
-        letters = []
         async with session.side_channel() as channel:
-            with amqp_errors(f"inspecting {dead_letter_queue(name)!r}"):
-                taken, _ = await peek_queue(channel, dead_letter_queue(name))
-                for incoming in taken:
-                    letters.append(_dead_letter_from(incoming, name))
-                if taken:
-                    await bounded(taken[-1].nack(multiple=True, requeue=True))
-        return letters
+            with amqp_errors(what):
+                taken = await peek_queue(channel, name)
+                await give_back(taken)
+        return taken
 
     async def arequeue_dead(self, queue: str | None = None) -> int:
         """Move the dead letters of ``queue`` back onto it (oldest first); returns how many.
@@ -300,8 +290,7 @@ class AMQPBroker(Broker):
         moved = 0
         async with session.side_channel() as channel:
             with amqp_errors(f"requeueing {dead_letter_queue(name)!r}"):
-                taken, _ = await peek_queue(channel, dead_letter_queue(name))
-                for incoming in taken:
+                for incoming in await peek_queue(channel, dead_letter_queue(name)):
                     headers = {
                         k: v for k, v in (incoming.headers or {}).items()
                         if k not in (REASON_HEADER, TIME_HEADER, QUEUE_HEADER)
@@ -318,7 +307,7 @@ class AMQPBroker(Broker):
 
     async def aclose(self) -> None:
         """Close this loop's publishing connection (other loops' close when their loop ends)."""
-        await self._connector.aclose()
+        await self.aclose_loop_connections()
 
     async def aclose_loop_connections(self) -> None:
         await self._connector.aclose()
@@ -357,19 +346,6 @@ def _dead_letter_from(incoming: AbstractIncomingMessage, queue: str) -> DeadLett
         time=moment,
         body=incoming.body,
     )
-
-
-async def _gather_all(jobs: list[Any]) -> None:
-    """Run every publish; raise the first error only after all have settled."""
-    if not jobs:
-        return
-    if len(jobs) == 1:
-        await jobs[0]
-        return
-    outcomes = await asyncio.gather(*jobs, return_exceptions=True)
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
 
 
 class AMQPConsumer(Consumer):

@@ -1,0 +1,190 @@
+"""Groups and chords in the RabbitMQ result backend: the queues beside a group's and their locking.
+
+* ``<group>``: the group queue, where each member's SUCCESS/FAILURE is published (as Go does);
+  ``peek_group`` reads it without taking anything away.
+* ``<group>_meta``: the group's metadata (Go's AMQP backend keeps none).
+* ``<group>_chord_triggered``: Go's chord marker, here a real test-and-set
+  (``take_chord_token``): limited to one message with ``x-overflow: reject-publish``, it
+  accepts (confirms) exactly one token and nacks every later publish. Its existence also
+  stops Go workers, whose ``TriggerChord`` returns false when that queue exists.
+* ``<group>_lock``: the per-group lock (``GroupLocks``), an exclusive queue that RabbitMQ
+  refuses to any other connection and deletes if its holder's connection dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiormq
+from aio_pika.abc import AbstractChannel
+
+from .. import log
+from .._amqp import (
+    AMQP_ERRORS,
+    AMQPConnector,
+    AMQPInt32,
+    PublishRejected,
+    Session,
+    amqp_errors,
+    expiry_ms_int32,
+    give_back,
+    message,
+    quietly,
+    take_messages,
+)
+from ..errors import BrokerConnectionError
+from ..state import TaskState
+from ._amqp_states import decode_state_or_none
+
+#: Seconds to wait for another process's group lock before giving up.
+GROUP_LOCK_TIMEOUT = 30.0
+
+
+def meta_queue(group_uuid: str) -> str:
+    """Where this backend keeps a group's metadata (Go's AMQP backend keeps none)."""
+    return f"{group_uuid}_meta"
+
+
+def chord_triggered_queue(group_uuid: str) -> str:
+    """Go's marker name (``amqmChordTriggeredQueue``); its existence means "already triggered"."""
+    return f"{group_uuid}_chord_triggered"
+
+
+def group_lock_queue(group_uuid: str) -> str:
+    return f"{group_uuid}_lock"
+
+
+async def peek_group(channel: AbstractChannel, group_uuid: str, arguments: dict[str, Any]) -> list[TaskState]:
+    """Every state in the group queue, oldest first, all returned to the queue afterwards.
+
+    ``arguments`` are the group queue's, declared as the backend declares its state queues.
+    """
+    with amqp_errors(f"reading group queue {group_uuid!r}"):
+        queue = await channel.declare_queue(group_uuid, durable=False, auto_delete=True, arguments=arguments)
+        taken = await take_messages(queue)
+        await give_back(taken)
+    states = []
+    for incoming in taken:
+        decoded = decode_state_or_none(incoming.body)
+        if decoded is not None:
+            states.append(decoded)
+    return states
+
+
+def distinct_members(states: Sequence[TaskState]) -> list[TaskState]:
+    """Each member once (a member run twice publishes twice): in the place of its first
+    completion, with its latest state."""
+    order: dict[str, TaskState] = {}
+    for state in states:
+        if state.task_uuid not in order or state.is_completed():
+            order[state.task_uuid] = state
+    return list(order.values())
+
+
+async def take_chord_token(session: Session, group_uuid: str, ttl: int) -> bool:
+    """True for exactly one caller per group: the one whose token the marker queue took.
+
+    The marker lives ``ttl`` seconds after its last use, so that a member redelivered
+    later can never trigger the chord again.
+    """
+    name = chord_triggered_queue(group_uuid)
+    arguments = {
+        "x-max-length": AMQPInt32(1),
+        "x-overflow": "reject-publish",
+        "x-expires": expiry_ms_int32(ttl),
+    }
+    for _ in range(3):
+        with amqp_errors(f"declaring {name!r}"):
+            await session.queue(name, durable=False, auto_delete=False, arguments=arguments, cache=False)
+        try:
+            routed = await session.publish("", name, message(b"triggered"), mandatory=True)
+        except PublishRejected:
+            return False
+        if routed:
+            return True
+        # The marker expired between declaring and publishing: declare it again.
+    raise BrokerConnectionError(f"could not create the chord marker {name!r}")
+
+
+@dataclass
+class _LoopLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+    """Coroutines holding or waiting for the lock: it is forgotten when none are left."""
+
+
+class GroupLocks:
+    """One lock per group, for reading the group queue while no one else does.
+
+    Across processes the lock is an exclusive queue (RabbitMQ refuses to declare it for any
+    other connection, and deletes it if the holder's connection dies); within one event
+    loop, whose coroutines share one connection, an asyncio lock.
+    """
+
+    def __init__(self, connector: AMQPConnector) -> None:
+        self._connector = connector
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _LoopLock]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @asynccontextmanager
+    async def hold(self, group_uuid: str) -> AsyncIterator[AbstractChannel]:
+        """Hold the group's lock; yields the channel that holds it, for reading the group queue."""
+        locks = self._locks.setdefault(asyncio.get_running_loop(), {})
+        entry = locks.get(group_uuid)
+        if entry is None:
+            entry = locks[group_uuid] = _LoopLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                channel = await self._acquire(group_uuid)
+                try:
+                    yield channel
+                finally:
+                    await _release(channel, group_uuid)
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                locks.pop(group_uuid, None)
+
+    async def _acquire(self, group_uuid: str) -> AbstractChannel:
+        """Declare the group's lock queue, waiting while another connection holds it."""
+        session = await self._connector.session()
+        name = group_lock_queue(group_uuid)
+        deadline = time.monotonic() + GROUP_LOCK_TIMEOUT
+        pause = 0.01
+        while True:
+            with amqp_errors("opening a channel"):
+                channel: AbstractChannel = await session.connection.channel(publisher_confirms=False)
+            try:
+                await channel.declare_queue(name, exclusive=True, auto_delete=True)
+                return channel
+            except aiormq.exceptions.ChannelLockedResource:
+                # Held by another connection; RabbitMQ closed this channel.
+                if time.monotonic() > deadline:
+                    raise BrokerConnectionError(
+                        f"group {group_uuid} stayed locked for {GROUP_LOCK_TIMEOUT} s"
+                    ) from None
+                await asyncio.sleep(pause)
+                pause = min(0.2, pause * 2)
+            except AMQP_ERRORS as exc:
+                await quietly(channel.close())
+                raise BrokerConnectionError(f"cannot lock group {group_uuid}: {exc}") from exc
+
+
+async def _release(channel: AbstractChannel, group_uuid: str) -> None:
+    """Delete the group's lock queue and close the channel that declared it."""
+    try:
+        if not channel.is_closed:
+            underlay = await channel.get_underlay_channel()
+            await underlay.queue_delete(group_lock_queue(group_uuid))
+    except AMQP_ERRORS as exc:  # the connection is gone, and the lock with it
+        log.logger.debug("releasing the lock of group %s: %s", group_uuid, exc)
+    finally:
+        await quietly(channel.close())
