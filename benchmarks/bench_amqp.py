@@ -189,8 +189,10 @@ async def main() -> None:
         drain_s = finished - started
         rss = stop(worker)
         print(f"enqueue  {args.tasks / enqueue_s:10,.0f} tasks/s   ({args.tasks} in {enqueue_s:.2f} s, 100 in flight)")
-        print(f"drain    {args.tasks / drain_s:10,.0f} tasks/s   ({args.tasks} in {drain_s:.2f} s, "
-              f"1 worker process, concurrency {args.concurrency})")
+        print(
+            f"drain    {args.tasks / drain_s:10,.0f} tasks/s   ({args.tasks} in {drain_s:.2f} s, "
+            f"1 worker process, concurrency {args.concurrency})"
+        )
     finally:
         await server.aclose()
         await cleanup(prefix)

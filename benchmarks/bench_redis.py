@@ -151,8 +151,10 @@ async def main() -> None:
     sleep_s, worker = await drain(client, queue, args.concurrency)
     stop(worker)
     ideal = args.sleep_tasks / args.concurrency * 0.05
-    print(f"sleep    {sleep_s:.3f} s for {args.sleep_tasks} x 50 ms at concurrency {args.concurrency}: "
-          f"{sleep_s / ideal:.3f} x ideal ({ideal:.2f} s)")
+    print(
+        f"sleep    {sleep_s:.3f} s for {args.sleep_tasks} x 50 ms at concurrency {args.concurrency}: "
+        f"{sleep_s / ideal:.3f} x ideal ({ideal:.2f} s)"
+    )
     print(f"rss      {rss:.1f} MB peak worker RSS (drain run)")
     await client.aclose()
 

@@ -1,11 +1,11 @@
 """Processes for the multi-process workflow tests (run as a script, never collected by pytest).
 
-    python _workflow_procs.py worker <broker url> <queue> <record>
-        A worker whose ``stress_callback`` task records each execution in <record>: a Redis
-        list key when the broker is Redis, else a SQLite file. Stops on SIGTERM.
-    python _workflow_procs.py periodic <broker url> <queue>
-        A periodic-only scheduler sending ``tick`` on ``@every 1s``; prints ``FIRED <tick>``
-        for each tick it sent. Stops on SIGTERM.
+python _workflow_procs.py worker <broker url> <queue> <record>
+    A worker whose ``stress_callback`` task records each execution in <record>: a Redis
+    list key when the broker is Redis, else a SQLite file. Stops on SIGTERM.
+python _workflow_procs.py periodic <broker url> <queue>
+    A periodic-only scheduler sending ``tick`` on ``@every 1s``; prints ``FIRED <tick>``
+    for each tick it sent. Stops on SIGTERM.
 """
 
 from __future__ import annotations

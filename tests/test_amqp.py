@@ -260,8 +260,14 @@ def cleanup(prefix: str, extra_queues: list[str]) -> None:
 
     async def run(channel: aio_pika.abc.AbstractChannel) -> None:
         underlay = await channel.get_underlay_channel()
-        for name in [f"{prefix}_q", f"{prefix}_key", dead_letter_queue(f"{prefix}_q"), f"{prefix}_delayed",
-                     f"{prefix}_other", *extra_queues]:
+        for name in [
+            f"{prefix}_q",
+            f"{prefix}_key",
+            dead_letter_queue(f"{prefix}_q"),
+            f"{prefix}_delayed",
+            f"{prefix}_other",
+            *extra_queues,
+        ]:
             await underlay.queue_delete(name)
         await underlay.exchange_delete(f"{prefix}_ex")
 
@@ -572,8 +578,9 @@ def test_chain_group_and_chord(env: tuple[Server, Recorder]) -> None:
         assert server.send_chain(chain).get(timeout=WAIT) == 48
         group = Group(Signature("add", [1, 1]), Signature("add", [2, 2]), Signature("add", [5, 6]))
         assert [r.get(timeout=WAIT) for r in server.send_group(group)] == [2, 4, 11]
-        chord = Chord([Signature("add", [1, 1]), Signature("add", [2, 2]), Signature("add", [5, 6])],
-                      Signature("multiply", []))
+        chord = Chord(
+            [Signature("add", [1, 1]), Signature("add", [2, 2]), Signature("add", [5, 6])], Signature("multiply", [])
+        )
         assert server.send_chord(chord).get(timeout=WAIT) == 88
     # The chain's multiply(4, 12), then the chord callback once, with results in group order.
     assert rec.of("multiply") == [(4, 12), (2, 4, 11)]
@@ -636,8 +643,10 @@ def test_topology_matches_the_go_capture(prefix: str, amqp_url: str) -> None:
                 expected[name] = ms if value == go_ms else 2 * ms
         assert arguments == expected
         assert argument_types(delay_names[0]) == {
-            "x-dead-letter-exchange": "longstr", "x-dead-letter-routing-key": "longstr",
-            "x-message-ttl": "long", "x-expires": "long",  # int64, as Go sends them
+            "x-dead-letter-exchange": "longstr",
+            "x-dead-letter-routing-key": "longstr",
+            "x-message-ttl": "long",
+            "x-expires": "long",  # int64, as Go sends them
         }
         server.broker.close()
         cleanup(prefix, [result.task_uuid, eta_result.task_uuid, delay_names[0]])
@@ -680,7 +689,11 @@ def test_message_properties_match_the_go_envelope(prefix: str, amqp_url: str) ->
         assert d.delivery.routing_key == delay_queue and d.delivery.exchange == amqp.exchange
         dp = d.header.properties
         assert (dp.content_type, dp.delivery_mode, dp.priority, dp.expiration, dp.headers) == (
-            go_eta["content_type"], go_eta["delivery_mode"], go_eta["priority"], go_eta["expiration"], go_eta["headers"]
+            go_eta["content_type"],
+            go_eta["delivery_mode"],
+            go_eta["priority"],
+            go_eta["expiration"],
+            go_eta["headers"],
         )
         cleanup(prefix, [delay_queue])
     finally:
@@ -766,14 +779,13 @@ def test_reads_a_go_state_stream_and_go_can_read_ours(prefix: str, amqp_url: str
 
     async def write_like_go(channel: aio_pika.abc.AbstractChannel) -> None:
         ex = await channel.declare_exchange(exchange, "direct", durable=True)
-        q = await channel.declare_queue(
-            task_uuid, auto_delete=True, arguments={"x-message-ttl": ttl, "x-expires": ttl}
-        )
+        q = await channel.declare_queue(task_uuid, auto_delete=True, arguments={"x-message-ttl": ttl, "x-expires": ttl})
         await q.bind(ex, task_uuid)
         for line in lines:
             await ex.publish(
-                aio_pika.Message(line.replace(go_uuid, task_uuid).encode(), content_type="application/json",
-                                 delivery_mode=2),
+                aio_pika.Message(
+                    line.replace(go_uuid, task_uuid).encode(), content_type="application/json", delivery_mode=2
+                ),
                 task_uuid,
             )
 
@@ -828,8 +840,9 @@ def test_group_completion_counts_distinct_members_and_the_chord_triggers_once(pr
     backend = server.backend
     assert isinstance(backend, AMQPBackend)
     group_uuid = f"group_{uuid.uuid4()}"
-    members = [Signature("add", [i], uuid=f"task_{uuid.uuid4()}", group_uuid=group_uuid, group_task_count=3)
-               for i in range(3)]
+    members = [
+        Signature("add", [i], uuid=f"task_{uuid.uuid4()}", group_uuid=group_uuid, group_task_count=3) for i in range(3)
+    ]
 
     async def scenario() -> tuple[list[bool], list[str], list[bool], bool]:
         done = []

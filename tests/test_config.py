@@ -161,8 +161,9 @@ def test_from_env_accepts_gos_misspelled_separator() -> None:
     config = Config.from_env(env)
     assert config.multiple_broker_separator == "|"
     assert config.broker_urls() == ["memory://a", "memory://b"]
-    assert Config.from_env({**env, "MULTIPLE_BROKEN_SEPARATOR": "", "MULTIPLE_BROKER_SEPARATOR": "|"}).broker_urls() \
-        == ["memory://a", "memory://b"]
+    assert Config.from_env(
+        {**env, "MULTIPLE_BROKEN_SEPARATOR": "", "MULTIPLE_BROKER_SEPARATOR": "|"}
+    ).broker_urls() == ["memory://a", "memory://b"]
 
 
 def test_from_env_without_variables_gives_defaults() -> None:
@@ -257,7 +258,10 @@ def test_from_yaml_reads_gos_keys(tmp_path: Path) -> None:
     assert (r.read_timeout, r.write_timeout, r.connect_timeout) == (3, 4, 5)
     assert (r.normal_tasks_poll_period, r.delayed_tasks_poll_period, r.delayed_tasks_key) == (300, 150, "yaml_delayed")
     assert (r.client_name, r.master_name, r.cluster_enabled, r.sentinel_password) == (
-        "yaml_client", "mymaster", False, "sp"
+        "yaml_client",
+        "mymaster",
+        False,
+        "sp",
     )
     a = config.amqp
     assert (a.exchange, a.exchange_type, a.binding_key, a.prefetch_count) == ("yaml_exchange", "fanout", "yaml_key", 7)
@@ -376,9 +380,7 @@ def test_reload_keeps_old_values_on_a_bad_file(tmp_path: Path, caplog: pytest.Lo
 
 
 @pytest.mark.usefixtures("fast_reload")
-def test_reload_does_not_switch_broker_under_a_running_server(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_reload_does_not_switch_broker_under_a_running_server(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = write(tmp_path / "reload.yml", "broker: memory://reload_keep\nresults_expire_in: 100\n")
     config = Config.from_yaml(path, reload=True)
     try:

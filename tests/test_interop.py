@@ -207,7 +207,9 @@ def test_go_state_round_trip(payload: Payload) -> None:
     source = payload.raw if payload.raw is not None else json.dumps(payload.data)
     state = TaskState.decode(source)
     assert (state.task_uuid, state.state, state.error) == (
-        payload.data["TaskUUID"], payload.data["State"], payload.data["Error"]
+        payload.data["TaskUUID"],
+        payload.data["State"],
+        payload.data["Error"],
     )
     check_round_trip(payload, state.encode())
 
@@ -542,7 +544,7 @@ def test_chord_callback_is_published_like_gos(go_server: Server) -> None:
     with running_worker(go_server):
         push_raw(go_server, *(m.encode() for m in members))
         assert go_server.result(json.loads(callback)["UUID"]).get(timeout=WAIT) == 88
-    assert pushed[len(members):] == [callback]  # members' results in group order: 2, 4, 11
+    assert pushed[len(members) :] == [callback]  # members' results in group order: 2, 4, 11
 
 
 # --------------------------------------------------------------------------- 4. Go's edge cases on our worker

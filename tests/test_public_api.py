@@ -69,13 +69,26 @@ def test_star_import_gives_exactly_all() -> None:
 
 
 def test_state_names_are_go_names() -> None:
-    assert [machinery.PENDING, machinery.RECEIVED, machinery.STARTED, machinery.RETRY, machinery.SUCCESS,
-            machinery.FAILURE] == ["PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE"]
+    assert [
+        machinery.PENDING,
+        machinery.RECEIVED,
+        machinery.STARTED,
+        machinery.RETRY,
+        machinery.SUCCESS,
+        machinery.FAILURE,
+    ] == ["PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE"]
 
 
 def test_errors_share_a_base_class() -> None:
-    for name in ("ArgumentError", "BrokerConnectionError", "ConfigError", "MessageDecodeError", "ResultTypeError",
-                 "TaskFailed", "TaskNotRegisteredError"):
+    for name in (
+        "ArgumentError",
+        "BrokerConnectionError",
+        "ConfigError",
+        "MessageDecodeError",
+        "ResultTypeError",
+        "TaskFailed",
+        "TaskNotRegisteredError",
+    ):
         assert issubclass(getattr(machinery, name), machinery.MachineryError), name
 
 

@@ -15,13 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_tool(module: str, *args: str) -> subprocess.CompletedProcess[str]:
     if shutil.which(module) is None and not (Path(sys.executable).parent / module).exists():
         pytest.skip(f"{module} is not installed (pip install -e '.[test]')")
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def test_ruff_reports_nothing() -> None:
     result = run_tool("ruff", "check", "src", "tests", "benchmarks", "examples")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_code_is_formatted() -> None:
+    result = run_tool("ruff", "format", "--check", "src", "tests", "benchmarks", "examples")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -130,9 +130,7 @@ def test_worker_keeps_created_at_written_by_a_go_sender(server: Server, client: 
 
 
 @pytest.mark.skipif(not INTEROP_DIR.exists(), reason="shared/interop captures not present")
-def test_go_messages_pushed_raw_complete_with_gos_results(
-    config: Config, client: redis.Redis, queue_name: str
-) -> None:
+def test_go_messages_pushed_raw_complete_with_gos_results(config: Config, client: redis.Redis, queue_name: str) -> None:
     server = Server(config)
 
     @server.task("types")
@@ -384,8 +382,21 @@ class PrivateRedis:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", str(self.directory)],
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.directory),
+            ],
             stdout=subprocess.DEVNULL,
         )
         wait_until(self._answers, 10, "private redis-server up")
@@ -416,8 +427,14 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 
 def test_worker_survives_a_redis_restart_and_loses_nothing(private_redis: PrivateRedis, queue_name: str) -> None:
-    server = Server(Config(broker=private_redis.url, default_queue=queue_name, redis=RedisConfig(
-        delayed_tasks_key=f"{queue_name}_delayed", normal_tasks_poll_period=200)))
+    server = Server(
+        Config(
+            broker=private_redis.url,
+            default_queue=queue_name,
+            redis=RedisConfig(delayed_tasks_key=f"{queue_name}_delayed", normal_tasks_poll_period=200),
+        )
+    )
+
     @server.task("slow_add")
     def slow_add(a: int, b: int) -> int:
         time.sleep(1.5)

@@ -206,8 +206,10 @@ def test_copy_is_deep() -> None:
 
 
 def test_keys_are_case_insensitive() -> None:
-    body = b'{"uuid":"t_lower","name":"add","routingkey":"q","args":[{"type":"int64","value":9,"name":"n"}],' \
-           b'"retrycount":2,"IMMUTABLE":true,"headers":{"a":"b"}}'
+    body = (
+        b'{"uuid":"t_lower","name":"add","routingkey":"q","args":[{"type":"int64","value":9,"name":"n"}],'
+        b'"retrycount":2,"IMMUTABLE":true,"headers":{"a":"b"}}'
+    )
     decoded = Signature.decode(body)
     assert decoded.uuid == "t_lower"
     assert decoded.name == "add"

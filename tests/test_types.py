@@ -331,8 +331,15 @@ def test_parse_time(text: str, expected: datetime) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["2020-01-01T00:00:00", "2020-01-01T00:00:00.123", "2020-01-01 00:00:00Z", "2020-01-01", "", "yesterday",
-     "2020-01-01T00:00:00+0200"],
+    [
+        "2020-01-01T00:00:00",
+        "2020-01-01T00:00:00.123",
+        "2020-01-01 00:00:00Z",
+        "2020-01-01",
+        "",
+        "yesterday",
+        "2020-01-01T00:00:00+0200",
+    ],
 )
 def test_parse_time_refuses_naive_and_malformed(text: str) -> None:
     with pytest.raises(ValueError):

@@ -337,8 +337,9 @@ class Session:
         )
         if exchange:
             await self.exchange(exchange, exchange_type)
-            await declared.bind(exchange, binding_key if binding_key is not None else name,
-                                arguments=binding_arguments or None)
+            await declared.bind(
+                exchange, binding_key if binding_key is not None else name, arguments=binding_arguments or None
+            )
         if cache:
             self.declared.add(key)
         return int(declared.declaration_result.message_count or 0)
@@ -350,7 +351,12 @@ class Session:
     # ------------------------------------------------------------------ publishing
 
     async def publish(
-        self, exchange: str, routing_key: str, message: aio_pika.Message, *, exchange_type: str = "direct",
+        self,
+        exchange: str,
+        routing_key: str,
+        message: aio_pika.Message,
+        *,
+        exchange_type: str = "direct",
         mandatory: bool = False,
     ) -> bool:
         """Publish and wait for the broker's confirm.
@@ -366,9 +372,7 @@ class Session:
             except aiormq.exceptions.DeliveryError as exc:
                 if isinstance(exc, aiormq.exceptions.PublishError):
                     return False
-                raise PublishRejected(
-                    f"RabbitMQ refused a message for {routing_key!r} (nack): {exc}"
-                ) from None
+                raise PublishRejected(f"RabbitMQ refused a message for {routing_key!r} (nack): {exc}") from None
         return not isinstance(result, aiormq.abc.DeliveredMessage)
 
     # ------------------------------------------------------------------ side channels

@@ -90,9 +90,7 @@ class RedisConnector:
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
             weakref.WeakKeyDictionary()
         )
-        self._scripts: weakref.WeakKeyDictionary[aioredis.Redis, dict[str, AsyncScript]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._scripts: weakref.WeakKeyDictionary[aioredis.Redis, dict[str, AsyncScript]] = weakref.WeakKeyDictionary()
         self._pipelines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AutoPipeline] = (
             weakref.WeakKeyDictionary()
         )

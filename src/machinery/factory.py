@@ -49,8 +49,7 @@ def _check(url: str, field: str, table: dict[str, str]) -> str:
     if scheme not in table:
         shown = f"scheme {scheme!r}" if scheme else "no scheme"
         raise ConfigError(
-            f"{field} URL {url!r} has {shown}; supported schemes are "
-            + ", ".join(f"{s}://" for s in sorted(table))
+            f"{field} URL {url!r} has {shown}; supported schemes are " + ", ".join(f"{s}://" for s in sorted(table))
         )
     return scheme
 

@@ -72,9 +72,7 @@ class TaskState:
                 task_uuid=str(data.get("taskuuid") or ""),
                 task_name=str(data.get("taskname") or ""),
                 state=str(data.get("state") or ""),
-                results=None
-                if raw_results is None
-                else [_result(r) for r in raw_results],
+                results=None if raw_results is None else [_result(r) for r in raw_results],
                 error=str(data.get("error") or ""),
                 created_at=_created(data),
                 ttl=int(data.get("ttl") or 0),

@@ -198,9 +198,7 @@ class Worker:
         backoff = Backoff()
         while not self._stopping.is_set():
             try:
-                return await self.server.broker.open_consumer(
-                    self.queue, self.consumer_tag, prefetch=self.concurrency
-                )
+                return await self.server.broker.open_consumer(self.queue, self.consumer_tag, prefetch=self.concurrency)
             except Exception as exc:
                 delay = backoff.next()
                 self._report(exc, f"cannot start consuming {self.queue!r}, retrying in {delay:.0f} s")
@@ -219,8 +217,9 @@ class Worker:
                 free = min(self.concurrency - self._busy, 2 * self.concurrency - len(self._running))
                 if free <= 0:
                     self._slot_freed.clear()
-                    await asyncio.wait({stopping, asyncio.ensure_future(self._slot_freed.wait())},
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    freed = asyncio.ensure_future(self._slot_freed.wait())
+                    await asyncio.wait({stopping, freed}, return_when=asyncio.FIRST_COMPLETED)
+                    freed.cancel()
                     continue
                 if self._unknown_delay:
                     await _sleep_unless(self._stopping, self._unknown_delay)
@@ -319,25 +318,12 @@ class Worker:
             await backend.write_states([_state(signature, RECEIVED)], True)
             await self._failed(signature, str(exc), exc)
             return
-        # STARTED travels while the function starts; the outcome is written only after it has
-        # landed (the two may go out in different pipelines), so states never go backwards.
-        started = asyncio.ensure_future(
-            backend.write_states([_state(signature, RECEIVED), _state(signature, STARTED)], True)
-        )
+        await backend.write_states([_state(signature, RECEIVED), _state(signature, STARTED)], True)
+        self._call_hook(self._pre_task, signature)
         try:
-            if self._pre_task is not None:
-                await started  # Go calls the pre-task handler once STARTED is stored
-                self._call_hook(self._pre_task, signature)
             record = await self._call(signature, spec, values, slot)
-            await started
             await record()
         finally:
-            if not started.done():
-                # Cancelled (an abort) while STARTED was on its way: let it land, since the
-                # function did start; it takes a round trip.
-                await _let_land(started)
-            if started.done() and not started.cancelled():
-                started.exception()  # retrieved here when an earlier error won the race
             self._call_hook(self._post_task, signature)
 
     async def _call(
@@ -446,21 +432,6 @@ class _Slot:
 
 def _state(signature: Signature, state: str) -> TaskState:
     return TaskState(signature.uuid, state, signature.name)
-
-
-async def _let_land(write: asyncio.Future[None], timeout: float = 5.0) -> None:
-    """Wait up to ``timeout`` for ``write`` even through repeated cancellation (an abort
-    cancels a task more than once), then let the cancellation go on."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    cancelled = False
-    while not write.done() and loop.time() < deadline:
-        try:
-            await asyncio.wait({write}, timeout=deadline - loop.time())
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
 
 
 async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:

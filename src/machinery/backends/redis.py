@@ -31,23 +31,29 @@ CHORD_MUTEX = "TriggerChordMutex"
 
 # ARGV = ttl, then (mode, state JSON) per key. Mode bit 1: keep the CreatedAt already stored
 # (by us or by Go) in place of the one in the JSON; bit 2: publish the value as a completion.
-_WRITE_STATES = """
+_WRITE_STATES = (
+    """
 local ttl = ARGV[1]
 for i, key in ipairs(KEYS) do
   local mode = tonumber(ARGV[2 * i])
   local value = ARGV[2 * i + 1]
   if mode % 2 == 1 then
     local old = redis.call('GET', key)
-    local created = old and string.match(old, '"CreatedAt"%s*:%s*"([^"]*)"') or '""" + ZERO_TIME + """'
+    local created = old and string.match(old, '"CreatedAt"%s*:%s*"([^"]*)"') or '"""
+    + ZERO_TIME
+    + """'
     value = string.gsub(value, '"CreatedAt":"[^"]*"', '"CreatedAt":"' .. created .. '"', 1)
   end
   redis.call('SET', key, value, 'EX', ttl)
   if mode >= 2 then
-    redis.call('PUBLISH', '""" + DONE_CHANNEL + """' .. key, value)
+    redis.call('PUBLISH', '"""
+    + DONE_CHANNEL
+    + """' .. key, value)
   end
 end
 return #KEYS
 """
+)
 
 # Flip ChordTriggered in the stored JSON unless a Go worker holds TriggerChordMutex (KEYS[1]).
 # A script runs atomically, so this is Go's critical section without holding the mutex across
@@ -136,9 +142,7 @@ class RedisBackend(Backend):
         Retries as redsync does (32 attempts, 50-250 ms apart) while a Go worker holds it.
         """
         for _ in range(32):
-            outcome = int(
-                await self.connector.batched().evalsha(_TRIGGER_CHORD, [CHORD_MUTEX, group_uuid], [self.ttl])
-            )
+            outcome = int(await self.connector.batched().evalsha(_TRIGGER_CHORD, [CHORD_MUTEX, group_uuid], [self.ttl]))
             if outcome == -2:
                 return await self._trigger_chord_under_mutex(group_uuid)
             if outcome != -3:

@@ -158,9 +158,7 @@ class AMQPBroker(Broker):
             return self._publish_delayed(signature.routing_key, body, delay_ms, signature.headers)
         return self._publish_now(signature.routing_key, body, signature.priority, signature.headers)
 
-    async def _publish_now(
-        self, routing_key: str, body: bytes, priority: int, headers: dict[str, str] | None
-    ) -> None:
+    async def _publish_now(self, routing_key: str, body: bytes, priority: int, headers: dict[str, str] | None) -> None:
         amqp = self.config.amqp
         session = await self._connector.session()
         with amqp_errors(f"declaring the queue for routing key {routing_key!r}"):
@@ -292,14 +290,19 @@ class AMQPBroker(Broker):
             with amqp_errors(f"requeueing {dead_letter_queue(name)!r}"):
                 for incoming in await peek_queue(channel, dead_letter_queue(name)):
                     headers = {
-                        k: v for k, v in (incoming.headers or {}).items()
+                        k: v
+                        for k, v in (incoming.headers or {}).items()
                         if k not in (REASON_HEADER, TIME_HEADER, QUEUE_HEADER)
                     }
                     await session.publish(
                         "",
                         name,
-                        message(incoming.body, priority=incoming.priority or 0, headers=headers,
-                                content_type=incoming.content_type),
+                        message(
+                            incoming.body,
+                            priority=incoming.priority or 0,
+                            headers=headers,
+                            content_type=incoming.content_type,
+                        ),
                     )
                     await bounded(incoming.ack())
                     moved += 1
@@ -500,6 +503,3 @@ class AMQPConsumer(Consumer):
         # Tag 0 with multiple=True covers every delivery still unacked on this channel.
         await underlay.basic_nack(delivery_tag=0, multiple=True, requeue=True)
         await channel.close()
-
-
-

@@ -225,9 +225,9 @@ class RedisConsumer(Consumer):
         if not bodies:
             # Block for the first message (on a connection of its own: a blocking command
             # must not sit in a shared pipeline); more are taken by the next fetch.
-            body = await connector.client().blmove(
-                self.queue, self.processing, timeout, "LEFT", "RIGHT"  # type: ignore[arg-type]  # Redis takes fractions
-            )
+            # redis-py types the timeout as int; Redis takes fractions of a second.
+            wait: Any = timeout
+            body = await connector.client().blmove(self.queue, self.processing, wait, "LEFT", "RIGHT")
             if body is None:
                 return []
             bodies = [body]
