@@ -84,6 +84,12 @@ class RedisConnector:
     """Hands out a ``redis.asyncio.Redis`` for the running event loop, all from one URL."""
 
     def __init__(self, url: str, config: RedisConfig) -> None:
+        if config.cluster_enabled or config.master_name or "," in url.partition("://")[2].partition("/")[0]:
+            # Better refused than quietly run against one node the user did not mean.
+            raise ConfigError(
+                f"Redis Cluster and Sentinel are not supported yet (redis.cluster_enabled, redis.master_name, "
+                f"or several hosts in {url!r}); point machinery at a single Redis server"
+            )
         self.url = url
         self.address = parse_redis_url(url)
         self._config = config
