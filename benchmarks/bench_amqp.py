@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +31,9 @@ import uuid
 from pathlib import Path
 
 import aio_pika
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_tasks import TASKS, latency_line, round_trips, start_worker, stop
 
 from machinery import AMQPConfig, Config, Server, Signature
 
@@ -53,34 +55,13 @@ def make_server(prefix: str, backend: str, skip_publisher_queue: bool) -> Server
         ),
     )
     server = Server(config)
-
-    async def noop() -> None:
-        return None
-
-    async def echo(value: int) -> int:
-        return value
-
-    server.register_tasks({"noop": noop, "echo": echo})
+    server.register_tasks(TASKS)
     return server
 
 
-def start_worker(prefix: str, backend: str, concurrency: int, skip: bool) -> subprocess.Popen[bytes]:
-    command = [sys.executable, str(HERE), "--worker", prefix, backend, str(concurrency)]
-    return subprocess.Popen(command + (["--skip-publisher-queue"] if skip else []))
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def stop(worker: subprocess.Popen[bytes]) -> float:
-    rss = peak_rss_mb(worker.pid)
-    worker.terminate()
-    worker.wait(30)
-    return rss
+def start_amqp_worker(prefix: str, backend: str, concurrency: int, skip: bool) -> subprocess.Popen[bytes]:
+    flags = ["--skip-publisher-queue"] if skip else []
+    return start_worker("--worker", prefix, backend, str(concurrency), *flags, script=HERE)
 
 
 async def queue_stats(channel: aio_pika.abc.AbstractChannel, queue: str) -> tuple[int, int]:
@@ -140,17 +121,6 @@ async def wait_all_succeeded(
     return time.perf_counter()
 
 
-async def latency(server: Server, count: int) -> list[float]:
-    samples = []
-    for i in range(count + 50):
-        started = time.perf_counter()
-        result = await server.asend_task(Signature("echo", [i]))
-        assert await result.aget(timeout=30) == i
-        if i >= 50:  # the first round trips warm connections and code paths
-            samples.append(time.perf_counter() - started)
-    return samples
-
-
 async def cleanup(prefix: str) -> None:
     connection = await aio_pika.connect(os.environ.get("BROKER", DEFAULT_BROKER))
     try:
@@ -183,7 +153,7 @@ async def main() -> None:
         channel = await connection.channel()
         await declare_worker_queue(server)
         enqueue_s, uuids = await enqueue(server, args.tasks)
-        worker = start_worker(prefix, backend, args.concurrency, skip)
+        worker = start_amqp_worker(prefix, backend, args.concurrency, skip)
         started = await wait_for_consumer(channel, server.config.default_queue)
         finished = await wait_all_succeeded(server, uuids, channel)
         drain_s = finished - started
@@ -201,22 +171,15 @@ async def main() -> None:
     server = make_server(prefix, backend, skip)
     try:
         await declare_worker_queue(server)
-        worker = start_worker(prefix, backend, 1, skip)
+        worker = start_amqp_worker(prefix, backend, 1, skip)
         await wait_for_consumer(channel, server.config.default_queue)
-        samples = sorted(await latency(server, args.latency_tasks))
+        samples = await round_trips(server, args.latency_tasks, timeout=30)
         stop(worker)
     finally:
         await server.aclose()
         await cleanup(prefix)
         await connection.close()
-
-    def pct(p: float) -> float:
-        return samples[min(len(samples) - 1, int(p * len(samples)))] * 1000
-
-    print(
-        f"latency  p50 {pct(0.50):.3f} ms   p95 {pct(0.95):.3f} ms   p99 {pct(0.99):.3f} ms   "
-        f"(mean {statistics.mean(samples) * 1000:.3f} ms, {len(samples)} sequential round trips)"
-    )
+    print(latency_line(samples))
     print(f"rss      {rss:.1f} MB peak worker RSS (drain run)")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -28,22 +27,9 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_tasks import make_server
+from bench_tasks import latency_line, make_server, round_trips, start_worker, stop
 
 from machinery import Signature
-
-HERE = Path(__file__).parent
-
-
-def start_worker(queue: str, concurrency: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, str(HERE / "bench_tasks.py"), queue, str(concurrency)])
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def check_alive(worker: subprocess.Popen[bytes]) -> None:
@@ -88,7 +74,7 @@ async def enqueue(server_queue: str, name: str, count: int, in_flight: int = 100
 
 
 async def drain(client: aioredis.Redis, queue: str, concurrency: int) -> tuple[float, subprocess.Popen[bytes]]:
-    worker = start_worker(queue, concurrency)
+    worker = start_worker(queue, str(concurrency))
     started = await wait_for_worker(client, queue, worker)
     finished = await wait_drained(client, queue, worker)
     return finished - started, worker
@@ -96,22 +82,9 @@ async def drain(client: aioredis.Redis, queue: str, concurrency: int) -> tuple[f
 
 async def latency(queue: str, count: int) -> list[float]:
     server = make_server(queue)
-    samples = []
-    for i in range(count + 50):
-        started = time.perf_counter()
-        result = await server.asend_task(Signature("echo", [i]))
-        assert await result.aget(timeout=10) == i
-        if i >= 50:  # the first round trips warm connections and code paths
-            samples.append(time.perf_counter() - started)
+    samples = await round_trips(server, count, timeout=10)
     await server.aclose()
     return samples
-
-
-def stop(worker: subprocess.Popen[bytes]) -> float:
-    rss = peak_rss_mb(worker.pid)
-    worker.terminate()
-    worker.wait(30)
-    return rss
 
 
 async def main() -> None:
@@ -133,18 +106,11 @@ async def main() -> None:
     print(f"drain    {args.tasks / drain_s:10,.0f} tasks/s   ({args.tasks} in {drain_s:.2f} s, 1 worker process)")
 
     queue = f"bench_latency_{run}"
-    worker = start_worker(queue, 1)
+    worker = start_worker(queue, "1")
     await wait_for_worker(client, queue, worker)
-    samples = sorted(await latency(queue, args.latency_tasks))
+    samples = await latency(queue, args.latency_tasks)
     stop(worker)
-
-    def pct(p: float) -> float:
-        return samples[min(len(samples) - 1, int(p * len(samples)))] * 1000
-
-    print(
-        f"latency  p50 {pct(0.50):.3f} ms   p95 {pct(0.95):.3f} ms   p99 {pct(0.99):.3f} ms   "
-        f"(mean {statistics.mean(samples) * 1000:.3f} ms, {len(samples)} sequential round trips)"
-    )
+    print(latency_line(samples))
 
     queue = f"bench_sleep_{run}"
     await enqueue(queue, "sleep_50ms", args.sleep_tasks)

@@ -27,8 +27,11 @@ def make_server(url: str, queue: str) -> Server:
     return Server(Config(broker=url, default_queue=queue, redis=redis))
 
 
-class Recorder:
-    """Appends one JSON record per callback execution, visible to the test process."""
+class CallbackLog:
+    """Appends one JSON record per callback execution to a store the test process reads.
+
+    (The in-process counterpart, for tasks on the test's own worker thread, is ``helpers.Recorder``.)
+    """
 
     def __init__(self, url: str, target: str) -> None:
         self.url, self.target = url, target
@@ -51,7 +54,7 @@ class Recorder:
 
 def worker(url: str, queue: str, target: str) -> None:
     server = make_server(url, queue)
-    recorder = Recorder(url, target)
+    callbacks = CallbackLog(url, target)
 
     @server.task
     def stress_member(value: int) -> int:
@@ -59,7 +62,7 @@ def worker(url: str, queue: str, target: str) -> None:
 
     @server.task
     def stress_callback(chord: str, *results: int) -> int:
-        recorder.record({"chord": chord, "results": list(results)})
+        callbacks.record({"chord": chord, "results": list(results)})
         return sum(results)
 
     server.new_worker(concurrency=8, periodic=False).launch()

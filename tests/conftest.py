@@ -10,20 +10,27 @@ import asyncio
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import pytest
 
 from machinery import Config, RedisConfig, Server, Worker
+from machinery._sync import run_sync
+from machinery.brokers.base import Consumer, Delivery
 
 REDIS_URL = os.environ.get("MACHINERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("MACHINERY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 INTEROP_DIR = Path(__file__).resolve().parents[2] / "shared" / "interop"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+WAIT = 10.0  # upper bound for anything to happen; never an expectation of speed
+
+T = TypeVar("T")
 
 
 def require_service(name: str, url: str, default_port: int) -> None:
@@ -38,6 +45,20 @@ def require_service(name: str, url: str, default_port: int) -> None:
         if IN_CI:
             pytest.fail(message + "; CI needs every service running", pytrace=False)
         pytest.skip(message)
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = WAIT, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    Raises AssertionError naming ``what`` if it has not happened within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 def unique(prefix: str = "t") -> str:
@@ -115,3 +136,28 @@ def running_worker(server: Server, **kwargs: object) -> Iterator[Worker]:
         assert not thread.is_alive(), "worker did not stop within 15 s"
         if errors:
             raise errors[0]
+
+
+def push_raw(server: Server, *bodies: bytes, queue: str | None = None) -> None:
+    """Put bytes straight onto ``queue`` (the default queue), as a foreign client might."""
+    run_sync(server.broker._push([(queue or server.config.default_queue, body) for body in bodies]))
+
+
+def count_requeues(server: Server, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Record every body the worker's consumer gives back to the queue."""
+    requeued: list[bytes] = []
+    open_consumer = server.broker.open_consumer
+
+    async def opening(queue: str, consumer_tag: str, prefetch: int | None = None) -> Consumer:
+        consumer = await open_consumer(queue, consumer_tag, prefetch)
+        requeue = consumer.requeue
+
+        async def counting(delivery: Delivery) -> None:
+            requeued.append(delivery.body)
+            await requeue(delivery)
+
+        consumer.requeue = counting  # type: ignore[method-assign]
+        return consumer
+
+    monkeypatch.setattr(server.broker, "open_consumer", opening)
+    return requeued

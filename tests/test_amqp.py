@@ -38,7 +38,8 @@ import pytest
 from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
-from conftest import AMQP_URL, IN_CI, INTEROP_DIR, REDIS_URL, require_service, running_worker
+from conftest import AMQP_URL, IN_CI, INTEROP_DIR, REDIS_URL, require_service, running_worker, wait_until
+from helpers import Recorder, register_seed_tasks
 from machinery import (
     FAILURE,
     PENDING,
@@ -246,15 +247,6 @@ def publish_raw(exchange: str, routing_key: str, body: bytes, headers: dict[str,
     raw(run)
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = WAIT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
-
-
 def cleanup(prefix: str, extra_queues: list[str]) -> None:
     """Delete what a test declared with ``prefix`` (queues and exchange); result queues expire."""
 
@@ -295,26 +287,6 @@ def backend(request: pytest.FixtureRequest, amqp_url: str) -> str:
     return amqp_url
 
 
-class Recorder:
-    """What the tasks did, shared between the test and the worker thread."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.calls: list[tuple[str, tuple[Any, ...], float]] = []
-
-    def add(self, name: str, *args: Any) -> None:
-        with self.lock:
-            self.calls.append((name, args, time.time()))
-
-    def of(self, name: str) -> list[tuple[Any, ...]]:
-        with self.lock:
-            return [args for n, args, _ in self.calls if n == name]
-
-    def times(self, name: str) -> list[float]:
-        with self.lock:
-            return [t for n, _, t in self.calls if n == name]
-
-
 def make_server(
     prefix: str, backend_url: str | None = None, results_ttl: int = RESULTS_TTL, **amqp: Any
 ) -> tuple[Server, Recorder]:
@@ -322,18 +294,7 @@ def make_server(
     rec = Recorder()
     attempts: Counter[str] = Counter()
 
-    @server.task
-    def add(*args: int) -> int:
-        rec.add("add", *args)
-        return sum(args)
-
-    @server.task
-    def multiply(*args: int) -> int:
-        rec.add("multiply", *args)
-        product = 1
-        for a in args:
-            product *= a
-        return product
+    register_seed_tasks(server, rec)
 
     @server.task
     def error_task(message: str) -> None:
@@ -438,7 +399,7 @@ def test_unregistered_task_is_requeued_without_a_hot_loop(
     monkeypatch.setattr(AMQPConsumer, "requeue", counting)
     unknown = server.send_task(Signature("no_such_task", [1]))
     with running_worker(server, concurrency=2):
-        wait_until(lambda: len(requeues) >= 2, what="the unknown task being requeued")
+        wait_until(lambda: len(requeues) >= 2, timeout=WAIT, what="the unknown task being requeued")
         time.sleep(1.0)
         # A registered task still runs meanwhile.
         assert server.send_task(Signature("add", [1, 1])).get(timeout=WAIT) == 2
@@ -457,7 +418,7 @@ def test_unregistered_task_with_the_ignore_flag_is_dropped(env: tuple[Server, Re
     with running_worker(server, concurrency=2):
         publish_raw(amqp.exchange, amqp.binding_key, body.encode())
         assert server.send_task(Signature("add", [2, 2])).get(timeout=WAIT) == 4
-        wait_until(lambda: message_count(server.config.default_queue) == 0, what="the queue emptying")
+        wait_until(lambda: message_count(server.config.default_queue) == 0, timeout=WAIT, what="the queue emptying")
     assert server.broker.get_pending_tasks() == []
     assert server.broker.dead_letters() == []
 
@@ -470,7 +431,7 @@ def test_bad_bodies_are_dead_lettered_with_the_reason_and_the_consumer_goes_on(
     with running_worker(server, concurrency=2):
         publish_raw("", queue, b"")
         publish_raw("", queue, b"{not json")
-        wait_until(lambda: len(server.broker.dead_letters()) == 2, what="two dead letters")
+        wait_until(lambda: len(server.broker.dead_letters()) == 2, timeout=WAIT, what="two dead letters")
         assert server.send_task(Signature("add", [3, 4])).get(timeout=WAIT) == 7  # still consuming
     letters = server.broker.dead_letters()
     assert sorted(letter.body for letter in letters) == [b"", b"{not json"]
@@ -511,7 +472,7 @@ def test_prefetch_never_exceeds_the_worker_concurrency(prefix: str, amqp_url: st
         for i in range(5):
             server.send_task(Signature("hold", [i]))
         with running_worker(server, concurrency=2):
-            wait_until(lambda: running["now"] == 2, what="two tasks running")
+            wait_until(lambda: running["now"] == 2, timeout=WAIT, what="two tasks running")
             time.sleep(0.3)
             assert message_count(server.config.default_queue) == 3  # the rest stay in RabbitMQ
             gate.set()
@@ -590,7 +551,7 @@ def test_periodic_task(env: tuple[Server, Recorder]) -> None:
     server, rec = env
     server.register_periodic_task("@every 1s", f"tick-{uuid.uuid4().hex[:6]}", Signature("add", [7, 7]))
     with running_worker(server, concurrency=2):  # the worker runs the periodic scheduler beside consuming
-        wait_until(lambda: len(rec.of("add")) >= 2, what="two ticks")
+        wait_until(lambda: len(rec.of("add")) >= 2, timeout=WAIT, what="two ticks")
     assert set(rec.of("add")) == {(7, 7)}
 
 
@@ -751,7 +712,8 @@ def test_state_stream_matches_the_go_capture_and_reads_leave_the_latest(prefix: 
     try:
         with running_worker(server, concurrency=1):
             result = server.send_task(Signature("add", [1, 1]))
-            wait_until(lambda: message_count(result.task_uuid) == 4, what="four states")  # no reads meanwhile
+            # No reads meanwhile.
+            wait_until(lambda: message_count(result.task_uuid) == 4, timeout=WAIT, what="four states")
         go = [json.loads(line) for line in capture("amqp_backend_states_add.jsonl").splitlines()]
         ours = [json.loads(m.body) for m in peek(result.task_uuid)]
         assert [list(s) for s in ours] == [list(s) for s in go]
@@ -959,7 +921,7 @@ def test_a_worker_killed_mid_task_loses_nothing(prefix: str, amqp_url: str, tmp_
         first, second = server.send_task(Signature("slow", [1])), server.send_task(Signature("slow", [2]))
         proc = subprocess.Popen([sys.executable, __file__, prefix, str(marker)], cwd=Path(__file__).parent)
         try:
-            wait_until(marker.exists, what="the doomed worker starting a task")
+            wait_until(marker.exists, timeout=WAIT, what="the doomed worker starting a task")
             # prefetch is the concurrency (1): the other task is still in RabbitMQ, not in the dead worker.
             assert message_count(server.config.default_queue) == 1
             proc.send_signal(signal.SIGKILL)
@@ -1004,10 +966,10 @@ def test_connection_cut_with_1000_tasks_in_flight(
             pass  # declare the workers' queue
         uuids = run_sync(send(range(total)))
         with running_worker(server, concurrency=20):
-            wait_until(lambda: len(executions) >= 20, what="tasks running")
+            wait_until(lambda: len(executions) >= 20, timeout=WAIT, what="tasks running")
             targets = own_connections()
             assert len(targets) >= 3  # the sender's, and the worker's consumer and backend connections
-            wait_until(lambda: len(executions) >= 200, what="200 tasks started")
+            wait_until(lambda: len(executions) >= 200, timeout=WAIT, what="200 tasks started")
             close_connections(targets)
             in_flight_at_cut = total - len(executions)
             uuids += run_sync(send(range(total, total + extra)))  # publishers reconnect by themselves

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REDIS_URL, config_for
+from helpers import WORKFLOW_PROCS, stop_processes
 from machinery import Chord, ChordAsyncResult, Group, Server, Signature
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,6 @@ PROCESSES = 4
 CHORDS = 500
 MEMBERS = 10
 WAIT = 80.0
-HELPER = Path(__file__).with_name("_workflow_procs.py")
 
 
 def read_records(kind: str, target: str) -> list[dict[str, object]]:
@@ -55,7 +54,7 @@ def test_every_chord_callback_is_sent_exactly_once(kind: str, tmp_path: Path, qu
     config = config_for(kind, tmp_path, queue_name)
     target = f"{queue_name}_callback_runs" if kind == "redis" else str(tmp_path / "callback_runs.db")
     workers = [
-        subprocess.Popen([sys.executable, str(HELPER), "worker", config.broker, queue_name, target])
+        subprocess.Popen([sys.executable, str(WORKFLOW_PROCS), "worker", config.broker, queue_name, target])
         for _ in range(PROCESSES)
     ]
     server = Server(config)
@@ -78,14 +77,7 @@ def test_every_chord_callback_is_sent_exactly_once(kind: str, tmp_path: Path, qu
             time.sleep(0.2)
         assert [r.get(timeout=WAIT) for r in results] == [sum(range(MEMBERS))] * CHORDS
     finally:
-        for w in workers:
-            w.send_signal(signal.SIGTERM)  # graceful: running tasks finish first
-        for w in workers:
-            try:
-                w.wait(30)
-            except subprocess.TimeoutExpired:
-                w.kill()
-                w.wait()
+        stop_processes(workers, timeout=30)
     records = read_records(kind, target)
     left_in_queue = [s for s in server.broker.get_pending_tasks() if s.name == "stress_callback"]
     runs = Counter(str(r["chord"]) for r in records)

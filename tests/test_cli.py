@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from conftest import running_worker
+from conftest import running_worker, wait_until
 from machinery import Arg, Chord, Config, Group, Server, Signature, Worker
 from machinery.cli import BadArgument, main, parse_arg, parse_eta
 
@@ -27,13 +27,8 @@ MACHINERY = Path(sys.executable).with_name("machinery")
 # Variables that would point a command at another broker than the test's.
 CONFIG_VARS = ("BROKER", "RESULT_BACKEND", "LOCK", "DEFAULT_QUEUE", "MULTIPLE_BROKER_SEPARATOR")
 
-TASKS_MODULE = """
-from machinery import Config, Server
-
-server = Server(Config.from_env())
-not_a_server = 42
-
-
+# The tasks of the module the CLI loads; ``tasks_server`` registers the same ones in-process.
+TASK_DEFINITIONS = """
 @server.task
 def add(*args: int) -> int:
     return sum(args)
@@ -43,6 +38,17 @@ def add(*args: int) -> int:
 def boom() -> None:
     raise ValueError("boom went the task")
 """
+
+TASKS_MODULE = (
+    """
+from machinery import Config, Server
+
+server = Server(Config.from_env())
+not_a_server = 42
+
+"""
+    + TASK_DEFINITIONS
+)
 
 PERIODIC_LINES = """
 server.register_periodic_task("@every 1s", "every_second", add.signature(1, 2))
@@ -274,9 +280,7 @@ def test_dead_and_requeue_dead_show_a_malformed_message(tmp_path: Path) -> None:
     server = Server(config)
     asyncio.run(server.broker._push([("cli_dead", b"this is not a task")]))
     with running_worker(server):
-        deadline = time.monotonic() + 10
-        while not server.broker.dead_letters() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(server.broker.dead_letters, what="the dead letter")
     env = {"BROKER": sqlite_url(tmp_path), "DEFAULT_QUEUE": "cli_dead"}
 
     dead = invoke(["dead"], env)
@@ -576,15 +580,7 @@ def test_periodic_process_fires_its_entries_and_stops_on_sigterm(tmp_path: Path,
 def tasks_server(memory_env: Mapping[str, str]) -> Server:
     """A Server on the test's memory broker with the tasks module's tasks."""
     server = Server(Config(broker=memory_env["BROKER"], default_queue="cli_q"))
-
-    @server.task
-    def add(*args: int) -> int:
-        return sum(args)
-
-    @server.task
-    def boom() -> None:
-        raise ValueError("boom went the task")
-
+    exec(TASK_DEFINITIONS, {"server": server})
     return server
 
 
@@ -647,9 +643,8 @@ def test_status_of_a_chord_shows_the_trigger_and_the_callback(memory_env: dict[s
         result = server.send_chord(chord)
         with pytest.raises(Exception, match="boom went the task"):
             result.get(10)
-        deadline = time.monotonic() + 10  # the callback's FAILURE follows the member's
-        while server.backend.get_state(result.task_uuid) is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        # The callback's FAILURE follows the member's.
+        wait_until(lambda: server.backend.get_state(result.task_uuid), what="the callback's FAILURE")
     group = invoke(["status", chord.group.group_uuid], memory_env)
     assert group.exit_code == 0, group.output
     assert "members  2 (1 SUCCESS, 1 FAILURE)" in group.stdout

@@ -2,13 +2,14 @@
 
 import os
 import threading
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 import machinery.config
-from conftest import running_worker, unique
+from conftest import running_worker, unique, wait_until
 from machinery import AMQPConfig, Config, ConfigError, RedisConfig, Server, Signature
 from machinery.config import DEFAULT_URL
 
@@ -331,15 +332,6 @@ def test_from_yaml_missing_file(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- reload
 
 
-def wait_until(predicate: object, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def rewrite(path: Path, text: str) -> None:
     """Write ``text`` and move the mtime forward, so coarse file-system clocks cannot hide the change."""
     before = path.stat().st_mtime_ns
@@ -352,70 +344,68 @@ def fast_reload(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(machinery.config, "RELOAD_INTERVAL", 0.05)
 
 
+@contextmanager
+def reloading(path: Path) -> Iterator[Config]:
+    """``Config.from_yaml(path, reload=True)``, its reloading stopped when the block ends."""
+    config = Config.from_yaml(path, reload=True)
+    try:
+        yield config
+    finally:
+        config.stop_reloading()
+
+
 @pytest.mark.usefixtures("fast_reload")
 def test_reload_picks_up_a_change(tmp_path: Path) -> None:
     path = write(tmp_path / "reload.yml", "broker: memory://reload\nresults_expire_in: 100\nredis:\n  max_idle: 1\n")
-    config = Config.from_yaml(path, reload=True)
-    try:
+    with reloading(path) as config:
         assert config.results_expire_in == 100
         rewrite(path, "broker: memory://reload\nresults_expire_in: 200\nredis:\n  max_idle: 2\n")
-        assert wait_until(lambda: config.results_expire_in == 200), "the change was not picked up within 10 s"
+        assert wait_until(lambda: config.results_expire_in == 200, what="the change being picked up")
         assert config.redis.max_idle == 2
-    finally:
-        config.stop_reloading()
 
 
 @pytest.mark.usefixtures("fast_reload")
 def test_reload_keeps_old_values_on_a_bad_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = write(tmp_path / "reload.yml", "broker: memory://reload_bad\nresults_expire_in: 100\n")
-    config = Config.from_yaml(path, reload=True)
-    try:
+    with reloading(path) as config:
         rewrite(path, "broker: memory://reload_bad\nresults_expire_in: soon\n")
-        assert wait_until(lambda: "reload" in caplog.text and "failed" in caplog.text)
+        assert wait_until(lambda: "reload" in caplog.text and "failed" in caplog.text, what="the failed reload logged")
         assert config.results_expire_in == 100
         rewrite(path, "broker: memory://reload_bad\nresults_expire_in: 300\n")
-        assert wait_until(lambda: config.results_expire_in == 300)
-    finally:
-        config.stop_reloading()
+        assert wait_until(lambda: config.results_expire_in == 300, what="the fixed file being picked up")
 
 
 @pytest.mark.usefixtures("fast_reload")
 def test_reload_does_not_switch_broker_under_a_running_server(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = write(tmp_path / "reload.yml", "broker: memory://reload_keep\nresults_expire_in: 100\n")
-    config = Config.from_yaml(path, reload=True)
-    try:
+    with reloading(path) as config:
         rewrite(path, "broker: memory://elsewhere\nresults_expire_in: 150\n")
-        assert wait_until(lambda: config.results_expire_in == 150)
+        assert wait_until(lambda: config.results_expire_in == 150, what="the change being picked up")
         assert config.broker == "memory://reload_keep"
         assert "broker changed; restart to apply it" in caplog.text
-    finally:
-        config.stop_reloading()
 
 
 @pytest.mark.usefixtures("fast_reload")
 def test_reload_reaches_a_running_worker_and_backend(tmp_path: Path) -> None:
     queue = unique("reload_q")
     path = write(tmp_path / "reload.yml", f"broker: memory://{queue}\ndefault_queue: {queue}\nresults_expire_in: 100\n")
-    config = Config.from_yaml(path, reload=True)
-    server = Server(config)
-    seen_ttls: list[int] = []
-    release = threading.Event()
+    with reloading(path) as config:
+        server = Server(config)
+        seen_ttls: list[int] = []
+        release = threading.Event()
 
-    def probe() -> int:
-        release.wait(10)
-        seen_ttls.append(server.backend.ttl)
-        return server.backend.ttl
+        def probe() -> int:
+            release.wait(10)
+            seen_ttls.append(server.backend.ttl)
+            return server.backend.ttl
 
-    server.register_task("probe", probe)
-    try:
+        server.register_task("probe", probe)
         with running_worker(server, concurrency=1) as worker:
             assert worker.server.config is config
             assert server.backend.ttl == 100
             result = server.send_task(Signature("probe"))
             rewrite(path, f"broker: memory://{queue}\ndefault_queue: {queue}\nresults_expire_in: 250\n")
-            assert wait_until(lambda: server.backend.ttl == 250), "the backend did not see the new expiry"
+            assert wait_until(lambda: server.backend.ttl == 250, what="the backend seeing the new expiry")
             release.set()
             assert result.get(timeout=10) == 250
         assert seen_ttls == [250]
-    finally:
-        config.stop_reloading()

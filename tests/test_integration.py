@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from conftest import running_worker, unique
+from conftest import WAIT, count_requeues, push_raw, running_worker, unique, wait_until
 from machinery import (
     FAILURE,
     PENDING,
@@ -39,20 +39,8 @@ from machinery import (
     TaskFailed,
 )
 from machinery._sync import run_sync
-from machinery.brokers.base import Consumer, Delivery
 from machinery.brokers.redis import RedisBroker, dead_key, heartbeats_key, processing_prefix
 from machinery.brokers.sqlite import SQLiteBroker
-
-WAIT = 10.0  # upper bound for anything to happen; never an expectation of speed
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = WAIT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -117,32 +105,6 @@ def queued_bodies(server: Server) -> list[bytes]:
         return list(await broker.connector.client().lrange(queue, 0, -1))
 
     return run_sync(read())
-
-
-def push_raw(server: Server, *bodies: bytes) -> None:
-    """Put bytes straight onto the queue, as a foreign client might."""
-    queue = server.config.default_queue
-    run_sync(server.broker._push([(queue, body) for body in bodies]))
-
-
-def count_requeues(server: Server, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """Record every body the worker's consumer gives back to the queue."""
-    requeued: list[bytes] = []
-    open_consumer = server.broker.open_consumer
-
-    async def opening(queue: str, consumer_tag: str, prefetch: int | None = None) -> Consumer:
-        consumer = await open_consumer(queue, consumer_tag, prefetch)
-        requeue = consumer.requeue
-
-        async def counting(delivery: Delivery) -> None:
-            requeued.append(delivery.body)
-            await requeue(delivery)
-
-        consumer.requeue = counting  # type: ignore[method-assign]
-        return consumer
-
-    monkeypatch.setattr(server.broker, "open_consumer", opening)
-    return requeued
 
 
 # --------------------------------------------------------------------------- sync and async faces

@@ -17,15 +17,14 @@ import contextlib
 import json
 import re
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import INTEROP_DIR, config_for, running_worker, unique
+from conftest import INTEROP_DIR, WAIT, config_for, count_requeues, push_raw, running_worker, unique, wait_until
 from machinery import (
     FAILURE,
     PENDING,
@@ -45,7 +44,6 @@ from machinery.types import decode_results, parse_time, unix_ns
 if not INTEROP_DIR.is_dir():
     pytest.skip(f"Go Machinery captures not found at {INTEROP_DIR}", allow_module_level=True)
 
-WAIT = 10.0
 EDGE_CASES_FILE = "go_worker_edge_cases.json"
 TIME_KEYS = {"ETA", "CreatedAt"}
 SUB_MICROSECOND = re.compile(r'\.\d{7,}Z"')
@@ -385,10 +383,6 @@ def go_server(tmp_path: Path) -> Iterator[Server]:
     server.close()
 
 
-def push_raw(server: Server, *bodies: bytes, queue: str | None = None) -> None:
-    run_sync(server.broker._push([(queue or server.config.default_queue, body) for body in bodies]))
-
-
 def record_pushes(server: Server) -> list[bytes]:
     """Every message body our broker queues (ready or delayed), exactly as queued."""
     pushed: list[bytes] = []
@@ -497,9 +491,7 @@ def test_on_error_callback_is_published_like_gos(go_server: Server) -> None:
     with running_worker(go_server):
         push_raw(go_server, task)
         wait_for_state(go_server, json.loads(task)["UUID"])
-        deadline = time.monotonic() + WAIT
-        while len(pushed) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: len(pushed) >= 2, what="the OnError callback published")
         ours = json.loads(pushed[1])
         assert go_server.result(ours["UUID"]).get(timeout=WAIT) is None
     # The callback had no UUID; each worker makes a fresh one.
@@ -610,15 +602,6 @@ def test_every_edge_case_has_an_expectation() -> None:
     assert set(EDGE_CASES) == set(EXPECTED)
 
 
-def wait_until(predicate: Callable[[], object], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{what} did not happen within {WAIT} s")
-
-
 def requeue_counter(server: Server, body: bytes) -> threading.Event:
     """An event set once our worker has put ``body`` back on the queue at least twice."""
     seen = threading.Event()
@@ -643,23 +626,14 @@ def test_go_edge_case_on_our_worker(go_server: Server, name: str, monkeypatch: p
     go_state = json.loads(case["state_after"]) if case["state_after"] else None
     if expect.requeued:
         # Our requeue is a consumer operation, not a publish: count it there.
-        from machinery.brokers.memory import _MemoryConsumer
-
-        requeues: list[bytes] = []
-        original = _MemoryConsumer.requeue
-
-        async def counting(self: _MemoryConsumer, delivery: Any) -> None:
-            requeues.append(delivery.body)
-            await original(self, delivery)
-
-        monkeypatch.setattr(_MemoryConsumer, "requeue", counting)
+        requeues = count_requeues(go_server, monkeypatch)
 
     with running_worker(go_server):
         push_raw(go_server, body)
         if expect.dead_letter:
-            wait_until(lambda: go_server.broker.dead_letters(), "dead-lettering")
+            wait_until(lambda: go_server.broker.dead_letters(), what="dead-lettering")
         elif expect.requeued:
-            wait_until(lambda: len(requeues) >= 2, "requeueing")
+            wait_until(lambda: len(requeues) >= 2, what="requeueing")
         else:
             wait_for_state(go_server, task_uuid)
         # Never stuck: the same worker still runs a good task afterwards.
@@ -709,6 +683,6 @@ def test_all_edge_cases_through_one_worker(go_server: Server) -> None:
             if expect.state is not None:
                 body = json.loads(EDGE_CASES[name]["message_pushed_to_queue"])
                 assert wait_for_state(go_server, body.get("UUID", body.get("uuid", ""))).state == expect.state, name
-        wait_until(lambda: len(go_server.broker.dead_letters()) == 1, "the one dead letter")
+        wait_until(lambda: len(go_server.broker.dead_letters()) == 1, what="the one dead letter")
         assert go_server.send_task(Signature("add", [1, 2])).get(timeout=WAIT) == 3
     assert [s.name for s in go_server.broker.get_pending_tasks()] == ["nope"]

@@ -7,7 +7,6 @@ clock; the multi-process test counts sends per tick, whatever the timing was.
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from conftest import REDIS_URL, config_for, running_worker, unique
+from conftest import REDIS_URL, config_for, running_worker, unique, wait_until
+from helpers import WORKFLOW_PROCS, stop_processes
 from machinery import Config, Server, Signature
 from machinery._sync import run_sync
 from machinery.locks.base import now_ns
@@ -29,7 +29,6 @@ from machinery.types import unix_ns
 
 UTC = timezone.utc
 BASE = datetime(2026, 3, 1, 12, 0, 30, tzinfo=UTC)  # a Sunday
-HELPER = Path(__file__).with_name("_workflow_procs.py")
 
 
 @pytest.fixture
@@ -305,11 +304,11 @@ def test_run_periodic_alone_and_stop(server: Server) -> None:
     server.register_periodic_task("@every 1s", unique("tick"), Signature("tick", []))
     thread = threading.Thread(target=lambda: asyncio.run(server.arun_periodic()), daemon=True)
     thread.start()
-    deadline = time.monotonic() + 15
-    while not server.broker.get_pending_tasks() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    server.stop_periodic()
-    thread.join(10)
+    try:
+        wait_until(server.broker.get_pending_tasks, timeout=15, what="a tick sent")
+    finally:
+        server.stop_periodic()
+        thread.join(10)
     assert not thread.is_alive()
     assert server.broker.get_pending_tasks()[0].name == "tick"
 
@@ -372,7 +371,9 @@ def test_three_schedulers_send_each_tick_once(kind: str, tmp_path: Path, queue_n
     server.broker.get_pending_tasks()  # creates the SQLite file before three processes race to
     procs = [
         subprocess.Popen(
-            [sys.executable, str(HELPER), "periodic", config.broker, queue_name], stdout=subprocess.PIPE, text=True
+            [sys.executable, str(WORKFLOW_PROCS), "periodic", config.broker, queue_name],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for _ in range(3)
     ]
@@ -380,14 +381,7 @@ def test_three_schedulers_send_each_tick_once(kind: str, tmp_path: Path, queue_n
         time.sleep(10)  # the scenario's length, not an expectation
         assert all(p.poll() is None for p in procs), "a scheduler process died"
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(procs, timeout=15)
     outputs = [p.stdout.read() if p.stdout else "" for p in procs]
     fired = [int(line.split()[1]) for out in outputs for line in out.splitlines() if line.startswith("FIRED ")]
     ticks = Counter(fired)

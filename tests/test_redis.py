@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import IN_CI, INTEROP_DIR, REDIS_URL, running_worker
+from conftest import IN_CI, INTEROP_DIR, REDIS_URL, running_worker, wait_until
 from machinery import Config, RedisConfig, Server, Signature, TaskFailed
 from machinery.backends.redis import CHORD_MUTEX, DONE_CHANNEL
 from machinery.brokers.redis import (
@@ -64,15 +64,6 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
     connection = redis.Redis.from_url(redis_url)
     yield connection
     connection.close()
-
-
-def wait_until(condition: object, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not reached within {timeout} s")
 
 
 def taken_count(client: redis.Redis, queue: str) -> int:
@@ -463,3 +454,18 @@ def test_dead_letters_keep_binary_bodies_exactly(server: Server, client: redis.R
     assert letter.body == body and letter.queue == queue_name and "not JSON" in letter.reason
     assert server.broker.requeue_dead() == 1
     assert client.lrange(queue_name, 0, -1) == [body]
+
+
+@pytest.mark.parametrize(
+    "url, redis_config",
+    [
+        ("redis://127.0.0.1:6379/0", RedisConfig(cluster_enabled=True)),
+        ("redis://127.0.0.1:6379/0", RedisConfig(master_name="mymaster")),
+        ("redis://h1:6379,h2:6379/0", RedisConfig()),
+    ],
+)
+def test_cluster_and_sentinel_are_refused_not_ignored(url: str, redis_config: RedisConfig) -> None:
+    from machinery import ConfigError
+
+    with pytest.raises(ConfigError, match="not supported yet"):
+        Server(Config(broker=url, redis=redis_config))

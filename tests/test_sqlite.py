@@ -16,13 +16,13 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from conftest import config_for, running_worker
+from conftest import config_for, running_worker, wait_until
 from machinery import (
     FAILURE,
     PENDING,
@@ -42,15 +42,6 @@ from machinery.brokers.sqlite import SQLiteBroker, SQLiteConsumer
 from machinery.locks.sqlite import SQLiteLock
 
 WAIT = 30.0  # upper bound for anything to happen; never an expectation of speed
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = WAIT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 @pytest.fixture
@@ -584,7 +575,7 @@ def test_worker_runs_tasks_and_dead_letters_garbage(server: Server, config: Conf
         results = [server.send_task(signature("add", i, i)) for i in range(10)]
         assert [r.get(timeout=WAIT) for r in results] == [2 * i for i in range(10)]
         run_sync(broker_of(server)._push([(config.default_queue, b"{garbage")]))
-        wait_until(lambda: server.broker.dead_letters(), what="dead-lettering")
+        wait_until(lambda: server.broker.dead_letters(), timeout=WAIT, what="dead-lettering")
     (letter,) = server.broker.dead_letters()
     assert letter.body == b"{garbage" and letter.reason
     assert count_rows(config, "messages") == 0
@@ -605,7 +596,7 @@ def test_a_task_of_a_sigkilled_worker_completes_on_another(
     worker = procs.start("worker", 1)
     result = server.send_task(slow.signature(str(marker)))
     # STARTED is written just before the function runs; the marker says it is running.
-    wait_until(lambda: marker.exists(), what="the task starting")
+    wait_until(lambda: marker.exists(), timeout=WAIT, what="the task starting")
     assert result.state().state == STARTED
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait(WAIT)

@@ -8,14 +8,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import config_for, running_worker
+from conftest import WAIT, config_for, count_requeues, push_raw, running_worker, wait_until
 from machinery import (
     FAILURE,
     PENDING,
@@ -36,19 +36,7 @@ from machinery import (
     Worker,
 )
 from machinery._sync import run_sync
-from machinery.brokers.memory import _MemoryConsumer
 from machinery.retry import fibonacci_next
-
-WAIT = 10.0  # upper bound for anything to happen; never an expectation of speed
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = WAIT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 @pytest.fixture
@@ -73,12 +61,6 @@ def record_states(server: Server) -> list[tuple[str, str]]:
 
 def states_of(seen: list[tuple[str, str]], task_uuid: str) -> list[str]:
     return [state for uuid, state in seen if uuid == task_uuid]
-
-
-def push_raw(server: Server, *bodies: bytes) -> None:
-    """Put bytes straight onto the queue, as a foreign client might."""
-    queue = server.config.default_queue
-    run_sync(server.broker._push([(queue, body) for body in bodies]))
 
 
 # --------------------------------------------------------------------------- running tasks
@@ -517,23 +499,11 @@ def test_on_success_is_not_sent_on_failure_and_on_error_not_on_success(callback_
 # --------------------------------------------------------------------------- unregistered and bad messages
 
 
-def count_requeues(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    requeued: list[bytes] = []
-    original = _MemoryConsumer.requeue
-
-    async def counting(self: _MemoryConsumer, delivery: Any) -> None:
-        requeued.append(delivery.body)
-        await original(self, delivery)
-
-    monkeypatch.setattr(_MemoryConsumer, "requeue", counting)
-    return requeued
-
-
 def test_unregistered_task_is_requeued_and_logged_once(
     server: Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="machinery")
-    requeued = count_requeues(monkeypatch)
+    requeued = count_requeues(server, monkeypatch)
     sent = [server.send_task(Signature("nope", [i])) for i in range(3)]
     with running_worker(server):
         wait_until(lambda: len(requeued) >= 6, what="every unknown message requeued twice")
@@ -550,7 +520,7 @@ def test_unregistered_backoff_does_not_stop_registered_tasks(server: Server, mon
     def add(a: int, b: int) -> int:
         return a + b
 
-    requeued = count_requeues(monkeypatch)
+    requeued = count_requeues(server, monkeypatch)
     server.send_task(Signature("nope"))
     with running_worker(server):
         wait_until(lambda: len(requeued) >= 3, what="unknown message requeued")

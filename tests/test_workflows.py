@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from conftest import INTEROP_DIR, REDIS_URL, config_for, running_worker
+from conftest import INTEROP_DIR, REDIS_URL, config_for, running_worker, wait_until
+from helpers import Recorder, register_seed_tasks
 from machinery import (
     FAILURE,
     SUCCESS,
@@ -37,39 +38,11 @@ from machinery._sync import run_sync
 WAIT = 20.0  # an upper bound for anything to happen; never an expectation of speed
 
 
-class Recorder:
-    """Thread-safe record of what tasks saw, shared by the test and the worker thread."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.calls: list[tuple[str, tuple[Any, ...]]] = []
-        self.gate = threading.Event()
-
-    def add(self, name: str, *args: Any) -> None:
-        with self.lock:
-            self.calls.append((name, args))
-
-    def of(self, name: str) -> list[tuple[Any, ...]]:
-        with self.lock:
-            return [args for n, args in self.calls if n == name]
-
-
 def make_server(kind: str, tmp_path: Path, queue: str) -> tuple[Server, Recorder]:
     server = Server(config_for(kind, tmp_path, queue))
     rec = Recorder()
 
-    @server.task
-    def add(*args: int) -> int:
-        rec.add("add", *args)
-        return sum(args)
-
-    @server.task
-    def multiply(*args: int) -> int:
-        rec.add("multiply", *args)
-        product = 1
-        for a in args:
-            product *= a
-        return product
+    register_seed_tasks(server, rec)
 
     @server.task
     def fail(message: str, *previous: int) -> int:
@@ -248,7 +221,7 @@ def test_chain_stops_at_failed_step_after_retries_and_runs_on_error(env: tuple[S
         assert failed.value.task_uuid == chain.signatures[1].uuid
         assert failed.value.error == "step two broke"
         assert result.state().state == FAILURE
-        wait_for(lambda: rec.of("on_error"), "the OnError callback")
+        wait_until(lambda: rec.of("on_error"), timeout=WAIT, what="the OnError callback")
     assert len(rec.of("fail")) == 2  # the first run and its one retry
     assert rec.of("on_error") == [("step two broke", 7)]  # error text prepended, as Go
     assert rec.of("multiply") == []
@@ -268,7 +241,7 @@ def test_chord_with_a_failing_member_raises_promptly_and_never_sends_callback(en
         assert failed.value.error == "member broke"
         rec.gate.set()
         assert server.result(chord.group.signatures[2].uuid).get(WAIT) == 3
-        callback = wait_for(lambda: _completed(server, chord.callback.uuid), "the chord decision")
+        callback = wait_until(lambda: _completed(server, chord.callback.uuid), timeout=WAIT, what="the chord decision")
     assert callback.state == FAILURE and chord.group.signatures[1].uuid in callback.error
     assert rec.of("multiply") == []  # the callback was never sent
 
@@ -286,7 +259,7 @@ def test_chord_whose_last_member_fails_is_still_decided(env: tuple[Server, Recor
         with pytest.raises(TaskFailed) as failed:
             result.get(timeout=WAIT)
         assert failed.value.task_uuid == last.uuid
-        callback = wait_for(lambda: _completed(server, chord.callback.uuid), "the chord decision")
+        callback = wait_until(lambda: _completed(server, chord.callback.uuid), timeout=WAIT, what="the chord decision")
     assert callback.state == FAILURE and "last one broke" in callback.error
     assert server.backend.get_group_meta(chord.group.group_uuid).chord_triggered  # type: ignore[union-attr]
     assert rec.of("multiply") == []
@@ -297,15 +270,7 @@ def test_chord_whose_last_member_fails_is_still_decided(env: tuple[Server, Recor
 
 def test_group_send_concurrency_two(env: tuple[Server, Recorder]) -> None:
     server, _ = env
-    batches: list[int] = []
-    publish = server.broker.publish_many
-
-    async def spy(signatures: Any) -> None:
-        batch = list(signatures)
-        batches.append(len(batch))
-        await publish(batch)
-
-    server.broker.publish_many = spy  # type: ignore[method-assign]
+    batches = record_batches(server)
     progress: list[tuple[int, int]] = []
     with running_worker(server, concurrency=4):
         group = Group(*(sig("add", i, i) for i in range(5)))
@@ -339,15 +304,7 @@ def test_publish_error_is_raised_after_the_rest_are_published(tmp_path: Path, qu
 
 def test_large_group_is_published_in_batches(tmp_path: Path, queue_name: str) -> None:
     server, _ = make_server("memory", tmp_path, queue_name)
-    calls: list[int] = []
-    publish = server.broker.publish_many
-
-    async def spy(signatures: Any) -> None:
-        batch = list(signatures)
-        calls.append(len(batch))
-        await publish(batch)
-
-    server.broker.publish_many = spy  # type: ignore[method-assign]
+    calls = record_batches(server)
     results = server.send_group(Group(*(sig("add", i) for i in range(10_000))))
     assert len(results) == 10_000
     assert sum(calls) == 10_000 and len(calls) == 10  # round trips, not messages
@@ -358,11 +315,14 @@ def test_large_group_is_published_in_batches(tmp_path: Path, queue_name: str) ->
 # --------------------------------------------------------------------------- exactly-once repairs
 
 
-def test_chord_callback_survives_a_crash_between_trigger_and_send(
-    env: tuple[Server, Recorder], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    server, rec = env
+@pytest.fixture
+def fast_recovery(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(workflow_module, "RECOVERY_GRACE", 0.05)
+
+
+@pytest.mark.usefixtures("fast_recovery")
+def test_chord_callback_survives_a_crash_between_trigger_and_send(env: tuple[Server, Recorder]) -> None:
+    server, rec = env
     trigger = server.backend.trigger_chord
     crashed: list[str] = []
 
@@ -382,11 +342,9 @@ def test_chord_callback_survives_a_crash_between_trigger_and_send(
     assert crashed and rec.of("multiply") == [(2, 10)]
 
 
-def test_slow_winner_and_a_repairing_redelivered_member_send_the_callback_once(
-    env: tuple[Server, Recorder], monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("fast_recovery")
+def test_slow_winner_and_a_repairing_redelivered_member_send_the_callback_once(env: tuple[Server, Recorder]) -> None:
     server, rec = env
-    monkeypatch.setattr(workflow_module, "RECOVERY_GRACE", 0.05)
     chord = Chord(Group(sig("add", 1, 1), sig("add", 5, 5)), sig("multiply"))
     trigger = server.backend.trigger_chord
     won_once = threading.Event()
@@ -412,17 +370,15 @@ def test_slow_winner_and_a_repairing_redelivered_member_send_the_callback_once(
     assert rec.of("multiply") == [(2, 10)]
 
 
-def test_redelivered_member_after_the_callback_was_sent_sends_nothing(
-    env: tuple[Server, Recorder], monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("fast_recovery")
+def test_redelivered_member_after_the_callback_was_sent_sends_nothing(env: tuple[Server, Recorder]) -> None:
     server, rec = env
-    monkeypatch.setattr(workflow_module, "RECOVERY_GRACE", 0.05)
     chord = Chord(Group(sig("add", 1, 1), sig("add", 5, 5)), sig("multiply"))
     with running_worker(server, concurrency=2):
         assert server.send_chord(chord).get(WAIT) == 20
         again = chord.group.signatures[0]
         run_sync(server.broker.publish(again))  # as if the broker delivered it a second time
-        wait_for(lambda: len(rec.of("add")) == 3, "the redelivered member")
+        wait_until(lambda: len(rec.of("add")) == 3, timeout=WAIT, what="the redelivered member")
     # Leaving the block drains the worker: the member's chord check has finished.
     assert rec.of("multiply") == [(2, 10)]
 
@@ -519,16 +475,18 @@ def test_go_chord_with_go_groupmeta_completes_with_88(go_redis: tuple[Server, Re
 # --------------------------------------------------------------------------- helpers
 
 
-def wait_for(predicate: Any, what: str) -> Any:
-    import time
+def record_batches(server: Server) -> list[int]:
+    """The size of every batch ``server``'s broker publishes from now on, in order."""
+    sizes: list[int] = []
+    publish = server.broker.publish_many
 
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what} did not happen within {WAIT} s")
+    async def spy(signatures: Any) -> None:
+        batch = list(signatures)
+        sizes.append(len(batch))
+        await publish(batch)
+
+    server.broker.publish_many = spy  # type: ignore[method-assign]
+    return sizes
 
 
 def _completed(server: Server, task_uuid: str) -> Any:
