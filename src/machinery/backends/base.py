@@ -187,9 +187,6 @@ class Waiters:
             if not waiters:
                 self._waiting.pop(task_uuid, None)
 
-    def __contains__(self, task_uuid: str) -> bool:
-        return task_uuid in self._waiting
-
 
 @dataclass(eq=False)
 class Waiter:

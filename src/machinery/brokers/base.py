@@ -8,7 +8,6 @@ its messages where another worker gets them back.
 
 from __future__ import annotations
 
-import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -186,12 +185,3 @@ def decode_all(bodies: Iterable[bytes]) -> list[Signature]:
         except MessageDecodeError:
             continue
     return out
-
-
-async def sleep_or_event(event: asyncio.Event, seconds: float) -> bool:
-    """Sleep ``seconds`` unless ``event`` fires first; returns True if it fired."""
-    try:
-        await asyncio.wait_for(event.wait(), seconds)
-    except asyncio.TimeoutError:
-        return False
-    return True
