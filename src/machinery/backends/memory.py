@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from ..config import Config
 from ..state import COMPLETED_STATES, GroupMeta, TaskState
-from .base import Backend
+from .base import Backend, Waiters
 
 
 class _Store:
@@ -17,6 +17,8 @@ class _Store:
         self.lock = threading.Lock()
         self.states: dict[str, tuple[float, bytes]] = {}
         self.groups: dict[str, tuple[float, bytes]] = {}
+        # Every backend object on this store must wake the same waiters.
+        self.waiters = Waiters()
 
 
 class MemoryBackend(Backend):
@@ -24,14 +26,12 @@ class MemoryBackend(Backend):
 
     _stores: ClassVar[dict[str, _Store]] = {}
     _stores_lock: ClassVar[threading.Lock] = threading.Lock()
-    _waiter_sets: ClassVar[dict[str, object]] = {}
 
     def __init__(self, config: Config, url: str) -> None:
         super().__init__(config, url)
         with self._stores_lock:
             self._store = self._stores.setdefault(url, _Store())
-            # Every backend object on the same store must wake the same waiters.
-            self._waiters = self._waiter_sets.setdefault(url, self._waiters)  # type: ignore[assignment]
+        self._waiters = self._store.waiters
         self.poll_interval = 1.0
 
     def _expiry(self) -> float:
