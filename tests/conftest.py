@@ -26,7 +26,7 @@ from machinery.brokers.base import Consumer, Delivery
 
 REDIS_URL = os.environ.get("MACHINERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("MACHINERY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-INTEROP_DIR = Path(__file__).resolve().parents[2] / "shared" / "interop"
+INTEROP_DIR = Path(__file__).resolve().parent / "interop" / "captures"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 WAIT = 10.0  # upper bound for anything to happen; never an expectation of speed
 

@@ -1,9 +1,9 @@
-"""RabbitMQ: the AMQP broker and result backend against the server on this machine (WIRE.md 10, 11.2).
+"""RabbitMQ: the AMQP broker and result backend against the server on this machine (docs/wire.md §10, 11.2).
 
 Every test uses its own exchange, queues and binding key (``mt_<hex>_...``), so tests never see
 each other, and removes them afterwards; result queues expire on their own. Topology checks
 read RabbitMQ's own view with ``rabbitmqctl`` (flags, arguments and their AMQP integer types)
-and compare it with the captures a real Go Machinery run left in ``shared/interop``. Cutting
+and compare it with the captures a real Go Machinery run left in ``tests/interop/captures``. Cutting
 connections closes only this test process's own connections (found by the connection name
 machinery gives them), never RabbitMQ itself.
 
@@ -55,7 +55,7 @@ from machinery import (
     Signature,
     TaskFailed,
 )
-from machinery._amqp import AMQPConnector, AMQPInt32, AMQPInt64
+from machinery._drivers.amqp import AMQPConnector, AMQPInt32, AMQPInt64
 from machinery._sync import run_sync
 from machinery.backends.amqp import AMQPBackend, chord_triggered_queue
 from machinery.brokers.amqp import REASON_HEADER, AMQPConsumer, dead_letter_queue
@@ -355,7 +355,7 @@ def test_eta_task_waits_in_a_delay_queue(env: tuple[Server, Recorder]) -> None:
         result = server.send_task(Signature("add", [10, 20], eta=eta))
         assert result.get(timeout=WAIT) == 30
     assert rec.times("add")[0] >= eta.timestamp() - 0.05  # never before its ETA
-    assert server.broker.get_delayed_tasks() == []  # documented: RabbitMQ cannot list delay queues
+    assert server.get_delayed_tasks() == []  # documented: RabbitMQ cannot list delay queues
 
 
 def test_retries_go_through_delay_queues_with_fibonacci_timeouts(env: tuple[Server, Recorder]) -> None:
@@ -406,7 +406,7 @@ def test_unregistered_task_is_requeued_without_a_hot_loop(
         observed = len(requeues)
     # Backing off (0.05, 0.1, 0.2 ... s) gives a handful of requeues where a hot loop gives thousands.
     assert observed < 60
-    assert [s.uuid for s in server.broker.get_pending_tasks()] == [unknown.task_uuid]  # not lost
+    assert [s.uuid for s in server.get_pending_tasks()] == [unknown.task_uuid]  # not lost
     assert unknown.state().state == PENDING
 
 
@@ -419,8 +419,8 @@ def test_unregistered_task_with_the_ignore_flag_is_dropped(env: tuple[Server, Re
         publish_raw(amqp.exchange, amqp.binding_key, body.encode())
         assert server.send_task(Signature("add", [2, 2])).get(timeout=WAIT) == 4
         wait_until(lambda: message_count(server.config.default_queue) == 0, timeout=WAIT, what="the queue emptying")
-    assert server.broker.get_pending_tasks() == []
-    assert server.broker.dead_letters() == []
+    assert server.get_pending_tasks() == []
+    assert server.dead_letters() == []
 
 
 def test_bad_bodies_are_dead_lettered_with_the_reason_and_the_consumer_goes_on(
@@ -431,23 +431,23 @@ def test_bad_bodies_are_dead_lettered_with_the_reason_and_the_consumer_goes_on(
     with running_worker(server, concurrency=2):
         publish_raw("", queue, b"")
         publish_raw("", queue, b"{not json")
-        wait_until(lambda: len(server.broker.dead_letters()) == 2, timeout=WAIT, what="two dead letters")
+        wait_until(lambda: len(server.dead_letters()) == 2, timeout=WAIT, what="two dead letters")
         assert server.send_task(Signature("add", [3, 4])).get(timeout=WAIT) == 7  # still consuming
-    letters = server.broker.dead_letters()
+    letters = server.dead_letters()
     assert sorted(letter.body for letter in letters) == [b"", b"{not json"]
     assert all(letter.reason and letter.queue == queue for letter in letters)
     raw_letters = peek(dead_letter_queue(queue))
     assert all((m.header.properties.headers or {}).get(REASON_HEADER) for m in raw_letters)
-    assert server.broker.dead_letters() == letters  # inspecting leaves them in place
-    assert server.broker.requeue_dead() == 2
+    assert server.dead_letters() == letters  # inspecting leaves them in place
+    assert server.requeue_dead() == 2
     assert message_count(queue) == 2 and message_count(dead_letter_queue(queue)) == 0
 
 
 def test_pending_tasks_keep_their_order(env: tuple[Server, Recorder]) -> None:
     server, rec = env
     sent = [server.send_task(Signature("add", [i])) for i in range(6)]
-    first = server.broker.get_pending_tasks()
-    second = server.broker.get_pending_tasks()
+    first = server.get_pending_tasks()
+    second = server.get_pending_tasks()
     assert [s.uuid for s in first] == [r.task_uuid for r in sent]
     assert [s.uuid for s in second] == [r.task_uuid for r in sent]
     with running_worker(server, concurrency=1):
@@ -522,7 +522,7 @@ def test_topic_exchange_routes_by_the_default_queue(prefix: str, amqp_url: str) 
     server, _ = make_server(prefix, exchange_type="topic", binding_key=f"{prefix}_q")
     try:
         result = server.send_task(Signature("add", [2, 3]))  # before any worker: the queue exists
-        assert [s.routing_key for s in server.broker.get_pending_tasks()] == [f"{prefix}_q"]
+        assert [s.routing_key for s in server.get_pending_tasks()] == [f"{prefix}_q"]
         with running_worker(server, concurrency=1):
             assert result.get(timeout=WAIT) == 5
     finally:
@@ -609,7 +609,7 @@ def test_topology_matches_the_go_capture(prefix: str, amqp_url: str) -> None:
             "x-message-ttl": "long",
             "x-expires": "long",  # int64, as Go sends them
         }
-        server.broker.close()
+        run_sync(server.broker.close())
         cleanup(prefix, [result.task_uuid, eta_result.task_uuid, delay_names[0]])
     finally:
         server.close()
@@ -676,12 +676,12 @@ def test_skip_publisher_queue_switch(prefix: str, amqp_url: str) -> None:
     try:
         # Python-only mode: a task sent before any worker ever ran waits in the workers' queue.
         early = clean.send_task(Signature("add", [1]))
-        assert [s.uuid for s in clean.broker.get_pending_tasks()] == [early.task_uuid]
+        assert [s.uuid for s in clean.get_pending_tasks()] == [early.task_uuid]
         assert key not in list_queues(queue, key)
         # Go-compatible default: the publisher declares and fills a queue named after the key.
         quirky = quirk.send_task(Signature("add", [2]))
         assert [json.loads(m.body)["UUID"] for m in peek(key)] == [quirky.task_uuid]
-        assert [s.uuid for s in quirk.broker.get_pending_tasks()] == [early.task_uuid, quirky.task_uuid]
+        assert [s.uuid for s in quirk.get_pending_tasks()] == [early.task_uuid, quirky.task_uuid]
     finally:
         quirk.close()
         clean.close()
@@ -704,7 +704,7 @@ def test_delayed_queue_variant(prefix: str, amqp_url: str) -> None:
         server.close()
 
 
-# --------------------------------------------------------------------------- result backend (WIRE.md 11.2)
+# --------------------------------------------------------------------------- result backend (docs/wire.md §11.2)
 
 
 def test_state_stream_matches_the_go_capture_and_reads_leave_the_latest(prefix: str, amqp_url: str) -> None:
@@ -817,7 +817,7 @@ def test_group_completion_counts_distinct_members_and_the_chord_triggers_once(pr
         states = await backend.group_task_states(group_uuid)
         order = [s.task_uuid for s in states if s is not None]
         triggers = await asyncio.gather(*(backend.trigger_chord(group_uuid) for _ in range(10)))
-        meta = await backend.aget_group_meta(group_uuid)  # Go stores none: made from the group queue
+        meta = await backend.get_group_meta(group_uuid)  # Go stores none: made from the group queue
         return done, order, list(triggers), meta is not None and meta.task_uuids == order
 
     try:

@@ -22,6 +22,7 @@ import pytest
 from conftest import REDIS_URL, config_for
 from helpers import WORKFLOW_PROCS, stop_processes
 from machinery import Chord, ChordAsyncResult, Group, Server, Signature
+from machinery._sync import run_sync
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +80,7 @@ def test_every_chord_callback_is_sent_exactly_once(kind: str, tmp_path: Path, qu
     finally:
         stop_processes(workers, timeout=30)
     records = read_records(kind, target)
-    left_in_queue = [s for s in server.broker.get_pending_tasks() if s.name == "stress_callback"]
+    left_in_queue = [s for s in server.get_pending_tasks() if s.name == "stress_callback"]
     runs = Counter(str(r["chord"]) for r in records)
     sent = len(records) + len(left_in_queue)
     duplicates = sent - len(set(runs) | {str(s.args[0].value) for s in left_in_queue if s.args})
@@ -91,7 +92,7 @@ def test_every_chord_callback_is_sent_exactly_once(kind: str, tmp_path: Path, qu
     assert duplicates == 0 and set(runs.values()) == {1} and not left_in_queue
     assert all(r["results"] == list(range(MEMBERS)) for r in records)  # group order
     for chord in chords[:20]:
-        meta = server.backend.get_group_meta(chord.group.group_uuid)
+        meta = run_sync(server.backend.get_group_meta(chord.group.group_uuid))
         assert meta is not None and meta.chord_triggered
     if kind == "redis":
         import redis

@@ -20,6 +20,7 @@ from click.testing import CliRunner, Result
 
 from conftest import running_worker, wait_until
 from machinery import Arg, Chord, Config, Group, Server, Signature, Worker
+from machinery._sync import run_sync
 from machinery.cli import BadArgument, main, parse_arg, parse_eta
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,11 +187,11 @@ def test_send_publishes_typed_arguments_and_options(memory_env: dict[str, str]) 
     task_uuid = result.stdout.strip()
     assert task_uuid.startswith("task_")
     server = Server(Config(broker=memory_env["BROKER"], default_queue="cli_q"))
-    (sent,) = server.broker.get_pending_tasks("other")
+    (sent,) = server.get_pending_tasks("other")
     assert sent.uuid == task_uuid
     assert sent.args == [Arg("int64", 1), Arg("int64", -2), Arg("float64", 2.5), Arg("string", "word"), Arg("int32", 7)]
     assert sent.retry_count == 3
-    assert server.backend.get_state(task_uuid).state == "PENDING"  # type: ignore[union-attr]
+    assert run_sync(server.backend.get_state(task_uuid)).state == "PENDING"  # type: ignore[union-attr]
 
 
 def test_send_with_a_bad_argument_is_one_line_and_sends_nothing(memory_env: dict[str, str]) -> None:
@@ -198,7 +199,7 @@ def test_send_with_a_bad_argument_is_one_line_and_sends_nothing(memory_env: dict
     assert_one_line_error(result, "argument 2", "not valid JSON")
     assert result.exit_code == 2
     server = Server(Config(broker=memory_env["BROKER"], default_queue="cli_q"))
-    assert server.broker.get_pending_tasks() == []
+    assert server.get_pending_tasks() == []
 
 
 def test_send_warns_about_a_task_the_app_does_not_register(app_dir: str, memory_env: dict[str, str]) -> None:
@@ -280,7 +281,7 @@ def test_dead_and_requeue_dead_show_a_malformed_message(tmp_path: Path) -> None:
     server = Server(config)
     asyncio.run(server.broker._push([("cli_dead", b"this is not a task")]))
     with running_worker(server):
-        wait_until(server.broker.dead_letters, what="the dead letter")
+        wait_until(server.dead_letters, what="the dead letter")
     env = {"BROKER": sqlite_url(tmp_path), "DEFAULT_QUEUE": "cli_dead"}
 
     dead = invoke(["dead"], env)
@@ -552,7 +553,7 @@ def test_periodic_process_fires_its_entries_and_stops_on_sigterm(tmp_path: Path,
         sent: list[Signature] = []
         while len(sent) < 2 and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.1)
-            sent = server.broker.get_pending_tasks("cli_periodic")
+            sent = server.get_pending_tasks("cli_periodic")
         assert len(sent) >= 2, err_path.read_text()
         process.send_signal(signal.SIGTERM)
         returncode = process.wait(20)
@@ -590,8 +591,8 @@ def test_send_group_publishes_one_group(memory_env: dict[str, str]) -> None:
     group_uuid, summary = result.stdout.splitlines()
     assert group_uuid.startswith("group_") and summary == "Sent 3 add tasks as one group"
     server = Server(Config(broker=memory_env["BROKER"], default_queue="cli_q"))
-    sent = server.broker.get_pending_tasks()
-    meta = server.backend.get_group_meta(group_uuid)
+    sent = server.get_pending_tasks()
+    meta = run_sync(server.backend.get_group_meta(group_uuid))
     assert meta is not None and meta.task_uuids == [s.uuid for s in sent]
     assert all(s.group_uuid == group_uuid and s.group_task_count == 3 and s.name == "add" for s in sent)
     assert all(s.args == [Arg("int64", 1), Arg("int64", 2)] for s in sent)
@@ -625,7 +626,7 @@ def test_send_group_wait_summarises_and_status_lists_the_members(memory_env: dic
     assert fields["created"].endswith("ago)")
     rows = table.splitlines()
     assert rows[0].split() == ["#", "UUID", "TASK", "STATE", "RESULT", "OR", "ERROR"]
-    meta = server.backend.get_group_meta(group_uuid)
+    meta = run_sync(server.backend.get_group_meta(group_uuid))
     assert meta is not None
     assert [row.split() for row in rows[1:]] == [
         [str(i), member, "add", "SUCCESS", "3"] for i, member in enumerate(meta.task_uuids, 1)
@@ -644,7 +645,7 @@ def test_status_of_a_chord_shows_the_trigger_and_the_callback(memory_env: dict[s
         with pytest.raises(Exception, match="boom went the task"):
             result.get(10)
         # The callback's FAILURE follows the member's.
-        wait_until(lambda: server.backend.get_state(result.task_uuid), what="the callback's FAILURE")
+        wait_until(lambda: run_sync(server.backend.get_state(result.task_uuid)), what="the callback's FAILURE")
     group = invoke(["status", chord.group.group_uuid], memory_env)
     assert group.exit_code == 0, group.output
     assert "members  2 (1 SUCCESS, 1 FAILURE)" in group.stdout

@@ -1,4 +1,4 @@
-"""Config: defaults, Go's environment names and YAML keys (WIRE.md 13), validation, and live reload."""
+"""Config: defaults, Go's environment names and YAML keys (docs/wire.md §13), validation, and live reload."""
 
 import os
 import threading

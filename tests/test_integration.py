@@ -250,7 +250,7 @@ def test_retry_count_fails_twice_then_succeeds_under_the_same_uuid(server: Serve
     looks: list[list[Signature]] = []
 
     def first_retry_is_delayed() -> bool:
-        looks.append(server.broker.get_delayed_tasks())
+        looks.append(server.get_delayed_tasks())
         return [s.uuid for s in looks[-1]] == [uuid]
 
     with running_worker(server):
@@ -261,7 +261,7 @@ def test_retry_count_fails_twice_then_succeeds_under_the_same_uuid(server: Serve
         assert result.get(timeout=WAIT) == "third time lucky"
     assert seen == [(uuid, 2), (uuid, 1), (uuid, 0)]
     assert result.state().state == SUCCESS
-    assert server.broker.get_delayed_tasks() == [] and server.broker.get_pending_tasks() == []
+    assert server.get_delayed_tasks() == [] and server.get_pending_tasks() == []
 
 
 def test_retry_task_later_once(server: Server) -> None:
@@ -295,13 +295,13 @@ def test_eta_task_is_delayed_and_not_run_before_its_eta(server: Server) -> None:
     with running_worker(server):
         eta = datetime.now(timezone.utc) + timedelta(seconds=1)
         result = server.send_task(Signature("stamp", eta=eta))
-        delayed = server.broker.get_delayed_tasks()
+        delayed = server.get_delayed_tasks()
         assert [s.uuid for s in delayed] == [result.task_uuid]
         assert delayed[0].eta == eta and delayed[0].name == "stamp"
-        assert server.broker.get_pending_tasks() == []
+        assert server.get_pending_tasks() == []
         assert result.get(timeout=WAIT) == "stamped"
     assert len(ran_at) == 1 and ran_at[0] >= eta  # ordering, not timing
-    assert server.broker.get_delayed_tasks() == []
+    assert server.get_delayed_tasks() == []
 
 
 def test_pending_tasks_are_decoded_signatures_in_order(server: Server) -> None:
@@ -310,15 +310,15 @@ def test_pending_tasks_are_decoded_signatures_in_order(server: Server) -> None:
         return a + b
 
     results = [server.send_task(Signature("add", [i, 10 * i])) for i in range(3)]
-    pending = server.broker.get_pending_tasks()
+    pending = server.get_pending_tasks()
     assert all(isinstance(s, Signature) for s in pending)
     assert [s.uuid for s in pending] == [r.task_uuid for r in results]
     assert [s.args for s in pending] == [[Arg("int64", i), Arg("int64", 10 * i)] for i in range(3)]
     assert all(s.name == "add" and s.routing_key == server.config.default_queue for s in pending)
-    assert server.broker.get_pending_tasks(server.config.default_queue + "_other") == []
+    assert server.get_pending_tasks(server.config.default_queue + "_other") == []
     with running_worker(server):
         assert [r.get(timeout=WAIT) for r in results] == [0, 11, 22]
-    assert server.broker.get_pending_tasks() == []
+    assert server.get_pending_tasks() == []
     assert taken(server) == 0
 
 
@@ -336,18 +336,18 @@ def test_malformed_message_is_dead_lettered_and_can_be_requeued(server: Server) 
         push_raw(server, b"not json")
         after = add.send(2, 3)  # queued behind the bad message
         assert after.get(timeout=WAIT) == 5
-        wait_until(lambda: len(server.broker.dead_letters()) == 1, what="dead letter")
-    (letter,) = server.broker.dead_letters()
+        wait_until(lambda: len(server.dead_letters()) == 1, what="dead letter")
+    (letter,) = server.dead_letters()
     assert (letter.queue, letter.body) == (queue, b"not json")
     assert "not JSON" in letter.reason
     assert letter.time >= before
     assert queued_bodies(server) == [] and taken(server) == 0
 
-    assert server.broker.requeue_dead() == 1
-    assert server.broker.dead_letters() == []
+    assert server.requeue_dead() == 1
+    assert server.dead_letters() == []
     assert queued_bodies(server) == [b"not json"]
     with running_worker(server):  # still garbage: dead-lettered again, never lost
-        wait_until(lambda: len(server.broker.dead_letters()) == 1, what="dead letter again")
+        wait_until(lambda: len(server.dead_letters()) == 1, what="dead letter again")
     assert queued_bodies(server) == [] and taken(server) == 0
 
 
@@ -368,10 +368,10 @@ def test_unregistered_task_is_requeued_and_an_ignorable_one_dropped(
         wait_until(lambda: f"Dropping not_here_either {ignorable.task_uuid}" in caplog.text, what="drop")
         assert add.send(1, 2).get(timeout=WAIT) == 3  # registered work goes on meanwhile
     assert {Signature.decode(body).uuid for body in requeued} == {unknown.task_uuid}
-    assert [s.uuid for s in server.broker.get_pending_tasks()] == [unknown.task_uuid]
+    assert [s.uuid for s in server.get_pending_tasks()] == [unknown.task_uuid]
     assert unknown.state().state == PENDING
     assert ignorable.state().state == PENDING  # like Go: dropped without a state
-    assert server.broker.dead_letters() == [] and taken(server) == 0
+    assert server.dead_letters() == [] and taken(server) == 0
     warnings = [r for r in caplog.records if "'not_here' is not registered" in r.getMessage()]
     assert len(warnings) == 1
 
@@ -423,7 +423,7 @@ def test_on_success_and_on_error_callbacks(server: Server) -> None:
             bad.get(timeout=WAIT)
     assert server.result(ids["never_ok"]).state().state == PENDING
     assert server.result(ids["never_err"]).state().state == PENDING
-    assert server.broker.get_pending_tasks() == []
+    assert server.get_pending_tasks() == []
 
 
 # --------------------------------------------------------------------------- shutdown
@@ -450,7 +450,7 @@ def test_graceful_quit_finishes_the_running_task(server: Server) -> None:
     assert result.state().state == SUCCESS
     assert result.get(timeout=WAIT) == "finished"
     assert taken(server) == 0
-    assert [s.uuid for s in server.broker.get_pending_tasks()] == [late.task_uuid]
+    assert [s.uuid for s in server.get_pending_tasks()] == [late.task_uuid]
     assert late.state().state == PENDING
 
 
@@ -472,11 +472,11 @@ def test_abort_returns_the_running_task_for_another_worker(server: Server) -> No
         worker.quit(abort=True)
     assert result.state().state == STARTED  # it never finished
     assert taken(server) == 0
-    assert [s.uuid for s in server.broker.get_pending_tasks()] == [result.task_uuid]
+    assert [s.uuid for s in server.get_pending_tasks()] == [result.task_uuid]
     with running_worker(server, concurrency=1):
         assert result.get(timeout=WAIT) == "done by the second worker"
     assert runs == [result.task_uuid] * 2
-    assert server.broker.get_pending_tasks() == [] and taken(server) == 0
+    assert server.get_pending_tasks() == [] and taken(server) == 0
 
 
 async def test_a_fetch_cancelled_at_shutdown_leaves_nothing_taken(server: Server) -> None:
@@ -536,7 +536,7 @@ def test_concurrency_bound(server: Server) -> None:
     with running_worker(server, concurrency=2):
         wait_until(lambda: running[0] == 2, what="two tasks running")
         assert taken(server) == 2  # never takes more than it can start
-        assert len(server.broker.get_pending_tasks()) == 4
+        assert len(server.get_pending_tasks()) == 4
         release.set()
         assert [r.get(timeout=WAIT) for r in results] == list(range(6))
     assert most[0] == 2

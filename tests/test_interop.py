@@ -1,4 +1,4 @@
-"""Interop with payloads captured from a real Go Machinery v2 run (``shared/interop/``, see its README).
+"""Interop with payloads captured from a real Go Machinery v2 run (``tests/interop/captures/``, see its README).
 
 1. Every captured message, task state and group metadata decodes, and re-encodes to JSON with the
    same keys, key order, JSON types and values. Timestamps are the one allowed difference: Go writes
@@ -309,7 +309,7 @@ def test_group_meta_members_in_group_order() -> None:
 
 
 def register_go_tasks(server: Server) -> None:
-    """Python twins of the Go tasks the captures were made with (interop/README.md)."""
+    """Python twins of the Go tasks the captures were made with (tests/interop/captures/README.md)."""
     later_calls: list[int] = []
 
     def add(*args: int) -> int:
@@ -474,7 +474,7 @@ def test_our_chain_steps_are_published_like_gos(go_server: Server) -> None:
 
 
 def test_immutable_chain_step_is_published_like_gos(go_server: Server) -> None:
-    # The step's own Immutable flag is not what Go checks: the result 2 is still appended (WIRE.md 6.3).
+    # The step's own Immutable flag is not what Go checks: the result 2 is still appended (docs/wire.md §6.3).
     pushed = record_pushes(go_server)
     first = (INTEROP_DIR / "redis_immutable_chain.json").read_bytes().rstrip(b"\n")
     step2 = (INTEROP_DIR / "redis_immutable_chain_step2_published_by_worker.json").read_bytes().rstrip(b"\n")
@@ -631,7 +631,7 @@ def test_go_edge_case_on_our_worker(go_server: Server, name: str, monkeypatch: p
     with running_worker(go_server):
         push_raw(go_server, body)
         if expect.dead_letter:
-            wait_until(lambda: go_server.broker.dead_letters(), what="dead-lettering")
+            wait_until(lambda: go_server.dead_letters(), what="dead-lettering")
         elif expect.requeued:
             wait_until(lambda: len(requeues) >= 2, what="requeueing")
         else:
@@ -639,9 +639,9 @@ def test_go_edge_case_on_our_worker(go_server: Server, name: str, monkeypatch: p
         # Never stuck: the same worker still runs a good task afterwards.
         assert go_server.send_task(Signature("add", [20, 22])).get(timeout=WAIT) == 42
 
-    ours = go_server.backend.get_state(task_uuid)
-    letters = go_server.broker.dead_letters()
-    pending = [s for s in go_server.broker.get_pending_tasks()]
+    ours = run_sync(go_server.backend.get_state(task_uuid))
+    letters = go_server.dead_letters()
+    pending = [s for s in go_server.get_pending_tasks()]
     if expect.dead_letter:
         assert ours is None
         assert len(letters) == 1 and letters[0].body == body
@@ -674,7 +674,7 @@ def test_go_edge_case_on_our_worker(go_server: Server, name: str, monkeypatch: p
 
 
 def test_all_edge_cases_through_one_worker(go_server: Server) -> None:
-    # A Go v2 worker wedges after the first bad message (WIRE.md 9.5); ours takes them all in turn.
+    # A Go v2 worker wedges after the first bad message (docs/wire.md §9.5); ours takes them all in turn.
     bodies = [EDGE_CASES[name]["message_pushed_to_queue"].encode() for name in sorted(EDGE_CASES)]
     with running_worker(go_server):
         push_raw(go_server, *bodies)
@@ -683,6 +683,6 @@ def test_all_edge_cases_through_one_worker(go_server: Server) -> None:
             if expect.state is not None:
                 body = json.loads(EDGE_CASES[name]["message_pushed_to_queue"])
                 assert wait_for_state(go_server, body.get("UUID", body.get("uuid", ""))).state == expect.state, name
-        wait_until(lambda: len(go_server.broker.dead_letters()) == 1, what="the one dead letter")
+        wait_until(lambda: len(go_server.dead_letters()) == 1, what="the one dead letter")
         assert go_server.send_task(Signature("add", [1, 2])).get(timeout=WAIT) == 3
-    assert [s.name for s in go_server.broker.get_pending_tasks()] == ["nope"]
+    assert [s.name for s in go_server.get_pending_tasks()] == ["nope"]

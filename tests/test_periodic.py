@@ -1,4 +1,4 @@
-"""Periodic tasks and workflows (WIRE.md 12): robfig/cron specs, the lock, ticks fired once.
+"""Periodic tasks and workflows (docs/wire.md §12): robfig/cron specs, the lock, ticks fired once.
 
 No test asserts how long anything took. Scheduling decisions are tested with an injected
 clock; the multi-process test counts sends per tick, whatever the timing was.
@@ -159,10 +159,10 @@ def test_each_tick_sends_a_fresh_copy(server: Server) -> None:
     chord = server.register_periodic_chord("@every 1s", "chord", 1, Signature("multiply"), Signature("add", [1]))
 
     async def send_twice() -> list[Any]:
-        return [await e.send(server) for e in (task, chain, group, chord) for _ in range(2)]
+        return [await e.send(server.dispatcher) for e in (task, chain, group, chord) for _ in range(2)]
 
     sent = run_sync(send_twice())
-    queued = server.broker.get_pending_tasks()
+    queued = server.get_pending_tasks()
     uuids = [s.uuid for s in queued]
     assert len(uuids) == len(set(uuids)) == 2 + 2 + 4 + 2
     assert "task_fixed" not in uuids
@@ -271,7 +271,7 @@ def test_scheduler_sends_with_the_lock_value_of_go(server: Server) -> None:
 
     asyncio.run(fire_twice())
     assert taken == [(server.periodic.lock_key(entry), unix_ns(tick + timedelta(seconds=1)) - 1)] * 2
-    assert len(server.broker.get_pending_tasks()) == 1  # the second one lost the lock
+    assert len(server.get_pending_tasks()) == 1  # the second one lost the lock
 
 
 # --------------------------------------------------------------------------- where it runs
@@ -305,12 +305,12 @@ def test_run_periodic_alone_and_stop(server: Server) -> None:
     thread = threading.Thread(target=lambda: asyncio.run(server.arun_periodic()), daemon=True)
     thread.start()
     try:
-        wait_until(server.broker.get_pending_tasks, timeout=15, what="a tick sent")
+        wait_until(server.get_pending_tasks, timeout=15, what="a tick sent")
     finally:
         server.stop_periodic()
         thread.join(10)
     assert not thread.is_alive()
-    assert server.broker.get_pending_tasks()[0].name == "tick"
+    assert server.get_pending_tasks()[0].name == "tick"
 
 
 # --------------------------------------------------------------------------- locks (Go's semantics)
@@ -368,7 +368,7 @@ def test_redis_lock_is_go_compatible(redis_url: str, tmp_path: Path, queue_name:
 def test_three_schedulers_send_each_tick_once(kind: str, tmp_path: Path, queue_name: str) -> None:
     config = config_for(kind, tmp_path, queue_name)
     server = Server(config)
-    server.broker.get_pending_tasks()  # creates the SQLite file before three processes race to
+    server.get_pending_tasks()  # creates the SQLite file before three processes race to
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKFLOW_PROCS), "periodic", config.broker, queue_name],
@@ -385,7 +385,7 @@ def test_three_schedulers_send_each_tick_once(kind: str, tmp_path: Path, queue_n
     outputs = [p.stdout.read() if p.stdout else "" for p in procs]
     fired = [int(line.split()[1]) for out in outputs for line in out.splitlines() if line.startswith("FIRED ")]
     ticks = Counter(fired)
-    sent = server.broker.get_pending_tasks()
+    sent = server.get_pending_tasks()
     print(f"\n[{kind}] 3 schedulers, @every 1s for 10 s: {len(sent)} sends for {len(ticks)} ticks")
     assert all(s.name == "tick" for s in sent) and len({s.uuid for s in sent}) == len(sent)
     assert len(sent) == len(fired)  # every send is a fired tick ...

@@ -24,6 +24,8 @@ PUBLIC_NAMES = [
     "GroupMeta",
     "MachineryError",
     "MessageDecodeError",
+    "Middleware",
+    "Outcome",
     "PENDING",
     "RECEIVED",
     "RETRY",

@@ -101,7 +101,7 @@ def test_delayed_task_is_a_zset_member_scored_in_unix_ns(server: Server, client:
     [(member, score)] = client.zrange(server.config.redis.delayed_tasks_key, 0, -1, withscores=True)
     assert abs(score - eta.timestamp() * 1e9) < 1e3
     assert json.loads(member)["ETA"].endswith("Z")
-    assert [s.name for s in server.broker.get_delayed_tasks()] == ["add"]
+    assert [s.name for s in server.get_delayed_tasks()] == ["add"]
 
 
 def test_worker_keeps_created_at_written_by_a_go_sender(server: Server, client: redis.Redis, queue_name: str) -> None:
@@ -120,7 +120,7 @@ def test_worker_keeps_created_at_written_by_a_go_sender(server: Server, client: 
     assert stored["State"] == "SUCCESS" and stored["Results"] == [{"Type": "int64", "Value": 2}]
 
 
-@pytest.mark.skipif(not INTEROP_DIR.exists(), reason="shared/interop captures not present")
+@pytest.mark.skipif(not INTEROP_DIR.exists(), reason="tests/interop/captures captures not present")
 def test_go_messages_pushed_raw_complete_with_gos_results(config: Config, client: redis.Redis, queue_name: str) -> None:
     server = Server(config)
 
@@ -218,12 +218,12 @@ def test_a_message_landing_after_close_is_reaped(server: Server, client: redis.R
     async def open_and_close() -> str:
         consumer = await broker.open_consumer(queue_name, "closing")
         await consumer.close()
-        await broker.aclose()
+        await broker.close()
         return consumer.processing  # type: ignore[attr-defined,no-any-return]
 
     processing = asyncio.run(open_and_close())
     # What a blocking take cancelled at shutdown can do: land a message after the release.
-    late = server.prepare(Signature("add", [20, 22]))
+    late = server.dispatcher.prepare(Signature("add", [20, 22]))
     client.rpush(processing, late.encode())
     time.sleep(RELEASED_HEARTBEAT_GRACE + 0.1)
     with running_worker(server, concurrency=1):
@@ -287,10 +287,8 @@ def test_delayed_mover_moves_many_due_tasks_per_round_trip(
     assert isinstance(broker, RedisBroker)
 
     async def one_round() -> list[object]:
-        result: list[object] = await broker.connector.script(_MOVE_DUE)(
-            keys=[key], args=[time.time_ns(), 500, queue_name]
-        )
-        await broker.aclose()
+        result: list[object] = await broker.connector.run(_MOVE_DUE, [key], [time.time_ns(), 500, queue_name])
+        await broker.close()
         return result
 
     moved, next_score = asyncio.run(one_round())
@@ -341,7 +339,7 @@ def test_trigger_chord_interlocks_through_gos_global_mutex(server: Server, clien
         client.delete(CHORD_MUTEX)  # the Go worker releases it
         won = await first
         again = await server.backend.trigger_chord(group)
-        await server.backend.aclose()
+        await server.backend.close()
         return blocked, won, again
 
     blocked, won, again = asyncio.run(scenario())
@@ -449,10 +447,10 @@ def test_dead_letters_keep_binary_bodies_exactly(server: Server, client: redis.R
     body = b"\xff\xfe not utf-8 \n and a newline"
     client.rpush(queue_name, body)
     with running_worker(server, concurrency=1):
-        wait_until(lambda: len(server.broker.dead_letters()) == 1, what="the message dead-lettered")
-    [letter] = server.broker.dead_letters()
+        wait_until(lambda: len(server.dead_letters()) == 1, what="the message dead-lettered")
+    [letter] = server.dead_letters()
     assert letter.body == body and letter.queue == queue_name and "not JSON" in letter.reason
-    assert server.broker.requeue_dead() == 1
+    assert server.requeue_dead() == 1
     assert client.lrange(queue_name, 0, -1) == [body]
 
 

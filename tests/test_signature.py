@@ -1,4 +1,4 @@
-"""The task message: Go's 19 keys in Go's order, and decoding as leniently and strictly as Go (WIRE.md 1-2)."""
+"""The task message: Go's 19 keys in Go's order, and decoding as leniently and strictly as Go (docs/wire.md §1-2)."""
 
 import json
 from datetime import datetime, timedelta, timezone
@@ -239,7 +239,7 @@ def test_nulls_are_zero_values() -> None:
 
 
 def test_non_string_header_values_are_kept_as_json_text() -> None:
-    # Go readers cannot republish such values (WIRE.md 10.6); we keep them readable but as strings.
+    # Go readers cannot republish such values (docs/wire.md §10.6); we keep them readable but as strings.
     decoded = Signature.decode(b'{"Name":"add","Headers":{"a":"b","n":1,"o":{"x":1}}}')
     assert decoded.headers == {"a": "b", "n": "1", "o": '{"x":1}'}
 

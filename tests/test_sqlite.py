@@ -1,4 +1,5 @@
-"""The embedded SQLite broker, result backend and lock (DESIGN promises 2 and 5).
+"""The embedded SQLite broker, result backend and lock: at-least-once delivery on the default
+that needs nothing installed.
 
 Store-level tests drive the broker, backend and lock directly; end-to-end tests run workers
 in threads and in subprocesses sharing one database file, including a worker SIGKILLed in the
@@ -35,7 +36,7 @@ from machinery import (
     Signature,
     TaskState,
 )
-from machinery._sqlite import MEMORY, parse_sqlite_url
+from machinery._drivers.sqlite import MEMORY, parse_sqlite_url
 from machinery._sync import run_sync
 from machinery.backends.sqlite import SQLiteBackend
 from machinery.brokers.sqlite import SQLiteBroker, SQLiteConsumer
@@ -236,7 +237,7 @@ def test_default_config_makes_a_file_in_the_working_directory(tmp_path: Path, mo
         assert not (tmp_path / "machinery.db").exists()  # nothing is opened before it is used
         server.send_task(signature())
         monkeypatch.chdir("/")  # the path was fixed when the server was made
-        assert len(server.broker.get_pending_tasks()) == 1
+        assert len(server.get_pending_tasks()) == 1
         assert (tmp_path / "machinery.db").exists()
         with sqlite3.connect(tmp_path / "machinery.db") as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -256,7 +257,7 @@ async def test_parent_directories_are_created_and_one_store_is_shared(tmp_path: 
         other = Server(config)
         assert broker_of(other).store is broker_of(server).store
         await other.aclose()
-        assert len(await server.broker.aget_pending_tasks()) == 1  # still open for the first server
+        assert len(await server.broker.get_pending_tasks()) == 1  # still open for the first server
     finally:
         await server.aclose()
 
@@ -285,7 +286,7 @@ async def test_a_forked_child_opens_its_own_connection(server: Server) -> None:
             os._exit(code)
     _, status = await asyncio.to_thread(os.waitpid, pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert len(await server.broker.aget_pending_tasks()) == 2
+    assert len(await server.broker.get_pending_tasks()) == 2
 
 
 # ---------------------------------------------------------------------------------- broker
@@ -295,12 +296,12 @@ async def test_publish_fetch_ack_in_fifo_order(server: Server, config: Config) -
     sigs = [signature("add", i, 0) for i in range(5)]
     for sig in sigs:
         await server.broker.publish(sig)
-    assert [s.uuid for s in await server.broker.aget_pending_tasks()] == [s.uuid for s in sigs]
+    assert [s.uuid for s in await server.broker.get_pending_tasks()] == [s.uuid for s in sigs]
     consumer = await server.broker.open_consumer(config.default_queue, "t")
     first = await consumer.fetch(2, 1.0)
     assert [Signature.decode(d.body).uuid for d in first] == [sigs[0].uuid, sigs[1].uuid]
     # Taken messages are no longer pending, and are never handed out twice.
-    assert [s.uuid for s in await server.broker.aget_pending_tasks()] == [s.uuid for s in sigs[2:]]
+    assert [s.uuid for s in await server.broker.get_pending_tasks()] == [s.uuid for s in sigs[2:]]
     rest = await consumer.fetch(10, 1.0)
     assert [Signature.decode(d.body).uuid for d in rest] == [s.uuid for s in sigs[2:]]
     for delivery in first + rest:
@@ -316,11 +317,11 @@ async def test_requeue_goes_to_the_back_and_close_returns_to_the_head(server: Se
     consumer = await server.broker.open_consumer(config.default_queue, "t")
     (first,) = await consumer.fetch(1, 1.0)
     await consumer.requeue(first)
-    assert [s.uuid for s in await server.broker.aget_pending_tasks()] == [sigs[1].uuid, sigs[2].uuid, sigs[0].uuid]
+    assert [s.uuid for s in await server.broker.get_pending_tasks()] == [sigs[1].uuid, sigs[2].uuid, sigs[0].uuid]
     (second,) = await consumer.fetch(1, 1.0)
     assert Signature.decode(second.body).uuid == sigs[1].uuid
     await consumer.close()  # never finished: back where it was, at the head
-    assert [s.uuid for s in await server.broker.aget_pending_tasks()] == [sigs[1].uuid, sigs[2].uuid, sigs[0].uuid]
+    assert [s.uuid for s in await server.broker.get_pending_tasks()] == [sigs[1].uuid, sigs[2].uuid, sigs[0].uuid]
 
 
 async def test_dead_letter_and_requeue_dead(server: Server, config: Config) -> None:
@@ -330,12 +331,12 @@ async def test_dead_letter_and_requeue_dead(server: Server, config: Config) -> N
     (delivery,) = await consumer.fetch(1, 1.0)
     await consumer.dead_letter(delivery, "cannot decode")
     assert await consumer.fetch(1, 0) == []
-    (letter,) = await broker.adead_letters()
+    (letter,) = await broker.dead_letters()
     assert (letter.queue, letter.reason, letter.body) == (config.default_queue, "cannot decode", b"\xffnot a task")
     assert abs(letter.time - datetime.now(timezone.utc)) < timedelta(minutes=1)
-    assert await broker.adead_letters("another_queue") == []
-    assert await broker.arequeue_dead() == 1
-    assert await broker.adead_letters() == []
+    assert await broker.dead_letters("another_queue") == []
+    assert await broker.requeue_dead() == 1
+    assert await broker.dead_letters() == []
     (again,) = await consumer.fetch(1, 1.0)
     assert again.body == b"\xffnot a task"
     await consumer.ack(again)
@@ -348,8 +349,8 @@ async def test_delayed_task_waits_for_its_eta(server: Server, config: Config) ->
     await server.broker.publish(later)
     consumer = await server.broker.open_consumer(config.default_queue, "t")
     assert await consumer.fetch(1, 0) == []
-    assert [s.uuid for s in await server.broker.aget_delayed_tasks()] == [later.uuid]
-    assert await server.broker.aget_pending_tasks() == []
+    assert [s.uuid for s in await server.broker.get_delayed_tasks()] == [later.uuid]
+    assert await server.broker.get_pending_tasks() == []
     await server.broker.publish(signature("add", 2, 2))
     (ready,) = await consumer.fetch(5, 1.0)  # the ready one comes first, alone
     assert Signature.decode(ready.body).args == signature("add", 2, 2).args
@@ -358,7 +359,7 @@ async def test_delayed_task_waits_for_its_eta(server: Server, config: Config) ->
     (due,) = await consumer.fetch(5, remaining + 5.0)
     assert datetime.now(timezone.utc) >= eta, "a delayed task was handed out before its ETA"
     assert Signature.decode(due.body).uuid == later.uuid
-    assert await server.broker.aget_delayed_tasks() == []
+    assert await server.broker.get_delayed_tasks() == []
     await consumer.close()
 
 
@@ -451,7 +452,7 @@ async def test_a_cancelled_fetch_leaves_nothing_taken(server: Server, config: Co
 
 
 async def test_a_locked_database_is_waited_for_without_blocking_the_loop(server: Server, config: Config) -> None:
-    await server.broker.aget_pending_tasks()  # the file and schema exist
+    await server.broker.get_pending_tasks()  # the file and schema exist
     blocker = sqlite3.connect(db_path(config), isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     ticks = 0
@@ -471,7 +472,7 @@ async def test_a_locked_database_is_waited_for_without_blocking_the_loop(server:
     blocker.close()
     await asyncio.wait_for(publish, WAIT)
     ticking.cancel()
-    assert len(await server.broker.aget_pending_tasks()) == 1
+    assert len(await server.broker.get_pending_tasks()) == 1
 
 
 # ---------------------------------------------------------------------------------- backend
@@ -481,10 +482,10 @@ async def test_states_are_stored_as_the_redis_json_and_keep_created(server: Serv
     backend = backend_of(server)
     sig = signature()
     await backend.set_pending([sig])
-    pending = await backend.aget_state(sig.uuid)
+    pending = await backend.get_state(sig.uuid)
     assert pending is not None and pending.state == PENDING and pending.task_name == "add"
     await backend.set_state(sig, STARTED)
-    started = await backend.aget_state(sig.uuid)
+    started = await backend.get_state(sig.uuid)
     assert started is not None and started.state == STARTED and started.created_at == pending.created_at
     with sqlite3.connect(db_path(config)) as conn:
         (stored,) = conn.execute("SELECT body FROM task_states WHERE uuid = ?", (sig.uuid,)).fetchone()
@@ -492,7 +493,7 @@ async def test_states_are_stored_as_the_redis_json_and_keep_created(server: Serv
     assert list(json.loads(stored)) == ["TaskUUID", "TaskName", "State", "Results", "Error", "CreatedAt", "TTL"]
     assert await backend.get_states([sig.uuid, "missing"]) == [started, None]
     await backend.purge_state(sig.uuid)
-    assert await backend.aget_state(sig.uuid) is None
+    assert await backend.get_state(sig.uuid) is None
 
 
 async def test_results_expire(tmp_path: Path, queue_name: str) -> None:
@@ -501,10 +502,10 @@ async def test_results_expire(tmp_path: Path, queue_name: str) -> None:
         backend = backend_of(server)
         await backend.write_states([TaskState("gone", SUCCESS, "add")], False)
         await backend.init_group("group_gone", ["gone"])
-        assert await backend.aget_state("gone") is not None
+        assert await backend.get_state("gone") is not None
         await asyncio.sleep(1.2)
-        assert await backend.aget_state("gone") is None
-        assert await backend.aget_group_meta("group_gone") is None
+        assert await backend.get_state("gone") is None
+        assert await backend.get_group_meta("group_gone") is None
         backend._next_purge = 0.0  # the next write sweeps expired rows
         await backend.write_states([TaskState("fresh", PENDING, "add")], False)
         assert count_rows(server.config, "task_states") == 1
@@ -515,17 +516,17 @@ async def test_results_expire(tmp_path: Path, queue_name: str) -> None:
 async def test_group_meta_and_chord_trigger_once(server: Server) -> None:
     backend = backend_of(server)
     await backend.init_group("group_1", ["a", "b"])
-    meta = await backend.aget_group_meta("group_1")
+    meta = await backend.get_group_meta("group_1")
     assert isinstance(meta, GroupMeta) and meta.task_uuids == ["a", "b"] and not meta.chord_triggered
     await backend.write_states([TaskState("a", SUCCESS), TaskState("b", FAILURE, error="x")], False)
     assert await backend.group_completed("group_1", 2)
     results = await asyncio.gather(*(backend.trigger_chord("group_1") for _ in range(10)))
     assert results.count(True) == 1
-    meta = await backend.aget_group_meta("group_1")
+    meta = await backend.get_group_meta("group_1")
     assert meta is not None and meta.chord_triggered
     assert await backend.trigger_chord("no_such_group") is False
     await backend.purge_group_meta("group_1")
-    assert await backend.aget_group_meta("group_1") is None
+    assert await backend.get_group_meta("group_1") is None
 
 
 async def test_lock_semantics(server: Server) -> None:
@@ -575,8 +576,8 @@ def test_worker_runs_tasks_and_dead_letters_garbage(server: Server, config: Conf
         results = [server.send_task(signature("add", i, i)) for i in range(10)]
         assert [r.get(timeout=WAIT) for r in results] == [2 * i for i in range(10)]
         run_sync(broker_of(server)._push([(config.default_queue, b"{garbage")]))
-        wait_until(lambda: server.broker.dead_letters(), timeout=WAIT, what="dead-lettering")
-    (letter,) = server.broker.dead_letters()
+        wait_until(lambda: server.dead_letters(), timeout=WAIT, what="dead-lettering")
+    (letter,) = server.dead_letters()
     assert letter.body == b"{garbage" and letter.reason
     assert count_rows(config, "messages") == 0
 
@@ -617,7 +618,7 @@ def test_several_processes_send_and_work_on_one_file(server: Server, config: Con
     for proc in workers:
         procs.stop(proc)
         assert proc.returncode == 0, procs.logs()
-    assert server.broker.get_pending_tasks() == []
+    assert server.get_pending_tasks() == []
     assert count_rows(config, "messages") == 0
 
 

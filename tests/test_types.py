@@ -1,4 +1,4 @@
-"""Go type names <-> Python values (WIRE.md 3 and 4) and Go's time format (WIRE.md 1.7)."""
+"""Go type names <-> Python values (docs/wire.md §3 and §4) and Go's time format (docs/wire.md §1.7)."""
 
 import math
 from datetime import datetime, timedelta, timezone
@@ -142,7 +142,7 @@ def test_wire_value(go_type: str, value: Any, wire: Any) -> None:
     assert type(out) is type(wire)
 
 
-# --------------------------------------------------------------------------- receiving: WIRE.md 3.2
+# --------------------------------------------------------------------------- receiving: docs/wire.md §3.2
 
 
 @pytest.mark.parametrize(
@@ -212,7 +212,7 @@ def test_unknown_type_error_is_exactly_gos() -> None:
     assert str(info.value) == "decimal is not one of supported types"
 
 
-# --------------------------------------------------------------------------- results: WIRE.md 4
+# --------------------------------------------------------------------------- results: docs/wire.md §4
 
 
 def wire(results: list[TaskResult]) -> list[dict[str, Any]]:
@@ -290,7 +290,7 @@ def test_decode_results_refuses_types_no_reader_can_reflect() -> None:
         decode_results([TaskResult("main.T", {})])
 
 
-# --------------------------------------------------------------------------- times: WIRE.md 1.7
+# --------------------------------------------------------------------------- times: docs/wire.md §1.7
 
 
 def test_format_time_is_utc_with_trimmed_fraction() -> None:

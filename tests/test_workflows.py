@@ -1,4 +1,4 @@
-"""Chains, groups and chords (WIRE.md 6.3, 8) over memory, SQLite and Redis, plus Go interop.
+"""Chains, groups and chords (docs/wire.md §6.3, 8) over memory, SQLite and Redis, plus Go interop.
 
 Waits are bounded only so that a broken workflow fails instead of hanging; nothing here
 asserts how long anything took. "Promptly" is shown by order instead: a failed member is
@@ -32,8 +32,8 @@ from machinery import (
     Signature,
     TaskFailed,
 )
-from machinery import workflow as workflow_module
 from machinery._sync import run_sync
+from machinery.workflow import chords as workflow_module
 
 WAIT = 20.0  # an upper bound for anything to happen; never an expectation of speed
 
@@ -176,9 +176,9 @@ def test_group_metadata_then_pending_then_publish(env: tuple[Server, Recorder]) 
     group = Group(sig("add", 1, 1), sig("add", 2, 2), sig("add", 5, 6))
     server.send_group(group)
     assert order == ["init", "pending:3", "publish"]
-    meta = backend.get_group_meta(group.group_uuid)
+    meta = run_sync(backend.get_group_meta(group.group_uuid))
     assert isinstance(meta, GroupMeta) and meta.task_uuids == group.task_uuids and not meta.chord_triggered
-    assert [backend.get_state(u).state for u in group.task_uuids] == ["PENDING"] * 3  # type: ignore[union-attr]
+    assert [run_sync(backend.get_state(u)).state for u in group.task_uuids] == ["PENDING"] * 3  # type: ignore[union-attr]
     assert all(s.headers == {} for s in group.signatures)  # as Go's SendGroup
 
 
@@ -188,7 +188,7 @@ def test_group_metadata_then_pending_then_publish(env: tuple[Server, Recorder]) 
 def test_immutable_predecessor_stops_result_passing(env: tuple[Server, Recorder]) -> None:
     server, _ = env
     with running_worker(server, concurrency=2):
-        # The finished step's flag decides (WIRE.md 6.3): add(5, 5) gets nothing appended.
+        # The finished step's flag decides (docs/wire.md §6.3): add(5, 5) gets nothing appended.
         assert server.send_chain(Chain(sig("add", 1, 1, immutable=True), sig("add", 5, 5))).get(WAIT) == 10
         # The next step's own flag is not consulted: Go still appended 2 (interop capture).
         assert server.send_chain(Chain(sig("add", 1, 1), sig("add", 5, 5, immutable=True))).get(WAIT) == 12
@@ -225,7 +225,7 @@ def test_chain_stops_at_failed_step_after_retries_and_runs_on_error(env: tuple[S
     assert len(rec.of("fail")) == 2  # the first run and its one retry
     assert rec.of("on_error") == [("step two broke", 7)]  # error text prepended, as Go
     assert rec.of("multiply") == []
-    assert server.backend.get_state(chain.signatures[2].uuid) is None  # never sent
+    assert run_sync(server.backend.get_state(chain.signatures[2].uuid)) is None  # never sent
 
 
 def test_chord_with_a_failing_member_raises_promptly_and_never_sends_callback(env: tuple[Server, Recorder]) -> None:
@@ -261,7 +261,7 @@ def test_chord_whose_last_member_fails_is_still_decided(env: tuple[Server, Recor
         assert failed.value.task_uuid == last.uuid
         callback = wait_until(lambda: _completed(server, chord.callback.uuid), timeout=WAIT, what="the chord decision")
     assert callback.state == FAILURE and "last one broke" in callback.error
-    assert server.backend.get_group_meta(chord.group.group_uuid).chord_triggered  # type: ignore[union-attr]
+    assert run_sync(server.backend.get_group_meta(chord.group.group_uuid)).chord_triggered  # type: ignore[union-attr]
     assert rec.of("multiply") == []
 
 
@@ -308,7 +308,7 @@ def test_large_group_is_published_in_batches(tmp_path: Path, queue_name: str) ->
     results = server.send_group(Group(*(sig("add", i) for i in range(10_000))))
     assert len(results) == 10_000
     assert sum(calls) == 10_000 and len(calls) == 10  # round trips, not messages
-    assert len(server.broker.get_pending_tasks()) == 10_000
+    assert len(server.get_pending_tasks()) == 10_000
     server.close()
 
 
@@ -356,7 +356,7 @@ def test_slow_winner_and_a_repairing_redelivered_member_send_the_callback_once(e
             # Stall between winning and sending until a redelivered member has repaired the
             # "lost" callback: the winner must then not send it a second time.
             for _ in range(500):
-                if server.backend.get_state(chord.callback.uuid) is not None:
+                if run_sync(server.backend.get_state(chord.callback.uuid)) is not None:
                     break
                 await asyncio.sleep(0.01)
         return won
@@ -490,5 +490,5 @@ def record_batches(server: Server) -> list[int]:
 
 
 def _completed(server: Server, task_uuid: str) -> Any:
-    state = server.backend.get_state(task_uuid)
+    state = run_sync(server.backend.get_state(task_uuid))
     return state if state is not None and state.is_completed() else None

@@ -12,6 +12,7 @@ from .errors import (
     TaskNotRegisteredError,
 )
 from .log import get_logger, set_logger
+from .middleware import Middleware, Outcome
 from .registry import TaskContext
 from .result import AsyncResult, ChainAsyncResult, ChordAsyncResult
 from .retry import RetryTaskLater
@@ -41,6 +42,8 @@ __all__ = [
     "GroupMeta",
     "MachineryError",
     "MessageDecodeError",
+    "Middleware",
+    "Outcome",
     "PENDING",
     "RECEIVED",
     "RETRY",

@@ -1,6 +1,6 @@
 """Configuration: the fields of Go Machinery's config, read from code, the environment or YAML.
 
-Environment names and YAML keys are Go Machinery's (WIRE.md 13), so one file or one set of
+Environment names and YAML keys are Go Machinery's (docs/wire.md §13), so one file or one set of
 variables can configure Go and Python services alike. Go's loader bugs are not copied: the
 whole YAML file is read, ``k:v`` argument lists keep their values, and no empty TLS config
 appears from nowhere.
@@ -20,6 +20,7 @@ import yaml
 
 from . import log
 from .errors import ConfigError
+from .factory import check_url
 
 DEFAULT_URL = "sqlite:///machinery.db"
 """The embedded default broker and backend: a SQLite file in the working directory."""
@@ -72,7 +73,8 @@ class AMQPConfig:
         "skip_publisher_queue",
         "AMQP_SKIP_PUBLISHER_QUEUE",
         "Python-only deployments: do not declare Go's never-consumed publisher queue named after the binding "
-        "key (WIRE.md 10.1); declare the workers' default queue instead. Keep off when Go services share RabbitMQ",
+        "key (docs/wire.md §10.1); declare the workers' default queue instead. "
+        "Keep off when Go services share RabbitMQ",
     )
 
 
@@ -160,12 +162,10 @@ class Config:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the first invalid field and its value."""
-        from .factory import check_backend_url, check_broker_url, check_lock_url
-
         for url in self.broker_urls():
-            check_broker_url(url, "broker")
-        check_backend_url(self.result_backend_url, "result_backend")
-        check_lock_url(self.lock_url, "lock")
+            check_url("broker", url)
+        check_url("result_backend", self.result_backend_url)
+        check_url("lock", self.lock_url)
         if not isinstance(self.results_expire_in, int) or self.results_expire_in < 0:
             raise ConfigError(
                 f"results_expire_in must be a whole number of seconds >= 0, got {self.results_expire_in!r}"

@@ -1,104 +1,78 @@
-"""URL scheme -> broker, result backend and lock implementations.
+"""URL scheme -> the broker, result backend and lock that serve it.
 
-A new implementation is one module and one line here; nothing else names a concrete class.
-Implementations are imported only when used, so a Redis user never imports aio-pika.
+A new driver is one module and one line in these tables; nothing else names a concrete
+class. Drivers are imported only when a URL asks for them, so a Redis user never imports
+aio-pika, and a missing optional dependency is reported with the extra that brings it.
+
+This module is a leaf on purpose: ``Config`` validates URLs against these tables, and the
+seam packages (``brokers``, ``backends``, ``locks``) build instances from them.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
-if TYPE_CHECKING:
-    from .backends.base import Backend
-    from .brokers.base import Broker
-    from .config import Config
-    from .locks.base import Lock
-
 _REDIS = ("redis", "rediss", "redis+socket")
 _AMQP = ("amqp", "amqps")
 
-BROKERS: dict[str, str] = {
-    **{scheme: "machinery.brokers.redis:RedisBroker" for scheme in _REDIS},
-    **{scheme: "machinery.brokers.amqp:AMQPBroker" for scheme in _AMQP},
-    "sqlite": "machinery.brokers.sqlite:SQLiteBroker",
-    "memory": "machinery.brokers.memory:MemoryBroker",
+#: (module:class, the pip extra its dependencies come with) per URL scheme.
+BROKERS: dict[str, tuple[str, str]] = {
+    **{scheme: ("machinery.brokers.redis:RedisBroker", "redis") for scheme in _REDIS},
+    **{scheme: ("machinery.brokers.amqp:AMQPBroker", "amqp") for scheme in _AMQP},
+    "sqlite": ("machinery.brokers.sqlite:SQLiteBroker", ""),
+    "memory": ("machinery.brokers.memory:MemoryBroker", ""),
 }
-BACKENDS: dict[str, str] = {
-    **{scheme: "machinery.backends.redis:RedisBackend" for scheme in _REDIS},
-    **{scheme: "machinery.backends.amqp:AMQPBackend" for scheme in _AMQP},
-    "sqlite": "machinery.backends.sqlite:SQLiteBackend",
-    "memory": "machinery.backends.memory:MemoryBackend",
+BACKENDS: dict[str, tuple[str, str]] = {
+    **{scheme: ("machinery.backends.redis:RedisBackend", "redis") for scheme in _REDIS},
+    **{scheme: ("machinery.backends.amqp:AMQPBackend", "amqp") for scheme in _AMQP},
+    "sqlite": ("machinery.backends.sqlite:SQLiteBackend", ""),
+    "memory": ("machinery.backends.memory:MemoryBackend", ""),
 }
-LOCKS: dict[str, str] = {
-    **{scheme: "machinery.locks.redis:RedisLock" for scheme in _REDIS},
-    "sqlite": "machinery.locks.sqlite:SQLiteLock",
-    "memory": "machinery.locks.memory:MemoryLock",
+LOCKS: dict[str, tuple[str, str]] = {
+    **{scheme: ("machinery.locks.redis:RedisLock", "redis") for scheme in _REDIS},
+    "sqlite": ("machinery.locks.sqlite:SQLiteLock", ""),
+    "memory": ("machinery.locks.memory:MemoryLock", ""),
 }
+_TABLES = {"broker": BROKERS, "result_backend": BACKENDS, "lock": LOCKS}
 
 
 def scheme_of(url: str) -> str:
+    """The lower-case scheme of ``url``, or ``""`` when it has none."""
     return urlsplit(url).scheme.lower() if "://" in url else ""
 
 
-def _check(url: str, field: str, table: dict[str, str]) -> str:
+def check_url(kind: str, url: str, field: str | None = None) -> str:
+    """Return the scheme of ``url`` if some driver of ``kind`` serves it; else raise ConfigError.
+
+    ``kind`` is ``broker``, ``result_backend`` or ``lock``; ``field`` names the setting in the
+    message (default: ``kind``). A lock URL no lock serves is not an error: as in Go, the
+    in-process lock is used instead.
+    """
+    table = _TABLES[kind]
     scheme = scheme_of(url)
-    if scheme not in table:
-        shown = f"scheme {scheme!r}" if scheme else "no scheme"
-        raise ConfigError(
-            f"{field} URL {url!r} has {shown}; supported schemes are " + ", ".join(f"{s}://" for s in sorted(table))
-        )
-    return scheme
+    if scheme in table:
+        return scheme
+    if kind == "lock":
+        return "memory"
+    shown = f"scheme {scheme!r}" if scheme else "no scheme"
+    supported = ", ".join(f"{s}://" for s in sorted(table))
+    raise ConfigError(f"{field or kind} URL {url!r} has {shown}; supported schemes are {supported}")
 
 
-def check_broker_url(url: str, field: str = "broker") -> None:
-    _check(url, field, BROKERS)
-
-
-def check_backend_url(url: str, field: str = "result_backend") -> None:
-    _check(url, field, BACKENDS)
-
-
-def check_lock_url(url: str, field: str = "lock") -> None:
-    if scheme_of(url) not in LOCKS:
-        return  # like Go: a lock URL it cannot use falls back to the in-process lock
-    _check(url, field, LOCKS)
-
-
-def _load(path: str) -> Any:
+def driver_class(kind: str, url: str) -> Any:
+    """The class serving ``url`` for ``kind``, imported now; ConfigError names a missing extra."""
+    path, extra = _TABLES[kind][check_url(kind, url)]
     module, _, name = path.partition(":")
     try:
         return getattr(importlib.import_module(module), name)
     except ImportError as exc:
-        if exc.name == module:
+        if exc.name == module or not extra:
             raise
-        extra = module.rsplit(".", 1)[-1]
         raise ConfigError(
-            f"{module} needs a package that is not installed ({exc.name}); "
+            f"{url.partition('://')[0]}:// needs a package that is not installed ({exc.name}); "
             f"install it with: pip install 'machinery[{extra}]'"
         ) from None
-
-
-def create_broker(config: Config) -> Broker:
-    url = config.broker_urls()[0]
-    cls = _load(BROKERS[_check(url, "broker", BROKERS)])
-    broker: Broker = cls(config)
-    return broker
-
-
-def create_backend(config: Config) -> Backend:
-    url = config.result_backend_url
-    cls = _load(BACKENDS[_check(url, "result_backend", BACKENDS)])
-    backend: Backend = cls(config, url)
-    return backend
-
-
-def create_lock(config: Config) -> Lock:
-    url = config.lock_url
-    scheme = scheme_of(url)
-    cls = _load(LOCKS[scheme] if scheme in LOCKS else LOCKS["memory"])
-    lock: Lock = cls(config, url)
-    return lock

@@ -30,7 +30,7 @@ class AsyncResult:
 
     async def astate(self) -> TaskState:
         """The task's current state (PENDING if the backend has none yet)."""
-        state = await self.backend.aget_state(self.task_uuid)
+        state = await self.backend.get_state(self.task_uuid)
         return state if state is not None else TaskState(self.task_uuid, PENDING)
 
     def state(self) -> TaskState:
@@ -144,7 +144,7 @@ class ChordAsyncResult:
         deadline = None if timeout is None else time.monotonic() + timeout
         unfinished = [r.task_uuid for r in self.results]
         while True:
-            state = await self.backend.aget_state(self.task_uuid)
+            state = await self.backend.get_state(self.task_uuid)
             if unfinished or (state is not None and state.is_failure()):
                 # A failed member explains a failed callback better than the callback's own
                 # error (the worker records "member ... failed" there without sending it).

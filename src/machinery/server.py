@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from ._sync import run_sync
+from .backends import create_backend
+from .brokers import DeadLetter, create_broker
 from .config import Config
-from .factory import create_backend, create_broker, create_lock
+from .dispatch import Dispatcher, ProgressHandler
+from .locks import Lock, create_lock
+from .middleware import HandlerAdapter, Middleware, MiddlewareStack
 from .periodic import PeriodicEntry, Scheduler
 from .registry import TaskSpec
 from .result import AsyncResult, ChainAsyncResult, ChordAsyncResult
-from .signature import Chain, Chord, Group, Signature, new_task_uuid
-from .workflow import ProgressHandler, send_chain, send_chord, send_group
-
-if TYPE_CHECKING:
-    from .locks.base import Lock
-    from .worker import Worker
+from .retry import Retries
+from .signature import Chain, Chord, Group, Signature
+from .worker import Worker
+from .workflow import Callbacks, ChordCompletion, send_chain, send_chord, send_group
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -56,16 +58,30 @@ class Task(Generic[P, R]):
 
 
 class Server:
-    """Holds the configuration, the broker, the result backend, the lock and the tasks."""
+    """Holds the configuration, the broker, the result backend, the lock, the tasks and the middleware.
 
-    def __init__(self, config: Config | None = None) -> None:
+    ``middleware`` runs around every send of this server and every task its workers
+    process (see ``machinery.Middleware``); more can be added with ``add_middleware``.
+    """
+
+    def __init__(self, config: Config | None = None, middleware: Iterable[Middleware] = ()) -> None:
         self.config = config if config is not None else Config()
         self.broker = create_broker(self.config)
         self.backend = create_backend(self.config)
         self._lock: Lock | None = None
         self.tasks: dict[str, TaskSpec] = {}
-        self._pre_publish: PrePublishHandler | None = None
-        self.periodic = Scheduler(self)
+        self.middleware = MiddlewareStack(middleware)
+        self.dispatcher = Dispatcher(self.broker, self.backend, self.middleware)
+        # Go's worker behaviour, as middleware (they need the dispatcher, which needs the stack).
+        self.middleware.set_builtin(
+            [
+                ChordCompletion(self.backend, lambda: self.lock, self.dispatcher),
+                Callbacks(self.dispatcher),
+                Retries(self.dispatcher),
+            ]
+        )
+        self.periodic = Scheduler(self.config, self.dispatcher, lambda: self.lock)
+        self._pre_publish: HandlerAdapter | None = None
 
     @property
     def lock(self) -> Lock:
@@ -108,27 +124,27 @@ class Server:
     def is_task_registered(self, name: str) -> bool:
         return name in self.tasks
 
-    # ------------------------------------------------------------------ sending
+    # ------------------------------------------------------------------ middleware
+
+    def add_middleware(self, middleware: Middleware) -> None:
+        """Run ``middleware`` around this server's sends and its workers' tasks, after the others."""
+        self.middleware.add(middleware)
 
     def set_pre_publish_handler(self, handler: PrePublishHandler | None) -> None:
-        """Call ``handler(signature)`` just before each signature is published."""
-        self._pre_publish = handler
+        """Call ``handler(signature)`` before each signature is published (Go's single-slot
+        handler; a ``before_publish`` middleware underneath). None removes it."""
+        if self._pre_publish is not None:
+            self.middleware.remove(self._pre_publish)
+            self._pre_publish = None
+        if handler is not None:
+            self._pre_publish = HandlerAdapter(pre_publish=handler)
+            self.middleware.add(self._pre_publish)
 
-    def prepare(self, signature: Signature) -> Signature:
-        """Fill what Go's SendTask fills before publishing: a UUID and empty headers."""
-        if not signature.uuid:
-            signature.uuid = new_task_uuid()
-        if signature.headers is None:
-            signature.headers = {}
-        return signature
+    # ------------------------------------------------------------------ sending
 
     async def asend_task(self, signature: Signature) -> AsyncResult:
         """Write PENDING, then publish ``signature``; returns its AsyncResult."""
-        self.prepare(signature)
-        await self.backend.set_pending((signature,))
-        if self._pre_publish is not None:
-            self._pre_publish(signature)
-        await self.broker.publish(signature)
+        await self.dispatcher.send(signature)
         return AsyncResult(signature.uuid, self.backend)
 
     def send_task(self, signature: Signature) -> AsyncResult:
@@ -138,11 +154,11 @@ class Server:
         """An AsyncResult for a task sent elsewhere."""
         return AsyncResult(task_uuid, self.backend)
 
-    # ------------------------------------------------------------------ workflows (workflow.py)
+    # ------------------------------------------------------------------ workflows
 
     async def asend_chain(self, chain: Chain) -> ChainAsyncResult:
         """Send a chain: its first step now, each next one when the previous one succeeds."""
-        return await send_chain(self, chain)
+        return await send_chain(self.dispatcher, chain)
 
     def send_chain(self, chain: Chain) -> ChainAsyncResult:
         return run_sync(self.asend_chain(chain))
@@ -156,7 +172,7 @@ class Server:
         called as batches are published. A publish error is raised after the other members
         are published (those still run).
         """
-        return await send_group(self, group, send_concurrency, on_progress)
+        return await send_group(self.dispatcher, group, send_concurrency, on_progress)
 
     def send_group(
         self, group: Group, send_concurrency: int = 0, on_progress: ProgressHandler | None = None
@@ -167,14 +183,14 @@ class Server:
         self, chord: Chord, send_concurrency: int = 0, on_progress: ProgressHandler | None = None
     ) -> ChordAsyncResult:
         """Send a chord's group as ``asend_group`` does; a worker sends the callback when it is done."""
-        return await send_chord(self, chord, send_concurrency, on_progress)
+        return await send_chord(self.dispatcher, chord, send_concurrency, on_progress)
 
     def send_chord(
         self, chord: Chord, send_concurrency: int = 0, on_progress: ProgressHandler | None = None
     ) -> ChordAsyncResult:
         return run_sync(self.asend_chord(chord, send_concurrency, on_progress))
 
-    # ------------------------------------------------------------------ periodic (periodic.py)
+    # ------------------------------------------------------------------ periodic
 
     def register_periodic_task(self, spec: str, name: str, signature: Signature) -> PeriodicEntry:
         """Send a copy of ``signature`` on every tick of the cron ``spec``, once across the cluster.
@@ -231,23 +247,53 @@ class Server:
 
         With ``periodic`` (the default) the worker also runs the periodic scheduler.
         """
-        from .worker import Worker
-
         return Worker(self, consumer_tag=consumer_tag, concurrency=concurrency, queue=queue, periodic=periodic)
+
+    # ------------------------------------------------------------------ inspection
+
+    async def aget_pending_tasks(self, queue: str | None = None) -> list[Signature]:
+        """The tasks waiting in ``queue`` (the default queue if None), oldest first."""
+        return await self.broker.get_pending_tasks(queue)
+
+    def get_pending_tasks(self, queue: str | None = None) -> list[Signature]:
+        return run_sync(self.aget_pending_tasks(queue))
+
+    async def aget_delayed_tasks(self) -> list[Signature]:
+        """The tasks waiting for their ETA, soonest first."""
+        return await self.broker.get_delayed_tasks()
+
+    def get_delayed_tasks(self) -> list[Signature]:
+        return run_sync(self.aget_delayed_tasks())
+
+    async def adead_letters(self, queue: str | None = None) -> list[DeadLetter]:
+        """The messages of ``queue`` that could not be processed, with why, oldest first."""
+        return await self.broker.dead_letters(queue)
+
+    def dead_letters(self, queue: str | None = None) -> list[DeadLetter]:
+        return run_sync(self.adead_letters(queue))
+
+    async def arequeue_dead(self, queue: str | None = None) -> int:
+        """Put the dead letters of ``queue`` back on it; returns how many."""
+        return await self.broker.requeue_dead(queue)
+
+    def requeue_dead(self, queue: str | None = None) -> int:
+        return run_sync(self.arequeue_dead(queue))
+
+    # ------------------------------------------------------------------ closing
 
     async def aclose(self) -> None:
         """Close connections held by the broker, backend and lock."""
-        await self.broker.aclose()
-        await self.backend.aclose()
+        await self.broker.close()
+        await self.backend.close()
         if self._lock is not None:
-            await self._lock.aclose()
+            await self._lock.close()
 
     def close(self) -> None:
         run_sync(self.aclose())
 
     async def aclose_loop_connections(self) -> None:
         """Close the connections the running event loop holds (a worker's loop, when it ends)."""
-        await self.broker.aclose_loop_connections()
-        await self.backend.aclose_loop_connections()
+        await self.broker.close_loop_connections()
+        await self.backend.close_loop_connections()
         if self._lock is not None:
-            await self._lock.aclose_loop_connections()
+            await self._lock.close_loop_connections()

@@ -1,4 +1,4 @@
-"""The task message: ``Signature`` and its exact Go Machinery JSON form (WIRE.md 1-2)."""
+"""The task message: ``Signature`` and its exact Go Machinery JSON form (docs/wire.md §1-2)."""
 
 from __future__ import annotations
 
@@ -264,7 +264,7 @@ def _decode_arg(raw: Any, position: int) -> Arg:
         raise MessageDecodeError(f"argument {position}: {exc}") from None
 
 
-# --------------------------------------------------------------------------- workflows (WIRE.md 8)
+# --------------------------------------------------------------------------- workflows (docs/wire.md §8)
 
 
 def _member(signature: Signature, what: str) -> Signature:
@@ -295,7 +295,7 @@ class Chain:
     Built as Go's ``NewChain``: every step gets a ``task_`` UUID if it has none, and step
     *i* becomes step *i-1*'s only ``OnSuccess`` callback, so the whole chain travels nested
     inside the first message. Whether a step's results are appended to the next step's
-    arguments depends on the *finished* step's ``immutable`` flag (Go's rule, WIRE.md 6.3).
+    arguments depends on the *finished* step's ``immutable`` flag (Go's rule, docs/wire.md §6.3).
 
     The chain holds copies of the given signatures: read the UUIDs from ``signatures``.
     """

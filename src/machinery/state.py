@@ -1,4 +1,4 @@
-"""Task states and group metadata as the result backend stores them (WIRE.md 5)."""
+"""Task states and group metadata as the result backend stores them (docs/wire.md §5)."""
 
 from __future__ import annotations
 

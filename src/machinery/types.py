@@ -1,6 +1,6 @@
 """Go type names and Python values: arguments, results and times as Go Machinery writes them.
 
-Conversion follows WIRE.md section 3 (what a Go worker accepts) and section 4 (what a Go
+Conversion follows docs/wire.md §3 (what a Go worker accepts) and §4 (what a Go
 reader can reflect back), so that every value we write is one a Go peer can read.
 """
 
@@ -109,7 +109,7 @@ def infer_type(value: Any, where: str) -> str:
 
 
 def check_value(go_type: str, value: Any, where: str) -> None:
-    """Refuse a value a Go worker could not decode as ``go_type`` (WIRE.md 9.5: it would wedge)."""
+    """Refuse a value a Go worker could not decode as ``go_type`` (docs/wire.md §9.5: it would wedge)."""
     if go_type in SLICE_TYPES:
         if go_type in BYTE_SLICE_TYPES and isinstance(value, (bytes, bytearray)):
             return
@@ -144,7 +144,7 @@ def wire_value(go_type: str, value: Any) -> Any:
     if go_type in FLOAT_TYPES:
         return _go_float(value)
     if go_type in SLICE_TYPES and isinstance(value, str):
-        return value  # a decoded message's []byte / []uint* value: already base64 text (WIRE.md 3.2)
+        return value  # a decoded message's []byte / []uint* value: already base64 text (docs/wire.md §3.2)
     if go_type in SLICE_TYPES and value is not None:
         element = go_type[2:]
         if element in FLOAT_TYPES:
@@ -164,7 +164,7 @@ def _go_float(value: float) -> float | int:
 
 
 def convert_value(go_type: str, raw: Any) -> Any:
-    """Turn a decoded JSON value into the Python value of ``go_type`` (WIRE.md 3.2).
+    """Turn a decoded JSON value into the Python value of ``go_type`` (docs/wire.md §3.2).
 
     Raises ``ArgumentError`` with Go's wording where Go has one.
     """

@@ -1,50 +1,67 @@
-"""The Worker: take messages, run tasks, write states, retry, send callbacks, shut down cleanly.
+"""The Worker: take messages, run tasks, store their outcomes, shut down cleanly.
 
-Processing follows Go Machinery's ``Process`` (WIRE.md 6) with these differences, all on the
-side of losing nothing: a message leaves the broker only after its final state is written;
-bad messages go to a dead-letter place instead of stopping or vanishing; argument
-conversion failures never stop the worker.
+Processing follows Go Machinery's ``Process`` (docs/wire.md §6), with Go's retries, callbacks
+and chord completion as built-in middleware, and these differences, all on the side of
+losing nothing:
+
+* a message leaves the broker only after its final state is written and its retries and
+  callbacks are sent; while the backend or broker is away those writes are retried (the
+  message stays held), so a task that has run is not run again because of an outage;
+* bad messages go to a dead-letter place instead of stopping the worker or vanishing;
+* argument-conversion failures fail that task and the worker goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import functools
 import os
 import signal
 import socket
 import threading
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 from . import log
-from .brokers.base import Consumer, Delivery
-from .config import redact_url
+from ._backoff import Backoff, persist
+from .backends.base import Backend
+from .brokers.base import Broker, Consumer, Delivery
+from .config import Config, redact_url
 from .errors import ArgumentError, MessageDecodeError, ResultTypeError
+from .middleware import HandlerAdapter, MiddlewareStack, Outcome
+from .periodic import Scheduler
 from .registry import TaskSpec
-from .retry import Backoff, RetryTaskLater, fibonacci_next
 from .signature import Signature
-from .state import FAILURE, RECEIVED, RETRY, STARTED, SUCCESS, TaskState
-from .types import Arg, TaskResult, encode_results
-from .workflow import complete_chord, was_completed
+from .state import FAILURE, RECEIVED, STARTED, SUCCESS, TaskState
+from .types import encode_results
 
-if TYPE_CHECKING:
-    from .server import Server
+T = TypeVar("T")
 
 ErrorHandler = Callable[[BaseException], None]
 TaskHandler = Callable[[Signature], None]
 PreConsumeHandler = Callable[["Worker"], bool]
 
 UNKNOWN_TASK_MAX_BACKOFF = 5.0
+#: Seconds between two looks at the pre-consume handler while it says no.
+PRE_CONSUME_PAUSE = 0.2
 
-# Whether the chord member being processed arrived with a final state already stored (a
-# redelivery after a crash): only such a member may repair a lost chord callback.
-_redelivered: contextvars.ContextVar[bool] = contextvars.ContextVar("machinery_redelivered", default=False)
+
+class WorkerHost(Protocol):
+    """What a worker needs of the Server it works for (a ``Server`` is one)."""
+
+    config: Config
+    broker: Broker
+    backend: Backend
+    middleware: MiddlewareStack
+    periodic: Scheduler
+
+    @property
+    def tasks(self) -> Mapping[str, TaskSpec]: ...
+
+    async def aclose_loop_connections(self) -> None: ...
 
 
 def error_text(exc: BaseException) -> str:
@@ -57,7 +74,7 @@ class Worker:
 
     def __init__(
         self,
-        server: Server,
+        server: WorkerHost,
         consumer_tag: str = "",
         concurrency: int = 0,
         queue: str | None = None,
@@ -69,9 +86,9 @@ class Worker:
         self.concurrency = concurrency if concurrency > 0 else 2 * (os.cpu_count() or 1)
         self.queue = queue or server.config.default_queue
         self._error_handler: ErrorHandler | None = None
-        self._pre_task: TaskHandler | None = None
-        self._post_task: TaskHandler | None = None
         self._pre_consume: PreConsumeHandler | None = None
+        self._handlers = HandlerAdapter()
+        self._middleware = server.middleware
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._aborting = False
@@ -84,29 +101,46 @@ class Worker:
         self._unknown_warned: set[str] = set()
         self.started = threading.Event()
 
-    # ------------------------------------------------------------------ hooks (WIRE.md 14)
+    # ------------------------------------------------------------------ hooks (docs/wire.md §14)
 
     def set_error_handler(self, handler: ErrorHandler | None) -> None:
         """Called with task failures and broker errors instead of logging them."""
         self._error_handler = handler
 
     def set_pre_task_handler(self, handler: TaskHandler | None) -> None:
-        """Called with the signature just before the task function runs."""
-        self._pre_task = handler
+        """Called with the signature when the worker takes a task, before it runs (a
+        ``before_process`` middleware underneath)."""
+        self._handlers.pre_task = handler
+        self._refresh_middleware()
 
     def set_post_task_handler(self, handler: TaskHandler | None) -> None:
-        """Called with the signature when processing of a started task ends, however it ended."""
-        self._post_task = handler
+        """Called with the signature when processing of a task ends, however it ended (an
+        ``after_process`` middleware underneath: that hook also gets the outcome)."""
+        self._handlers.post_task = handler
+        self._refresh_middleware()
 
     def set_pre_consume_handler(self, handler: PreConsumeHandler | None) -> None:
         """Consulted before each fetch; returning False pauses taking new messages."""
         self._pre_consume = handler
 
+    def _refresh_middleware(self) -> None:
+        # The server's middleware as it is now, and this worker's Go-style handlers if set.
+        handlers = self._handlers
+        active = handlers.pre_task is not None or handlers.post_task is not None
+        self._middleware = self.server.middleware.including([handlers] if active else [])
+
     # ------------------------------------------------------------------ lifecycle
 
     def launch(self) -> None:
-        """Run until SIGINT/SIGTERM or ``quit()``: the first signal drains, the second aborts."""
-        asyncio.run(self.arun(install_signal_handlers=not self.server.config.no_unix_signals))
+        """Run until SIGINT/SIGTERM or ``quit()``: the first signal drains, the second aborts.
+
+        Signals can only be handled on the main thread; launched from another thread, the
+        worker runs without them and ``quit()`` stops it.
+        """
+        on_main = threading.current_thread() is threading.main_thread()
+        if not on_main:
+            log.logger.info("Worker launched off the main thread: no signal handlers; call worker.quit() to stop it")
+        asyncio.run(self.arun(install_signal_handlers=on_main and not self.server.config.no_unix_signals))
 
     async def arun(self, install_signal_handlers: bool = False) -> None:
         """Run on the current event loop until ``quit()`` (or a signal, if handlers are installed)."""
@@ -114,6 +148,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._aborting = False
+        self._refresh_middleware()
         if self._quit_requested.is_set():
             self._stopping.set()
         if install_signal_handlers:
@@ -129,6 +164,7 @@ class Worker:
             self.consumer_tag,
             ", ".join(sorted(self.server.tasks)) or "(none)",
         )
+        await self._middleware.worker_boot(self)
         consumer = await self._open_consumer()
         scheduler = None
         if consumer is not None and self.periodic:
@@ -140,28 +176,35 @@ class Worker:
                 await self._consume(consumer)
                 await self._drain()
         finally:
-            if scheduler is not None:
-                if self._aborting or not self._stopping.is_set():
-                    scheduler.cancel()
-                await asyncio.gather(scheduler, return_exceptions=True)
-            if self._running:
-                for task in self._running:
-                    task.cancel()
-                await asyncio.gather(*self._running, return_exceptions=True)
-            if consumer is not None:
-                try:
-                    await consumer.close()
-                except Exception as exc:  # the messages stay taken; another worker reclaims them
-                    log.logger.warning("could not return taken messages on shutdown: %s", exc)
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            await self._shut_down(consumer, scheduler, install_signal_handlers)
+
+    async def _shut_down(
+        self, consumer: Consumer | None, scheduler: asyncio.Future[None] | None, signal_handlers: bool
+    ) -> None:
+        assert self._loop is not None and self._stopping is not None and self._executor is not None
+        if scheduler is not None:
+            if self._aborting or not self._stopping.is_set():
+                scheduler.cancel()
+            await asyncio.gather(scheduler, return_exceptions=True)
+        if self._running:
+            for task in self._running:
+                task.cancel()
+            await asyncio.gather(*self._running, return_exceptions=True)
+        if consumer is not None:
             try:
-                await self.server.aclose_loop_connections()
-            except Exception as exc:  # closing is best effort; nothing is lost by failing
-                log.logger.debug("closing the worker's connections failed: %s", exc)
-            if install_signal_handlers:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    self._loop.remove_signal_handler(sig)
-            log.logger.info("Worker quit %s", "abruptly" if self._aborting else "gracefully")
+                await consumer.close()
+            except Exception as exc:  # the messages stay taken; another worker reclaims them
+                log.logger.warning("could not return taken messages on shutdown: %s", exc)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._middleware.worker_shutdown(self)
+        try:
+            await self.server.aclose_loop_connections()
+        except Exception as exc:  # closing is best effort; nothing is lost by failing
+            log.logger.debug("closing the worker's connections failed: %s", exc)
+        if signal_handlers:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._loop.remove_signal_handler(sig)
+        log.logger.info("Worker quit %s", "abruptly" if self._aborting else "gracefully")
 
     def quit(self, abort: bool = False) -> None:
         """Ask the worker to stop (from any thread): drain running tasks, or abort them."""
@@ -208,7 +251,6 @@ class Worker:
     async def _consume(self, consumer: Consumer) -> None:
         assert self._stopping is not None and self._slot_freed is not None
         stopping = asyncio.ensure_future(self._stopping.wait())
-        poll = max(0.05, self.server.config.redis.normal_tasks_poll_period / 1000)
         backoff = Backoff()
         try:
             while not self._stopping.is_set():
@@ -224,9 +266,9 @@ class Worker:
                 if self._unknown_delay:
                     await _sleep_unless(self._stopping, self._unknown_delay)
                 if self._pre_consume is not None and not self._pre_consume(self):
-                    await _sleep_unless(self._stopping, poll)
+                    await _sleep_unless(self._stopping, PRE_CONSUME_PAUSE)
                     continue
-                fetch = asyncio.ensure_future(consumer.fetch(free, poll))
+                fetch = asyncio.ensure_future(consumer.fetch(free))
                 await asyncio.wait({stopping, fetch}, return_when=asyncio.FIRST_COMPLETED)
                 if not fetch.done():
                     fetch.cancel()  # whatever it took stays with the consumer and is returned on close
@@ -268,28 +310,27 @@ class Worker:
         try:
             signature = Signature.decode(delivery.body)
         except MessageDecodeError as exc:
-            reason = str(exc)
-            log.logger.error("Dead-lettering a message from %r that cannot be decoded: %s", delivery.queue, reason)
-            await self._persist(lambda: consumer.dead_letter(delivery, reason))
+            await self._dead_letter(consumer, delivery, str(exc))
             return
         spec = self.server.tasks.get(signature.name)
         if spec is None:
             await self._unregistered(consumer, delivery, signature)
             return
         self._unknown_delay = 0.0
-        try:
-            await self.process(signature, spec, slot)
-        except Exception as exc:
-            # A task whose outcome could not be recorded goes back to the queue to run again.
-            self._report(exc, f"processing {signature.name} {signature.uuid} failed; requeueing it")
-            await self._persist(lambda: consumer.requeue(delivery))
-            return
-        await self._persist(lambda: consumer.ack(delivery))
+        await self.process(signature, spec, slot)
+        await self._persist(lambda: consumer.ack(delivery), f"acknowledging {signature.name} {signature.uuid}")
+        await self._middleware.after_ack(signature)
+
+    async def _dead_letter(self, consumer: Consumer, delivery: Delivery, reason: str) -> None:
+        log.logger.error("Dead-lettering a message from %r that cannot be decoded: %s", delivery.queue, reason)
+        await self._persist(lambda: consumer.dead_letter(delivery, reason), "dead-lettering a message")
+        await self._middleware.after_dead_letter(delivery.body, reason)
 
     async def _unregistered(self, consumer: Consumer, delivery: Delivery, signature: Signature) -> None:
         if signature.ignore_when_task_not_registered:
             log.logger.info("Dropping %s %s: not registered here and marked ignorable", signature.name, signature.uuid)
-            await self._persist(lambda: consumer.ack(delivery))
+            await self._persist(lambda: consumer.ack(delivery), f"dropping {signature.uuid}")
+            await self._middleware.after_ack(signature)
             return
         if signature.name not in self._unknown_warned:
             self._unknown_warned.add(signature.name)
@@ -298,122 +339,85 @@ class Worker:
                 "and backing off while only unknown tasks arrive (logged once per task name)",
                 signature.name,
             )
-        await self._persist(lambda: consumer.requeue(delivery))
+        await self._persist(lambda: consumer.requeue(delivery), f"requeueing {signature.uuid}")
+        await self._middleware.after_requeue(signature)
         self._unknown_delay = min(UNKNOWN_TASK_MAX_BACKOFF, max(0.05, self._unknown_delay * 2))
 
-    # ------------------------------------------------------------------ processing (WIRE.md 6)
+    # ------------------------------------------------------------------ processing (docs/wire.md §6)
 
-    async def process(self, signature: Signature, spec: TaskSpec, slot: _Slot | None = None) -> None:
-        """Run one task and record its outcome; raises only if the outcome could not be recorded.
+    async def process(self, signature: Signature, spec: TaskSpec, slot: _Slot | None = None) -> Outcome:
+        """Run one task and store its outcome (retrying the writes until they succeed).
 
         ``slot`` is released as soon as the task function returns: the concurrency limit
         bounds running tasks, and the next message can start while this one's outcome is
         being written.
         """
+        middleware = self._middleware
+        await middleware.before_process(signature)
+        outcome = await self._run(signature, spec, slot)
+        await middleware.before_store(signature, outcome)
+        await self._store(signature, outcome)
+        await middleware.after_process(signature, outcome)
+        return outcome
+
+    async def _run(self, signature: Signature, spec: TaskSpec, slot: _Slot | None) -> Outcome:
+        """Convert the arguments, write RECEIVED and STARTED, call the function (§6.1 steps 2-7)."""
         backend = self.server.backend
-        _redelivered.set(await was_completed(self.server, signature))
+        what = f"recording the start of {signature.name} {signature.uuid}"
         try:
             values = spec.convert_args(signature.args)
         except ArgumentError as exc:
-            await backend.write_states([_state(signature, RECEIVED)], True)
-            await self._failed(signature, str(exc), exc)
-            return
-        await backend.write_states([_state(signature, RECEIVED), _state(signature, STARTED)], True)
-        self._call_hook(self._pre_task, signature)
-        try:
-            record = await self._call(signature, spec, values, slot)
-            await record()
-        finally:
-            self._call_hook(self._post_task, signature)
-
-    async def _call(
-        self, signature: Signature, spec: TaskSpec, values: list[object], slot: _Slot | None
-    ) -> Callable[[], Awaitable[None]]:
-        """Run the task function; return how to record what happened (WIRE.md 6.1 steps 5-7)."""
+            if slot is not None:
+                slot.release()
+            await self._persist(lambda: backend.write_states([_state(signature, RECEIVED)], True), what)
+            return Outcome(FAILURE, error=str(exc), exception=exc)
+        await self._persist(
+            lambda: backend.write_states([_state(signature, RECEIVED), _state(signature, STARTED)], True), what
+        )
+        started = time.perf_counter()
         try:
             try:
                 returned = await spec.call(signature, values, self._executor)
             finally:
+                duration = time.perf_counter() - started
                 if slot is not None:
                     slot.release()
-        except RetryTaskLater as exc:
-            return functools.partial(self._retry, signature, exc.delay, exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if signature.retry_count > 0:
-                signature.retry_count -= 1
-                signature.retry_timeout = fibonacci_next(signature.retry_timeout)
-                return functools.partial(self._retry, signature, timedelta(seconds=signature.retry_timeout), exc)
             log.logger.debug("Task %s %s raised", signature.name, signature.uuid, exc_info=True)
-            return functools.partial(self._failed, signature, error_text(exc), exc)
+            return Outcome(FAILURE, error=error_text(exc), duration=duration, exception=exc)
         try:
-            results = encode_results(returned)
+            task_results = encode_results(returned)
         except ResultTypeError as exc:
-            return functools.partial(self._failed, signature, str(exc), exc)
-        return functools.partial(self._succeeded, signature, results)
+            return Outcome(FAILURE, error=str(exc), duration=duration, exception=exc)
+        values = [] if returned is None else list(returned) if isinstance(returned, tuple) else [returned]
+        return Outcome(SUCCESS, results=values, duration=duration, task_results=task_results)
 
-    async def _succeeded(self, signature: Signature, results: list[TaskResult]) -> None:
-        await self.server.backend.set_state(signature, SUCCESS, results=results)
-        for callback in signature.on_success or ():
-            if not signature.immutable:  # Go consults the finished task's flag (WIRE.md 6.3)
-                callback.args = [*(callback.args or ()), *(Arg.from_wire(r.type, r.value) for r in results)]
-            await self.server.asend_task(callback)
-        await complete_chord(self.server, signature, _redelivered.get())
-
-    async def _failed(self, signature: Signature, error: str, exc: BaseException | None = None) -> None:
-        await self.server.backend.set_state(signature, FAILURE, error=error)
-        self._report(exc or RuntimeError(error), f"Task {signature.name} {signature.uuid} failed: {error}")
-        for callback in signature.on_error or ():
-            callback.args = [Arg("string", error), *(callback.args or ())]
-            await self.server.asend_task(callback)
-        # Go evaluates chords only after successes, so a chord whose last member fails hangs.
-        await complete_chord(self.server, signature, _redelivered.get())
-
-    async def _retry(self, signature: Signature, delay: timedelta, exc: BaseException) -> None:
-        await self.server.backend.set_state(signature, RETRY)
-        signature.eta = datetime.now(timezone.utc) + delay
-        log.logger.info(
-            "Task %s %s will retry in %.3g s: %s",
-            signature.name,
-            signature.uuid,
-            delay.total_seconds(),
-            error_text(exc),
+    async def _store(self, signature: Signature, outcome: Outcome) -> None:
+        """Write the final state (SUCCESS, FAILURE or RETRY), until the backend takes it."""
+        results = outcome.task_results if outcome.state == SUCCESS else None
+        await self._persist(
+            lambda: self.server.backend.set_state(signature, outcome.state, results=results, error=outcome.error),
+            f"storing the {outcome.state} of {signature.name} {signature.uuid}",
         )
-        await self.server.asend_task(signature)
+        if outcome.state == FAILURE:
+            if self._error_handler is not None:
+                self._error_handler(outcome.exception or RuntimeError(outcome.error))
+            else:
+                log.logger.error("Task %s %s failed: %s", signature.name, signature.uuid, outcome.error)
 
     # ------------------------------------------------------------------ helpers
 
-    async def _persist(self, operation: Callable[[], Awaitable[None]]) -> None:
-        """Run a broker or backend write until it succeeds (the server may come back) or we abort."""
-        backoff = Backoff()
-        while True:
-            try:
-                await operation()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self._aborting:
-                    raise
-                delay = backoff.next()
-                self._report(exc, f"broker write failed, retrying in {delay:.0f} s")
-                await asyncio.sleep(delay)
-
-    def _call_hook(self, hook: TaskHandler | None, signature: Signature) -> None:
-        # A failing hook is the application's bug, not the task's: log it and carry on, or the
-        # message would be requeued and run again forever.
-        if hook is not None:
-            try:
-                hook(signature)
-            except Exception:
-                log.logger.exception("A task handler raised for %s %s", signature.name, signature.uuid)
+    async def _persist(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run a broker or backend write until it succeeds (the server may come back)."""
+        return await persist(operation, what, self._report)
 
     def _report(self, exc: BaseException, message: str) -> None:
         if self._error_handler is not None:
             self._error_handler(exc)
         else:
-            log.logger.error("%s (%s: %s)", message, type(exc).__name__, exc)
+            log.logger.error("%s: %s: %s", message, type(exc).__name__, exc)
 
 
 class _Slot:

@@ -1,6 +1,6 @@
 """The result-backend seam: task states, group metadata, the chord trigger, and waiting.
 
-Writes follow WIRE.md 5: PENDING carries the task name and creation time; every later state
+Writes follow docs/wire.md §5: PENDING carries the task name and creation time; every later state
 keeps the stored creation time; every write refreshes the expiry.
 """
 
@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-from .._sync import run_sync
+from .._loops import Waiters
 from ..config import Config
 from ..signature import Signature
 from ..state import COMPLETED_STATES, PENDING, GroupMeta, TaskState, utcnow
@@ -22,7 +20,10 @@ from ..types import TaskResult
 
 
 class Backend(ABC):
-    """Stores task states and group metadata; every read has a sync twin."""
+    """Stores task states and group metadata.
+
+    Every method is a coroutine; the sync face is ``AsyncResult``'s and the Server's.
+    """
 
     #: How often ``await_state`` re-reads the store when no notification can reach it.
     poll_interval: float = 0.05
@@ -53,14 +54,14 @@ class Backend(ABC):
     async def write_states(self, states: Sequence[TaskState], keep_created: bool) -> None:
         """Store each state under its task UUID, in order, refreshing the expiry.
 
-        With ``keep_created`` the stored CreatedAt survives (WIRE.md 5). Completed states
+        With ``keep_created`` the stored CreatedAt survives (docs/wire.md §5). Completed states
         must wake anyone in ``await_state`` for that UUID.
         """
 
     # ------------------------------------------------------------------ reads
 
     @abstractmethod
-    async def aget_state(self, task_uuid: str) -> TaskState | None:
+    async def get_state(self, task_uuid: str) -> TaskState | None:
         """The stored state of a task, or None if there is none (never sent, or expired)."""
 
     async def await_state(self, task_uuid: str, timeout: float | None) -> TaskState:
@@ -74,7 +75,7 @@ class Backend(ABC):
         async with self._waiters.watch(task_uuid) as waiter:
             await self._subscribe(task_uuid)
             try:
-                state = await self.aget_state(task_uuid)
+                state = await self.get_state(task_uuid)
                 while state is None or state.state not in COMPLETED_STATES:
                     wait = self.poll_interval
                     if deadline is not None:
@@ -85,7 +86,7 @@ class Backend(ABC):
                         await asyncio.wait_for(waiter.event.wait(), wait)
                     waiter.event.clear()
                     delivered, waiter.state = waiter.state, None
-                    state = TaskState.decode(delivered) if delivered else await self.aget_state(task_uuid)
+                    state = TaskState.decode(delivered) if delivered else await self.get_state(task_uuid)
                 return state
             finally:
                 await self._unsubscribe(task_uuid)
@@ -107,7 +108,7 @@ class Backend(ABC):
         """Store group metadata under its group UUID with the results' expiry."""
 
     @abstractmethod
-    async def aget_group_meta(self, group_uuid: str) -> GroupMeta | None:
+    async def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
         """The stored group metadata, or None."""
 
     @abstractmethod
@@ -116,7 +117,7 @@ class Backend(ABC):
 
     async def group_task_states(self, group_uuid: str) -> list[TaskState | None]:
         """The members' states in group order (None for a member with no stored state)."""
-        meta = await self.aget_group_meta(group_uuid)
+        meta = await self.get_group_meta(group_uuid)
         if meta is None:
             return []
         return await self.get_states(meta.task_uuids)
@@ -138,76 +139,8 @@ class Backend(ABC):
     async def purge_group_meta(self, group_uuid: str) -> None:
         """Forget a group's metadata."""
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         """Release connections held by this backend."""
 
-    async def aclose_loop_connections(self) -> None:
+    async def close_loop_connections(self) -> None:
         """Close the connections bound to the running event loop; see ``Broker``'s."""
-
-    # ------------------------------------------------------------------ sync twins
-
-    def get_state(self, task_uuid: str) -> TaskState | None:
-        return run_sync(self.aget_state(task_uuid))
-
-    def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
-        return run_sync(self.aget_group_meta(group_uuid))
-
-    def close(self) -> None:
-        run_sync(self.aclose())
-
-
-class Waiters:
-    """Wakes local coroutines (on any loop, in any thread) waiting for a task's completion."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waiting: dict[str, list[Waiter]] = {}
-
-    def watch(self, task_uuid: str) -> _Watch:
-        return _Watch(self, task_uuid)
-
-    def notify(self, task_uuid: str, state: bytes | None = None) -> None:
-        """Wake the waiters of ``task_uuid``, handing them the completed ``state`` if known."""
-        with self._lock:
-            targets = list(self._waiting.get(task_uuid, ()))
-        for waiter in targets:
-            waiter.state = state
-            with contextlib.suppress(RuntimeError):  # that loop has closed
-                waiter.loop.call_soon_threadsafe(waiter.event.set)
-
-    def _add(self, task_uuid: str, waiter: Waiter) -> None:
-        with self._lock:
-            self._waiting.setdefault(task_uuid, []).append(waiter)
-
-    def _remove(self, task_uuid: str, waiter: Waiter) -> None:
-        with self._lock:
-            waiters = self._waiting.get(task_uuid, [])
-            if waiter in waiters:
-                waiters.remove(waiter)
-            if not waiters:
-                self._waiting.pop(task_uuid, None)
-
-
-@dataclass(eq=False)
-class Waiter:
-    """One coroutine waiting for a completion, on its own loop."""
-
-    loop: asyncio.AbstractEventLoop
-    event: asyncio.Event = field(default_factory=asyncio.Event)
-    state: bytes | None = None
-
-
-class _Watch:
-    def __init__(self, waiters: Waiters, task_uuid: str) -> None:
-        self._waiters = waiters
-        self._uuid = task_uuid
-        self._waiter: Waiter | None = None
-
-    async def __aenter__(self) -> Waiter:
-        self._waiter = Waiter(asyncio.get_running_loop())
-        self._waiters._add(self._uuid, self._waiter)
-        return self._waiter
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._waiter is not None
-        self._waiters._remove(self._uuid, self._waiter)

@@ -7,9 +7,10 @@ import time
 from collections.abc import Sequence
 from typing import ClassVar
 
+from .._loops import Waiters
 from ..config import Config
 from ..state import COMPLETED_STATES, GroupMeta, TaskState
-from .base import Backend, Waiters
+from .base import Backend
 
 
 class _Store:
@@ -52,7 +53,7 @@ class MemoryBackend(Backend):
         for task_uuid in done:
             self._waiters.notify(task_uuid)
 
-    async def aget_state(self, task_uuid: str) -> TaskState | None:
+    async def get_state(self, task_uuid: str) -> TaskState | None:
         with self._store.lock:
             raw = _live(self._store.states, task_uuid)
         return None if raw is None else TaskState.decode(raw)
@@ -66,7 +67,7 @@ class MemoryBackend(Backend):
         with self._store.lock:
             self._store.groups[meta.group_uuid] = (self._expiry(), meta.encode())
 
-    async def aget_group_meta(self, group_uuid: str) -> GroupMeta | None:
+    async def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
         with self._store.lock:
             raw = _live(self._store.groups, group_uuid)
         return None if raw is None else GroupMeta.decode(raw)

@@ -1,4 +1,4 @@
-"""The Redis result backend, byte-compatible with Go Machinery's (WIRE.md 11.1).
+"""The Redis result backend, byte-compatible with Go Machinery's (docs/wire.md §11.1).
 
 States live under the task UUID and group metadata under the group UUID, each written with
 ``SET ... EX <results_expire_in>``. Where Go does GET then SET to keep CreatedAt (two round
@@ -13,71 +13,25 @@ import asyncio
 import base64
 import os
 import random
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio.client import PubSub
 
 from .. import log
-from .._redis import RedisConnector
+from .._drivers.redis import LuaScript, RedisConnector
+from .._loops import PerLoop
 from ..config import Config
 from ..state import COMPLETED_STATES, GroupMeta, TaskState
-from ..types import ZERO_TIME
 from .base import Backend
 
 DONE_CHANNEL = "machinery:done:"
+"""Completed states are published on this prefix + the task UUID (by write_states.lua)."""
 CHORD_MUTEX = "TriggerChordMutex"
 
-# ARGV = ttl, then (mode, state JSON) per key. Mode bit 1: keep the CreatedAt already stored
-# (by us or by Go) in place of the one in the JSON; bit 2: publish the value as a completion.
-_WRITE_STATES = (
-    """
-local ttl = ARGV[1]
-for i, key in ipairs(KEYS) do
-  local mode = tonumber(ARGV[2 * i])
-  local value = ARGV[2 * i + 1]
-  if mode % 2 == 1 then
-    local old = redis.call('GET', key)
-    local created = old and string.match(old, '"CreatedAt"%s*:%s*"([^"]*)"') or '"""
-    + ZERO_TIME
-    + """'
-    value = string.gsub(value, '"CreatedAt":"[^"]*"', '"CreatedAt":"' .. created .. '"', 1)
-  end
-  redis.call('SET', key, value, 'EX', ttl)
-  if mode >= 2 then
-    redis.call('PUBLISH', '"""
-    + DONE_CHANNEL
-    + """' .. key, value)
-  end
-end
-return #KEYS
-"""
-)
-
-# Flip ChordTriggered in the stored JSON unless a Go worker holds TriggerChordMutex (KEYS[1]).
-# A script runs atomically, so this is Go's critical section without holding the mutex across
-# round trips. 1 = flipped by us, 0 = already set, -1 = no group, -2 = JSON it cannot edit,
-# -3 = the mutex is held.
-_TRIGGER_CHORD = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return -3 end
-local value = redis.call('GET', KEYS[2])
-if not value then return -1 end
-if string.find(value, '"ChordTriggered":true', 1, true) then return 0 end
-local flipped, count = string.gsub(value, '"ChordTriggered":false', '"ChordTriggered":true', 1)
-if count == 0 then return -2 end
-redis.call('SET', KEYS[2], flipped, 'EX', ARGV[1])
-return 1
-"""
-
-# redsync's release: delete the mutex only if it still holds our value.
-_UNLOCK = """
-if redis.call("GET", KEYS[1]) == ARGV[1] then
-  return redis.call("DEL", KEYS[1])
-else
-  return 0
-end
-"""
+_WRITE_STATES = LuaScript.load("write_states")
+_TRIGGER_CHORD = LuaScript.load("trigger_chord")
+_UNLOCK = LuaScript.load("unlock")
 
 
 class RedisBackend(Backend):
@@ -89,9 +43,7 @@ class RedisBackend(Backend):
     def __init__(self, config: Config, url: str) -> None:
         super().__init__(config, url)
         self.connector = RedisConnector(url, config.redis)
-        self._listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _DoneListener] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._listeners: PerLoop[_DoneListener] = PerLoop(lambda: _DoneListener(self))
 
     # ------------------------------------------------------------------ writes
 
@@ -100,14 +52,14 @@ class RedisBackend(Backend):
         keep = 1 if keep_created else 0
         for state in states:
             args += [keep + (2 if state.state in COMPLETED_STATES else 0), state.encode()]
-        await self.connector.batched().evalsha(_WRITE_STATES, [s.task_uuid for s in states], args)
+        await self.connector.run(_WRITE_STATES, [s.task_uuid for s in states], args)
 
     async def write_group_meta(self, meta: GroupMeta) -> None:
         await self.connector.client().set(meta.group_uuid, meta.encode(), ex=self.ttl)
 
     # ------------------------------------------------------------------ reads
 
-    async def aget_state(self, task_uuid: str) -> TaskState | None:
+    async def get_state(self, task_uuid: str) -> TaskState | None:
         raw = await self.connector.batched().execute("GET", task_uuid)
         return None if raw is None else TaskState.decode(raw)
 
@@ -117,22 +69,15 @@ class RedisBackend(Backend):
         raws = await self.connector.batched().execute("MGET", *task_uuids)
         return [None if raw is None else TaskState.decode(raw) for raw in raws]
 
-    async def aget_group_meta(self, group_uuid: str) -> GroupMeta | None:
+    async def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
         raw = await self.connector.client().get(group_uuid)
         return None if raw is None else GroupMeta.decode(raw)
 
     async def _subscribe(self, task_uuid: str) -> None:
-        await self._listener().subscribe(task_uuid)
+        await self._listeners.get().subscribe(task_uuid)
 
     async def _unsubscribe(self, task_uuid: str) -> None:
-        await self._listener().unsubscribe(task_uuid)
-
-    def _listener(self) -> _DoneListener:
-        loop = asyncio.get_running_loop()
-        listener = self._listeners.get(loop)
-        if listener is None:
-            listener = self._listeners[loop] = _DoneListener(self)
-        return listener
+        await self._listeners.get().unsubscribe(task_uuid)
 
     # ------------------------------------------------------------------ chords
 
@@ -142,7 +87,7 @@ class RedisBackend(Backend):
         Retries as redsync does (32 attempts, 50-250 ms apart) while a Go worker holds it.
         """
         for _ in range(32):
-            outcome = int(await self.connector.batched().evalsha(_TRIGGER_CHORD, [CHORD_MUTEX, group_uuid], [self.ttl]))
+            outcome = int(await self.connector.run(_TRIGGER_CHORD, [CHORD_MUTEX, group_uuid], [self.ttl]))
             if outcome == -2:
                 return await self._trigger_chord_under_mutex(group_uuid)
             if outcome != -3:
@@ -161,14 +106,14 @@ class RedisBackend(Backend):
         else:
             raise TimeoutError(f"could not take {CHORD_MUTEX} to trigger the chord of {group_uuid}")
         try:
-            meta = await self.aget_group_meta(group_uuid)
+            meta = await self.get_group_meta(group_uuid)
             if meta is None or meta.chord_triggered:
                 return False
             meta.chord_triggered = True
             await self.write_group_meta(meta)
             return True
         finally:
-            await self.connector.script(_UNLOCK)(keys=[CHORD_MUTEX], args=[token])
+            await self.connector.run(_UNLOCK, [CHORD_MUTEX], [token])
 
     async def purge_state(self, task_uuid: str) -> None:
         await self.connector.client().delete(task_uuid)
@@ -176,14 +121,14 @@ class RedisBackend(Backend):
     async def purge_group_meta(self, group_uuid: str) -> None:
         await self.connector.client().delete(group_uuid)
 
-    async def aclose_loop_connections(self) -> None:
-        await self.aclose()
+    async def close_loop_connections(self) -> None:
+        await self.close()
 
-    async def aclose(self) -> None:
-        listener = self._listeners.pop(asyncio.get_running_loop(), None)
+    async def close(self) -> None:
+        listener = self._listeners.pop()
         if listener is not None:
-            await listener.aclose()
-        await self.connector.aclose()
+            await listener.close()
+        await self.connector.close()
 
 
 class _DoneListener:
@@ -252,7 +197,7 @@ class _DoneListener:
             elif message["type"] == "message":
                 self._backend._waiters.notify(channel[len(DONE_CHANNEL) :], message["data"])
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)

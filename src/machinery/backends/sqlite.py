@@ -15,7 +15,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 
-from .._sqlite import SQLiteStore, StoreHandle, now_ns, ns_after, transaction
+from .._drivers.sqlite import SQLiteStore, StoreHandle, now_ns, ns_after, transaction
 from ..config import Config
 from ..state import COMPLETED_STATES, GroupMeta, TaskState
 from .base import Backend
@@ -61,7 +61,7 @@ class SQLiteBackend(Backend):
         for task_uuid, body in completed:
             store.waiters.notify(task_uuid, body)
 
-    async def aget_state(self, task_uuid: str) -> TaskState | None:
+    async def get_state(self, task_uuid: str) -> TaskState | None:
         raw = await self.store.run(_get_state, task_uuid)
         return None if raw is None else TaskState.decode(raw)
 
@@ -83,7 +83,7 @@ class SQLiteBackend(Backend):
     async def write_group_meta(self, meta: GroupMeta) -> None:
         await self.store.run(_write_group, meta.group_uuid, meta.encode().decode(), self.ttl, self._purge_due())
 
-    async def aget_group_meta(self, group_uuid: str) -> GroupMeta | None:
+    async def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
         raw = await self.store.run(_get_group, group_uuid)
         return None if raw is None else GroupMeta.decode(raw)
 
@@ -93,7 +93,7 @@ class SQLiteBackend(Backend):
     async def purge_group_meta(self, group_uuid: str) -> None:
         await self.store.run(_delete, "group_metas", group_uuid)
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         self._handle.release()
 
 

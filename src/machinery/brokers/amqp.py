@@ -1,6 +1,6 @@
 """The RabbitMQ broker (aio-pika), with Go Machinery's topology and message properties.
 
-Topology (WIRE.md 10.1), declared on every new connection:
+Topology (docs/wire.md §10.1), declared on every new connection:
 
 * the exchange (``amqp.exchange``, type ``amqp.exchange_type``): durable, not auto-delete,
   no arguments; nothing is declared when the name is empty (the default exchange);
@@ -23,13 +23,13 @@ with the binding key) instead, so nothing piles up and early tasks wait for the 
 worker. Routing keys naming another queue are declared as Go does in both modes, since that
 queue is the destination of custom-queue workers.
 
-Messages (WIRE.md 10.2): persistent, ``application/json``, ``priority`` only when non-zero,
+Messages (docs/wire.md §10.2): persistent, ``application/json``, ``priority`` only when non-zero,
 AMQP ``headers`` = ``Signature.headers`` only when non-empty; body = the Signature JSON.
 (aiormq also stamps a random ``message_id`` on every publish, to pair returned messages with
 their confirms; Go ignores it.) Every publish waits for the broker's confirm; a nack, or the
 connection dying first, raises to the caller.
 
-Delayed tasks (WIRE.md 10.3) go through ``delay.<ms>.<exchange>.<routing key>`` queues whose
+Delayed tasks (docs/wire.md §10.3) go through ``delay.<ms>.<exchange>.<routing key>`` queues whose
 messages expire into the exchange (dead-lettering) with the original routing key; with
 ``amqp.delayed_queue`` set, through that one queue with a per-message expiration instead.
 
@@ -55,7 +55,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from aiormq.abc import DeliveredMessage
 
 from .. import log
-from .._amqp import (
+from .._drivers.amqp import (
     AMQP_ERRORS,
     SETTLE_TIMEOUT,
     AMQPConnector,
@@ -76,6 +76,10 @@ from ..config import Config
 from ..signature import Signature
 from .base import Broker, Consumer, DeadLetter, Delivery, decode_all
 
+#: How long a fetch waits for a delivery when the worker leaves it to the broker (deliveries
+#: wake it at once, so this only bounds one call).
+POLL_SECONDS = 1.0
+
 #: Headers put on dead letters (the original message's headers are kept beside them).
 REASON_HEADER = "x-machinery-reason"
 TIME_HEADER = "x-machinery-dead-lettered-at"
@@ -90,8 +94,8 @@ def dead_letter_queue(queue: str) -> str:
 class AMQPBroker(Broker):
     """Publishes to and consumes from RabbitMQ, laid out exactly as Go Machinery does."""
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
+    def __init__(self, config: Config, url: str) -> None:
+        super().__init__(config, url)
         self._connector = AMQPConnector(config.broker_urls(), role="broker")
 
     # ------------------------------------------------------------------ topology helpers
@@ -173,7 +177,7 @@ class AMQPBroker(Broker):
     async def _publish_delayed(
         self, routing_key: str, body: bytes, delay_ms: int, headers: dict[str, str] | None
     ) -> None:
-        """WIRE.md 10.3: park the message in a queue whose expiry dead-letters it to the exchange."""
+        """docs/wire.md §10.3: park the message in a queue whose expiry dead-letters it to the exchange."""
         amqp = self.config.amqp
         session = await self._connector.session()
         dead_letter_args: dict[str, Any] = {
@@ -202,7 +206,7 @@ class AMQPBroker(Broker):
                 # does, so that a queue that has expired since is created anew.
                 cache=bool(amqp.delayed_queue),
             )
-        # Go leaves priority out of delayed messages (WIRE.md 10.3). Mandatory, unlike Go: a
+        # Go leaves priority out of delayed messages (docs/wire.md §10.3). Mandatory, unlike Go: a
         # delay queue of a few ms can expire between its declaration and the publish, and
         # then the message would be dropped unseen; it is due by then, so it goes out now.
         if not await session.publish(
@@ -240,7 +244,7 @@ class AMQPBroker(Broker):
 
     # ------------------------------------------------------------------ inspection
 
-    async def aget_pending_tasks(self, queue: str | None = None) -> list[Signature]:
+    async def get_pending_tasks(self, queue: str | None = None) -> list[Signature]:
         """The messages ready in ``queue``, oldest first, without taking them away.
 
         As Go does: take every ready message with ``basic.get`` on a channel of its own
@@ -252,7 +256,7 @@ class AMQPBroker(Broker):
         taken = await self._peek(name, f"inspecting queue {name!r}")
         return decode_all([incoming.body for incoming in taken])
 
-    async def aget_delayed_tasks(self) -> list[Signature]:
+    async def get_delayed_tasks(self) -> list[Signature]:
         """Always ``[]`` on RabbitMQ, as in Go.
 
         Delayed tasks sit in one queue per delay (``delay.<ms>.<exchange>.<routing key>``),
@@ -261,7 +265,7 @@ class AMQPBroker(Broker):
         """
         return []
 
-    async def adead_letters(self, queue: str | None = None) -> list[DeadLetter]:
+    async def dead_letters(self, queue: str | None = None) -> list[DeadLetter]:
         """The dead letters of ``queue`` (default queue if None), oldest first, left in place."""
         name = queue or self.config.default_queue
         taken = await self._peek(dead_letter_queue(name), f"inspecting {dead_letter_queue(name)!r}")
@@ -277,7 +281,7 @@ class AMQPBroker(Broker):
                 await give_back(taken)
         return taken
 
-    async def arequeue_dead(self, queue: str | None = None) -> int:
+    async def requeue_dead(self, queue: str | None = None) -> int:
         """Move the dead letters of ``queue`` back onto it (oldest first); returns how many.
 
         Each is published straight to the queue (default exchange) with a confirm before its
@@ -308,12 +312,12 @@ class AMQPBroker(Broker):
                     moved += 1
         return moved
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         """Close this loop's publishing connection (other loops' close when their loop ends)."""
-        await self.aclose_loop_connections()
+        await self.close_loop_connections()
 
-    async def aclose_loop_connections(self) -> None:
-        await self._connector.aclose()
+    async def close_loop_connections(self) -> None:
+        await self._connector.close()
 
     # ------------------------------------------------------------------ consumer support
 
@@ -443,13 +447,13 @@ class AMQPConsumer(Consumer):
 
     # ------------------------------------------------------------------ the Consumer seam
 
-    async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+    async def fetch(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
         if self._closed:
             return []
         if self._broken or is_dead(self._connection):
             await self._reconnect()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + (POLL_SECONDS if timeout is None else timeout)
         while not self._buffer:
             if self._broken:
                 return []  # the next fetch reconnects

@@ -16,8 +16,8 @@ from typing import Any
 
 import msgspec
 
-from .._sync import run_sync
 from ..config import Config
+from ..errors import MessageDecodeError
 from ..signature import Signature
 
 
@@ -61,8 +61,12 @@ class Consumer(ABC):
     queue: str
 
     @abstractmethod
-    async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
-        """Take up to ``max_count`` messages, waiting at most ``timeout`` seconds for the first."""
+    async def fetch(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
+        """Take up to ``max_count`` messages, waiting at most ``timeout`` seconds for the first.
+
+        ``None`` waits as long as the broker's own poll setting says (a second or so); the
+        worker calls it in a loop, so an empty list is a normal answer.
+        """
 
     @abstractmethod
     async def ack(self, delivery: Delivery) -> None:
@@ -82,10 +86,16 @@ class Consumer(ABC):
 
 
 class Broker(ABC):
-    """Publishes signatures and opens consumers; every method has a sync twin."""
+    """Publishes signatures and opens consumers.
 
-    def __init__(self, config: Config) -> None:
+    Every method is a coroutine; the sync face is the Server's (``server.get_pending_tasks``
+    and so on). ``url`` is the broker setting this instance serves (several URLs when
+    ``multiple_broker_separator`` is set).
+    """
+
+    def __init__(self, config: Config, url: str) -> None:
         self.config = config
+        self.url = url
 
     # ------------------------------------------------------------------ publishing
 
@@ -136,48 +146,31 @@ class Broker(ABC):
     # ------------------------------------------------------------------ inspection
 
     @abstractmethod
-    async def aget_pending_tasks(self, queue: str | None = None) -> list[Signature]:
+    async def get_pending_tasks(self, queue: str | None = None) -> list[Signature]:
         """The messages waiting in ``queue`` (default queue if None), oldest first, decoded."""
 
     @abstractmethod
-    async def aget_delayed_tasks(self) -> list[Signature]:
+    async def get_delayed_tasks(self) -> list[Signature]:
         """The messages waiting for their ETA, soonest first, decoded."""
 
     @abstractmethod
-    async def adead_letters(self, queue: str | None = None) -> list[DeadLetter]:
+    async def dead_letters(self, queue: str | None = None) -> list[DeadLetter]:
         """The dead letters of ``queue`` (default queue if None), oldest first."""
 
     @abstractmethod
-    async def arequeue_dead(self, queue: str | None = None) -> int:
+    async def requeue_dead(self, queue: str | None = None) -> int:
         """Put the dead letters of ``queue`` back on it; returns how many."""
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         """Release connections held by this broker."""
 
-    async def aclose_loop_connections(self) -> None:
+    async def close_loop_connections(self) -> None:
         """Close the connections bound to the running event loop (a worker's, when it ends);
         the broker stays usable from other loops."""
-
-    def get_pending_tasks(self, queue: str | None = None) -> list[Signature]:
-        return run_sync(self.aget_pending_tasks(queue))
-
-    def get_delayed_tasks(self) -> list[Signature]:
-        return run_sync(self.aget_delayed_tasks())
-
-    def dead_letters(self, queue: str | None = None) -> list[DeadLetter]:
-        return run_sync(self.adead_letters(queue))
-
-    def requeue_dead(self, queue: str | None = None) -> int:
-        return run_sync(self.arequeue_dead(queue))
-
-    def close(self) -> None:
-        run_sync(self.aclose())
 
 
 def decode_all(bodies: Iterable[bytes]) -> list[Signature]:
     """Decode inspected messages, skipping (not failing on) any that are not signatures."""
-    from ..errors import MessageDecodeError
-
     out = []
     for body in bodies:
         try:

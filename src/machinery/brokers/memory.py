@@ -23,6 +23,9 @@ from ..signature import Signature
 from ..types import unix_ns
 from .base import Broker, Consumer, DeadLetter, Delivery, decode_all
 
+#: How long a fetch waits for a message when the worker leaves it to the broker.
+POLL_SECONDS = 1.0
+
 
 @dataclass
 class _Store:
@@ -63,10 +66,10 @@ class MemoryBroker(Broker):
     _stores: ClassVar[dict[str, _Store]] = {}
     _stores_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
+    def __init__(self, config: Config, url: str) -> None:
+        super().__init__(config, url)
         with self._stores_lock:
-            self._store = self._stores.setdefault(config.broker_urls()[0], _Store())
+            self._store = self._stores.setdefault(url, _Store())
 
     async def _push(self, messages: Sequence[tuple[str, bytes]]) -> None:
         store = self._store
@@ -86,21 +89,21 @@ class MemoryBroker(Broker):
     async def open_consumer(self, queue: str, consumer_tag: str, prefetch: int | None = None) -> Consumer:
         return _MemoryConsumer(self._store, queue)
 
-    async def aget_pending_tasks(self, queue: str | None = None) -> list[Signature]:
+    async def get_pending_tasks(self, queue: str | None = None) -> list[Signature]:
         with self._store.lock:
             bodies = list(self._store.queue(queue or self.config.default_queue))
         return decode_all(bodies)
 
-    async def aget_delayed_tasks(self) -> list[Signature]:
+    async def get_delayed_tasks(self) -> list[Signature]:
         with self._store.lock:
             bodies = [body for *_, body in sorted(self._store.delayed)]
         return decode_all(bodies)
 
-    async def adead_letters(self, queue: str | None = None) -> list[DeadLetter]:
+    async def dead_letters(self, queue: str | None = None) -> list[DeadLetter]:
         with self._store.lock:
             return list(self._store.dead.get(queue or self.config.default_queue, []))
 
-    async def arequeue_dead(self, queue: str | None = None) -> int:
+    async def requeue_dead(self, queue: str | None = None) -> int:
         name = queue or self.config.default_queue
         with self._store.lock:
             letters = self._store.dead.pop(name, [])
@@ -116,8 +119,8 @@ class _MemoryConsumer(Consumer):
         self._taken: dict[int, bytes] = {}
         self._ids = itertools.count()
 
-    async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
-        deadline = time.monotonic() + timeout
+    async def fetch(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
+        deadline = time.monotonic() + (POLL_SECONDS if timeout is None else timeout)
         store = self._store
         while True:
             loop = asyncio.get_running_loop()

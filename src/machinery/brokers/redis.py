@@ -25,10 +25,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from redis.commands.core import AsyncScript
-
 from .. import log
-from .._redis import RedisConnector
+from .._drivers.redis import LuaScript, RedisConnector
 from ..config import Config
 from ..signature import Signature
 from ..types import unix_ns
@@ -37,87 +35,12 @@ from .base import Broker, Consumer, DeadLetter, Delivery, decode_all
 DELAYED_BATCH = 500
 RELEASED_HEARTBEAT_GRACE = 2.0
 
-# Take up to ARGV[1] messages from the queue into the processing list.
-_FETCH = """
-local out = {}
-for i = 1, tonumber(ARGV[1]) do
-  local message = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
-  if not message then break end
-  out[i] = message
-end
-return out
-"""
-
-# Remove one taken message from the processing list and append ARGV[2] to KEYS[2] (the
-# queue for a requeue, the dead-letter list for a dead letter) only if it was still there,
-# so a message reclaimed by a reaper meanwhile is never duplicated.
-_SETTLE = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) > 0 then
-  redis.call('RPUSH', KEYS[2], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# Return every message of expired consumers (heartbeat score < now) to the queue head.
-_REAP = """
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-local returned = 0
-for _, consumer in ipairs(dead) do
-  local processing = ARGV[2] .. consumer
-  while redis.call('LMOVE', processing, KEYS[2], 'RIGHT', 'LEFT') do
-    returned = returned + 1
-  end
-  redis.call('ZREM', KEYS[1], consumer)
-end
-return returned
-"""
-
-# Return this consumer's own processing list to the queue head. Its heartbeat is left to
-# expire shortly (ARGV[2]) rather than removed: a blocking take cancelled at shutdown can
-# still land a message in the list after this, and a reaper finds it by that heartbeat.
-_RELEASE = """
-local returned = 0
-while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT') do
-  returned = returned + 1
-end
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-return returned
-"""
-
-# Move due delayed tasks to the list named by their RoutingKey (as Go's mover republishes
-# them); returns {moved, score of the next delayed task or false}.
-_MOVE_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, message in ipairs(due) do
-  redis.call('ZREM', KEYS[1], message)
-  local queue = ARGV[3]
-  local ok, decoded = pcall(cjson.decode, message)
-  if ok and type(decoded) == 'table' then
-    local key = decoded['RoutingKey']
-    if key == nil then
-      for name, value in pairs(decoded) do
-        if string.lower(name) == 'routingkey' then key = value end
-      end
-    end
-    if type(key) == 'string' and key ~= '' then queue = key end
-  end
-  redis.call('RPUSH', queue, message)
-end
-local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {#due, nxt[2] or false}
-"""
-
-# Put every dead letter of a queue back on it: each is a JSON header line, then the body.
-_REQUEUE_DEAD = """
-local letters = redis.call('LRANGE', KEYS[1], 0, -1)
-for _, letter in ipairs(letters) do
-  local newline = string.find(letter, '\\n', 1, true)
-  redis.call('RPUSH', KEYS[2], string.sub(letter, newline + 1))
-end
-redis.call('DEL', KEYS[1])
-return #letters
-"""
+_FETCH = LuaScript.load("fetch")
+_SETTLE = LuaScript.load("settle")
+_REAP = LuaScript.load("reap")
+_RELEASE = LuaScript.load("release")
+_MOVE_DUE = LuaScript.load("move_due")
+_REQUEUE_DEAD = LuaScript.load("requeue_dead")
 
 
 def processing_prefix(queue: str) -> str:
@@ -135,13 +58,9 @@ def dead_key(queue: str) -> str:
 class RedisBroker(Broker):
     """Go Machinery's Redis queues with processing lists, heartbeats and a batched delayed mover."""
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
+    def __init__(self, config: Config, url: str) -> None:
+        super().__init__(config, url)
         self.connector = RedisConnector(config.broker_urls()[0], config.redis)
-
-    def script(self, source: str) -> AsyncScript:
-        """A registered Lua script bound to the running loop's client (EVALSHA, EVAL on miss)."""
-        return self.connector.script(source)
 
     @property
     def delayed_key(self) -> str:
@@ -166,29 +85,29 @@ class RedisBroker(Broker):
         await consumer.start()
         return consumer
 
-    async def aget_pending_tasks(self, queue: str | None = None) -> list[Signature]:
+    async def get_pending_tasks(self, queue: str | None = None) -> list[Signature]:
         bodies: list[Any] = await self.connector.client().lrange(queue or self.config.default_queue, 0, -1)
         return decode_all(bodies)
 
-    async def aget_delayed_tasks(self) -> list[Signature]:
+    async def get_delayed_tasks(self) -> list[Signature]:
         bodies: list[Any] = await self.connector.client().zrange(self.delayed_key, 0, -1)
         return decode_all(bodies)
 
-    async def adead_letters(self, queue: str | None = None) -> list[DeadLetter]:
+    async def dead_letters(self, queue: str | None = None) -> list[DeadLetter]:
         raw: list[bytes] = await self.connector.client().lrange(  # type: ignore[assignment]  # no decode_responses
             dead_key(queue or self.config.default_queue), 0, -1
         )
         return [DeadLetter.from_bytes(item) for item in raw]
 
-    async def arequeue_dead(self, queue: str | None = None) -> int:
+    async def requeue_dead(self, queue: str | None = None) -> int:
         name = queue or self.config.default_queue
-        return int(await self.script(_REQUEUE_DEAD)(keys=[dead_key(name), name]))
+        return int(await self.connector.run(_REQUEUE_DEAD, [dead_key(name), name], []))
 
-    async def aclose(self) -> None:
-        await self.connector.aclose()
+    async def close(self) -> None:
+        await self.connector.close()
 
-    async def aclose_loop_connections(self) -> None:
-        await self.connector.aclose()
+    async def close_loop_connections(self) -> None:
+        await self.connector.close()
 
 
 class RedisConsumer(Consumer):
@@ -216,9 +135,11 @@ class RedisConsumer(Consumer):
 
     # ------------------------------------------------------------------ taking
 
-    async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+    async def fetch(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
         connector = self.broker.connector
-        taking = connector.batched().evalsha(_FETCH, [self.queue, self.processing], [max_count])
+        if timeout is None:
+            timeout = max(0.05, self.broker.config.redis.normal_tasks_poll_period / 1000)
+        taking = connector.run(_FETCH, [self.queue, self.processing], [max_count])
         self._taking.add(taking)
         taking.add_done_callback(self._taking.discard)
         bodies = await asyncio.shield(taking)
@@ -237,11 +158,11 @@ class RedisConsumer(Consumer):
         await self.broker.connector.batched().execute("LREM", self.processing, 1, delivery.body)
 
     async def requeue(self, delivery: Delivery) -> None:
-        await self.broker.script(_SETTLE)(keys=[self.processing, self.queue], args=[delivery.body, delivery.body])
+        await self.broker.connector.run(_SETTLE, [self.processing, self.queue], [delivery.body, delivery.body])
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         letter = DeadLetter.now(self.queue, reason, delivery.body).to_bytes()
-        await self.broker.script(_SETTLE)(keys=[self.processing, dead_key(self.queue)], args=[delivery.body, letter])
+        await self.broker.connector.run(_SETTLE, [self.processing, dead_key(self.queue)], [delivery.body, letter])
 
     async def close(self) -> None:
         for task in self._background:
@@ -252,8 +173,8 @@ class RedisConsumer(Consumer):
         # for a reaper to find them by.
         await asyncio.gather(*self._taking, return_exceptions=True)
         expires_ms = int((time.time() + RELEASED_HEARTBEAT_GRACE) * 1000)
-        returned = await self.broker.script(_RELEASE)(
-            keys=[self.processing, self.queue, self._heartbeats], args=[self.consumer_id, expires_ms]
+        returned = await self.broker.connector.run(
+            _RELEASE, [self.processing, self.queue, self._heartbeats], [self.consumer_id, expires_ms]
         )
         if returned:
             log.logger.info("Returned %d unfinished message(s) to %r", returned, self.queue)
@@ -265,8 +186,8 @@ class RedisConsumer(Consumer):
         await self.broker.connector.client().zadd(self._heartbeats, {self.consumer_id: deadline_ms})
 
     async def _reap(self) -> None:
-        returned = await self.broker.script(_REAP)(
-            keys=[self._heartbeats, self.queue], args=[int(time.time() * 1000), processing_prefix(self.queue)]
+        returned = await self.broker.connector.run(
+            _REAP, [self._heartbeats, self.queue], [int(time.time() * 1000), processing_prefix(self.queue)]
         )
         if returned:
             log.logger.warning(
@@ -285,13 +206,13 @@ class RedisConsumer(Consumer):
 
     async def _move_delayed(self) -> None:
         period = (self.broker.config.redis.delayed_tasks_poll_period or 500) / 1000
-        script = self.broker.script(_MOVE_DUE)
         while True:
             sleep = period
             try:
-                moved, next_score = await script(
-                    keys=[self.broker.delayed_key],
-                    args=[time.time_ns(), DELAYED_BATCH, self.broker.config.default_queue],
+                moved, next_score = await self.broker.connector.run(
+                    _MOVE_DUE,
+                    [self.broker.delayed_key],
+                    [time.time_ns(), DELAYED_BATCH, self.broker.config.default_queue],
                 )
                 if int(moved) >= DELAYED_BATCH:
                     continue

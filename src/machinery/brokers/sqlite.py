@@ -23,7 +23,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from .. import log
-from .._sqlite import SQLiteStore, StoreHandle, now_ns, ns_after, transaction
+from .._drivers.sqlite import SQLiteStore, StoreHandle, now_ns, ns_after, transaction
 from ..config import Config
 from ..signature import Signature
 from ..types import unix_ns
@@ -31,6 +31,9 @@ from .base import Broker, Consumer, DeadLetter, Delivery, decode_all
 
 #: Shortest wait between two looks at the queue, so a clock oddity never makes a busy loop.
 MIN_WAIT = 0.001
+#: How long a fetch waits for a message when the worker leaves it to the broker (writes wake
+#: it at once, so this only bounds one call).
+POLL_SECONDS = 1.0
 
 # (row id, body) of the rows taken, and when (Unix ns) the next row will be free to take.
 _Claimed = tuple[list[tuple[int, bytes]], int | None]
@@ -39,10 +42,9 @@ _Claimed = tuple[list[tuple[int, bytes]], int | None]
 class SQLiteBroker(Broker):
     """Queues in a SQLite file (``sqlite:///machinery.db``) shared by every process on the machine."""
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        self.url = config.broker_urls()[0]
-        self._handle = StoreHandle(self.url)
+    def __init__(self, config: Config, url: str) -> None:
+        super().__init__(config, url)
+        self._handle = StoreHandle(url)
 
     @property
     def store(self) -> SQLiteStore:
@@ -72,25 +74,25 @@ class SQLiteBroker(Broker):
             raise
         return SQLiteConsumer(handle, queue, f"{consumer_tag}#{uuid.uuid4().hex[:12]}", self.config)
 
-    async def aget_pending_tasks(self, queue: str | None = None) -> list[Signature]:
+    async def get_pending_tasks(self, queue: str | None = None) -> list[Signature]:
         rows = await self.store.run(_pending, queue or self.config.default_queue)
         return decode_all(rows)
 
-    async def aget_delayed_tasks(self) -> list[Signature]:
+    async def get_delayed_tasks(self) -> list[Signature]:
         return decode_all(await self.store.run(_delayed))
 
-    async def adead_letters(self, queue: str | None = None) -> list[DeadLetter]:
+    async def dead_letters(self, queue: str | None = None) -> list[DeadLetter]:
         rows = await self.store.run(_dead_letters, queue or self.config.default_queue)
         return [DeadLetter(q, reason, _datetime(ns), bytes(body)) for q, reason, ns, body in rows]
 
-    async def arequeue_dead(self, queue: str | None = None) -> int:
+    async def requeue_dead(self, queue: str | None = None) -> int:
         store = self.store
         count = await store.run(_requeue_dead, queue or self.config.default_queue)
         if count:
             store.wake_queues()
         return count
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         self._handle.release()
 
 
@@ -109,11 +111,11 @@ class SQLiteConsumer(Consumer):
     def _lease_seconds(self) -> float:
         return self._config.heartbeat_timeout
 
-    async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+    async def fetch(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
         if max_count <= 0 or self._closed:
             return []
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, timeout)
+        deadline = loop.time() + (POLL_SECONDS if timeout is None else max(0.0, timeout))
         store = self._store
         while True:
             woken, unregister = store.queue_waiter(loop)

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
+from .._sync import run_sync
 from ..config import redact_url as safe_url
 from ..errors import MachineryError
 from ..server import Server
@@ -87,7 +88,7 @@ def status(ctx: click.Context, task_uuid: str, limit: int) -> None:
     if task_uuid.startswith("group_"):
         _group_status(server, task_uuid, limit)
         return
-    state = server.backend.get_state(task_uuid)
+    state = run_sync(server.backend.get_state(task_uuid))
     is_callback = task_uuid.startswith("chord_")
     if state is None:
         why = "never sent there, or expired"
@@ -116,7 +117,7 @@ def status(ctx: click.Context, task_uuid: str, limit: int) -> None:
 
 
 def _group_status(server: Server, group_uuid: str, limit: int) -> None:
-    meta = server.backend.get_group_meta(group_uuid)
+    meta = run_sync(server.backend.get_group_meta(group_uuid))
     if meta is None:
         raise CliError(
             f"no group {group_uuid} in {safe_url(server.config.result_backend_url)}: never sent there, "
@@ -174,7 +175,7 @@ def pending(ctx: click.Context, queue: str | None, limit: int) -> None:
     messages are not listed (a worker moves them to the dead letters).
     """
     server, name = _server_and_queue(ctx, queue)
-    tasks = server.broker.get_pending_tasks(name)
+    tasks = server.get_pending_tasks(name)
     _echo_listing(
         tasks,
         limit,
@@ -191,7 +192,7 @@ def pending(ctx: click.Context, queue: str | None, limit: int) -> None:
 def delayed(ctx: click.Context, limit: int) -> None:
     """List the tasks waiting for their ETA, soonest first."""
     server = get_server(ctx)
-    tasks = server.broker.get_delayed_tasks()
+    tasks = server.get_delayed_tasks()
     _echo_listing(
         tasks,
         limit,
@@ -213,7 +214,7 @@ def dead(ctx: click.Context, queue: str | None, limit: int) -> None:
     QUEUE defaults to the config's default_queue.
     """
     server, name = _server_and_queue(ctx, queue)
-    letters = server.broker.dead_letters(name)
+    letters = server.dead_letters(name)
     _echo_listing(
         letters,
         limit,
@@ -240,5 +241,5 @@ def _describe_body(body: bytes) -> str:
 def requeue_dead(ctx: click.Context, queue: str | None) -> None:
     """Put a queue's dead letters back on the queue."""
     server, name = _server_and_queue(ctx, queue)
-    count = server.broker.requeue_dead(name)
+    count = server.requeue_dead(name)
     click.echo(f"Requeued {plural(count, 'dead letter')} to {name}")

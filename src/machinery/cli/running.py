@@ -181,7 +181,7 @@ def demo(broker: str | None, verbose: bool) -> None:
     it has ticked 3 times. Each result is shown with the states its tasks went through.
     Exits 1 if a result is not what it should be.
     """
-    from ..demo import run_demo
+    from .demo import run_demo
 
     if verbose:
         setup_logging("info")

@@ -14,12 +14,12 @@ from typing import Any
 
 import click
 
+from ..dispatch import ProgressHandler
 from ..errors import TaskFailed
 from ..server import Server
 from ..signature import Group, Signature
 from ..state import TaskState
 from ..types import BYTE_SLICE_TYPES, GO_TYPES, INT_RANGES, Arg, decode_results, infer_arg
-from ..workflow import ProgressHandler
 from .app import BadArgument, CliError, WaitTimeout, app_spec, get_server, read_states, server_options
 from .formatting import json_text, one_line, plural
 

@@ -1,4 +1,4 @@
-"""The lock seam, with Go Machinery's semantics (WIRE.md 12).
+"""The lock seam, with Go Machinery's semantics (docs/wire.md §12).
 
 A lock is a key holding a deadline in Unix nanoseconds. Whoever stores it first wins; the
 key can be taken again once that deadline has passed, and it expires by itself then.
@@ -30,10 +30,10 @@ class Lock(ABC):
                 return True
         return False
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         """Release connections held by this lock."""
 
-    async def aclose_loop_connections(self) -> None:
+    async def close_loop_connections(self) -> None:
         """Close the connections bound to the running event loop; see ``Broker``'s."""
 
 

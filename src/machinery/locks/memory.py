@@ -5,16 +5,12 @@ from __future__ import annotations
 import threading
 from typing import ClassVar
 
-from ..config import Config
 from .base import Lock, now_ns
 
 
 class MemoryLock(Lock):
     _keys: ClassVar[dict[str, int]] = {}
     _guard: ClassVar[threading.Lock] = threading.Lock()
-
-    def __init__(self, config: Config, url: str) -> None:
-        super().__init__(config, url)
 
     async def try_lock(self, key: str, deadline_ns: int) -> bool:
         with self._guard:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from .._sqlite import StoreHandle
+from .._drivers.sqlite import StoreHandle
 from ..config import Config
 from .base import Lock, now_ns
 
@@ -19,7 +19,7 @@ class SQLiteLock(Lock):
     async def try_lock(self, key: str, deadline_ns: int) -> bool:
         return await self._handle.store.run(_try_lock, key, deadline_ns, now_ns())
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         self._handle.release()
 
 

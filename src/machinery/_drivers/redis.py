@@ -1,4 +1,5 @@
-"""One Redis connection setup for the broker, backend and lock: URL parsing and a client per loop.
+"""One Redis connection setup for the broker, backend and lock: URL parsing, a client per loop,
+the auto-pipeline that batches the commands of one loop tick, and the Lua scripts.
 
 asyncio connections belong to the event loop that opened them, and machinery runs on
 several loops (a worker's, the sync face's, an application's), so each loop gets its own
@@ -10,20 +11,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ssl
-import threading
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from .config import RedisConfig
-from .errors import ConfigError
+from .._loops import PerLoop
+from ..config import RedisConfig
+from ..errors import ConfigError
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
@@ -80,6 +80,30 @@ def _db(text: str, url: str) -> int:
     return int(text)
 
 
+@dataclass(frozen=True)
+class LuaScript:
+    """A Lua script of ``redis_lua/`` (each file's header names its KEYS, ARGV and reply)."""
+
+    name: str
+    source: str
+    sha: str
+
+    @classmethod
+    def load(cls, name: str) -> LuaScript:
+        source = (resources.files(__package__) / "redis_lua" / f"{name}.lua").read_text(encoding="utf-8")
+        return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+
+class _LoopClient:
+    """The running loop's client and its auto-pipeline."""
+
+    __slots__ = ("client", "pipeline")
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.pipeline = AutoPipeline(client)
+
+
 class RedisConnector:
     """Hands out a ``redis.asyncio.Redis`` for the running event loop, all from one URL."""
 
@@ -93,44 +117,19 @@ class RedisConnector:
         self.url = url
         self.address = parse_redis_url(url)
         self._config = config
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._scripts: weakref.WeakKeyDictionary[aioredis.Redis, dict[str, AsyncScript]] = weakref.WeakKeyDictionary()
-        self._pipelines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AutoPipeline] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._lock = threading.Lock()
+        self._loops: PerLoop[_LoopClient] = PerLoop(lambda: _LoopClient(self._create()))
 
     def batched(self) -> AutoPipeline:
         """The running loop's auto-pipeline: commands issued in one loop tick share a round trip."""
-        loop = asyncio.get_running_loop()
-        pipeline = self._pipelines.get(loop)
-        if pipeline is None:
-            pipeline = self._pipelines[loop] = AutoPipeline(self.client())
-        return pipeline
+        return self._loops.get().pipeline
 
-    def script(self, source: str) -> AsyncScript:
-        """``source`` registered on the running loop's client (EVALSHA, falling back to EVAL)."""
-        client = self.client()
-        scripts = self._scripts.get(client)
-        if scripts is None:
-            scripts = self._scripts[client] = {}
-        script = scripts.get(source)
-        if script is None:
-            script = scripts[source] = client.register_script(source)
-        return script
+    def run(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """Run ``script`` (EVALSHA, loading it on a miss) in the running loop's auto-pipeline."""
+        return self._loops.get().pipeline.evalsha(script, keys, args)
 
     def client(self) -> aioredis.Redis:
         """The client for the running loop (created on first use)."""
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            with self._lock:
-                client = self._clients.get(loop)
-                if client is None:
-                    client = self._clients[loop] = self._create()
-        return client
+        return self._loops.get().client
 
     def _create(self) -> aioredis.Redis:
         a, c = self.address, self._config
@@ -156,13 +155,11 @@ class RedisConnector:
             pool = aioredis.ConnectionPool(host=a.host, port=a.port, **options, **extra)
         return aioredis.Redis(connection_pool=pool)
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         """Close the running loop's client; clients of other loops are theirs to close."""
-        loop = asyncio.get_running_loop()
-        self._pipelines.pop(loop, None)
-        client = self._clients.pop(loop, None)
-        if client is not None:
-            await client.aclose(close_connection_pool=True)  # we built the pool, so we close it
+        bundle = self._loops.pop()
+        if bundle is not None:
+            await bundle.client.aclose(close_connection_pool=True)  # we built the pool, so we close it
 
 
 class AutoPipeline:
@@ -178,10 +175,9 @@ class AutoPipeline:
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
         self._pending: list[_Queued] = []
-        self._shas: dict[str, str] = {}
         self._flushing: set[asyncio.Future[None]] = set()
 
-    def execute(self, *args: Any, script: str | None = None) -> asyncio.Future[Any]:
+    def execute(self, *args: Any, script: LuaScript | None = None) -> asyncio.Future[Any]:
         """Queue one command (as for ``execute_command``); the future gets its reply."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -190,12 +186,9 @@ class AutoPipeline:
         self._pending.append(_Queued(args, future, script))
         return future
 
-    def evalsha(self, source: str, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
+    def evalsha(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
         """Queue a Lua script call by its SHA; the script is loaded if Redis lacks it."""
-        sha = self._shas.get(source)
-        if sha is None:
-            sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
-        return self.execute("EVALSHA", sha, len(keys), *keys, *args, script=source)
+        return self.execute("EVALSHA", script.sha, len(keys), *keys, *args, script=script)
 
     def _flush_soon(self) -> None:
         batch, self._pending = self._pending, []
@@ -209,9 +202,9 @@ class AutoPipeline:
             replies = await self._send([item.args for item in batch])
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:  # first use, or Redis restarted: load the scripts, resend those calls
-                for source in {batch[i].script for i in missing}:
-                    if source is not None:
-                        await self._client.script_load(source)
+                for script in {batch[i].script for i in missing}:
+                    if script is not None:
+                        await self._client.script_load(script.source)
                 for i, reply in zip(missing, await self._send([batch[i].args for i in missing]), strict=True):
                     replies[i] = reply
         except Exception as exc:
@@ -267,4 +260,4 @@ def _pack(connection: Any, commands: list[tuple[Any, ...]]) -> Any:
 class _Queued:
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
-    script: str | None
+    script: LuaScript | None

@@ -33,10 +33,10 @@ from contextlib import contextmanager, suppress
 from typing import Concatenate, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from . import log
-from .backends.base import Waiters
-from .errors import BrokerConnectionError, ConfigError
-from .state import COMPLETED_STATES
+from .. import log
+from .._loops import Waiters
+from ..errors import BrokerConnectionError, ConfigError
+from ..state import COMPLETED_STATES
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -11,10 +11,10 @@ What lives here:
   themselves after RabbitMQ restarts or closes the connection.
 * One ``Session`` per event loop: asyncio connections belong to the loop that opened them and
   machinery runs on several loops (a worker's, the sync face's, an application's), the same
-  reason ``_redis.RedisConnector`` keeps a client per loop.
+  reason ``_drivers.redis.RedisConnector`` keeps a client per loop.
 * AMQP integer widths: pamqp picks the smallest AMQP integer type that holds a Python int,
   while Go sends ``x-message-ttl``/``x-expires`` as ``int32`` on result queues and ``int64``
-  on delay queues (WIRE.md 10.3, 11.2). ``AMQPInt32``/``AMQPInt64`` keep Go's widths on the
+  on delay queues (docs/wire.md §10.3, 11.2). ``AMQPInt32``/``AMQPInt64`` keep Go's widths on the
   wire. (RabbitMQ compares integer arguments by value, so this is for byte-level parity.)
 """
 
@@ -25,7 +25,6 @@ import os
 import socket
 import struct
 import threading
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -37,10 +36,11 @@ import pamqp.encode
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 from aio_pika.connection import make_url
 
-from . import log
-from .config import redact_url
-from .errors import BrokerConnectionError, ConfigError
-from .retry import Backoff
+from .. import log
+from .._backoff import Backoff
+from .._loops import PerLoop
+from ..config import redact_url
+from ..errors import BrokerConnectionError, ConfigError
 
 #: Exceptions that mean "the connection or channel is unusable" (or a broker-side refusal).
 AMQP_ERRORS: tuple[type[BaseException], ...] = (
@@ -150,8 +150,7 @@ class AMQPConnector:
             raise ConfigError("no AMQP URL given")
         self.urls = list(urls)
         self.role = role
-        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Slot] = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
+        self._slots: PerLoop[_Slot] = PerLoop(_Slot)
 
     def connection_name(self, purpose: str) -> str:
         """The name RabbitMQ shows for a connection (``rabbitmqctl list_connections client_properties``)."""
@@ -185,19 +184,9 @@ class AMQPConnector:
                 return connection
         raise BrokerConnectionError(f"cannot connect to RabbitMQ ({'; '.join(errors)})")
 
-    def _slot(self) -> _Slot:
-        loop = asyncio.get_running_loop()
-        slot = self._slots.get(loop)
-        if slot is None:
-            with self._lock:
-                slot = self._slots.get(loop)
-                if slot is None:
-                    slot = self._slots[loop] = _Slot()
-        return slot
-
     async def session(self, attempts: int = PUBLISH_CONNECT_ATTEMPTS) -> Session:
         """The running loop's live session, reconnecting (with backoff) if it died."""
-        slot = self._slot()
+        slot = self._slots.get()
         session = slot.session
         if session is not None and session.alive:
             return session
@@ -222,9 +211,9 @@ class AMQPConnector:
             slot.closer = await _close_at_loop_shutdown(session)
             return session
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         """Close the running loop's session (other loops' sessions end with their loops)."""
-        slot = self._slots.pop(asyncio.get_running_loop(), None)
+        slot = self._slots.pop()
         if slot is not None and slot.session is not None:
             await slot.session.close()
 
@@ -297,7 +286,7 @@ class Session:
     # ------------------------------------------------------------------ topology
 
     async def exchange(self, name: str, kind: str) -> AbstractExchange:
-        """The exchange ``name``, declared durable and not auto-delete once per connection (WIRE.md 10.1)."""
+        """The exchange ``name``, declared durable and not auto-delete once per connection (docs/wire.md §10.1)."""
         exchange = self._exchanges.get(name)
         if exchange is not None:
             return exchange
@@ -471,7 +460,7 @@ def message(
     expiration_ms: int | None = None,
     content_type: str | None = "application/json",
 ) -> aio_pika.Message:
-    """A persistent JSON message with Go's properties (WIRE.md 10.2): priority and headers
+    """A persistent JSON message with Go's properties (docs/wire.md §10.2): priority and headers
     only when set, no message id, timestamp, correlation id or reply-to."""
     from datetime import timedelta
 
@@ -484,7 +473,7 @@ def message(
         expiration=None if expiration_ms is None else timedelta(milliseconds=expiration_ms),
     )
     # aio-pika turns "no priority" into 0 and "no headers" into {}, and pamqp then sends both
-    # properties; Go leaves them out (WIRE.md 10.2), so take them out again.
+    # properties; Go leaves them out (docs/wire.md §10.2), so take them out again.
     if not priority:
         built.priority = None
     if not headers:

@@ -1,6 +1,6 @@
 """The RabbitMQ result backend: Go Machinery's queue per task holding the stream of its states.
 
-Layout (WIRE.md 11.2), shared with Go:
+Layout (docs/wire.md §11.2), shared with Go:
 
 * every state write publishes the TaskState JSON (persistent, ``application/json``) to the
   exchange with routing key = task UUID, into a queue named the task UUID: non-durable,
@@ -34,8 +34,8 @@ distinct members are counted. ``trigger_chord`` is a real test-and-set instead o
 always-true check: a ``<group>_chord_triggered`` queue limited to one message with
 ``x-overflow: reject-publish`` accepts (confirms) exactly one token; every later publish is
 nacked. Its existence also stops Go workers, whose ``TriggerChord`` returns false when that
-queue exists. The queues beside a group's, and the lock, are in ``_amqp_groups``; the state
-cache and the watch queue in ``_amqp_states``.
+queue exists. The queues beside a group's, and the lock, are in ``groups``; the state
+cache and the watch queue in ``states``.
 
 Cost. One queue per task (and per group) lives for ``results_expire_in`` seconds and every
 state is a message; a state write is a confirmed publish (plus a queue declaration for the
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections.abc import Sequence
 from contextlib import suppress
 from typing import Any
@@ -55,8 +54,8 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractQueue
 
-from .. import log
-from .._amqp import (
+from ... import log
+from ..._drivers.amqp import (
     AMQP_ERRORS,
     AMQPConnector,
     Session,
@@ -68,12 +67,14 @@ from .._amqp import (
     split_urls,
     take_messages,
 )
-from ..config import Config
-from ..errors import BrokerConnectionError, MessageDecodeError
-from ..signature import Signature
-from ..state import COMPLETED_STATES, GroupMeta, TaskState
-from ..types import TaskResult
-from ._amqp_groups import (
+from ..._loops import PerLoop
+from ...config import Config
+from ...errors import BrokerConnectionError, MessageDecodeError
+from ...signature import Signature
+from ...state import COMPLETED_STATES, GroupMeta, TaskState
+from ...types import TaskResult
+from ..base import Backend
+from .groups import (
     GroupLocks,
     chord_triggered_queue,
     distinct_members,
@@ -81,8 +82,7 @@ from ._amqp_groups import (
     peek_group,
     take_chord_token,
 )
-from ._amqp_states import StateCache, StateWatcher, decode_state_or_none
-from .base import Backend
+from .states import StateCache, StateWatcher, decode_state_or_none
 
 __all__ = ["AMQPBackend", "chord_triggered_queue", "meta_queue"]
 
@@ -90,6 +90,13 @@ __all__ = ["AMQPBackend", "chord_triggered_queue", "meta_queue"]
 CACHE_SIZE = 50_000
 #: Reads in flight at once per event loop (each holds a channel for a few round trips).
 READ_CONCURRENCY = 32
+
+
+class _WatcherSlot:
+    """The running loop's watch queue, once opened (replaced when its channel dies)."""
+
+    def __init__(self) -> None:
+        self.watcher: StateWatcher | None = None
 
 
 class AMQPBackend(Backend):
@@ -102,10 +109,8 @@ class AMQPBackend(Backend):
         super().__init__(config, url)
         self._connector = AMQPConnector(split_urls(url, config.multiple_broker_separator), role="backend")
         self._cache = StateCache(CACHE_SIZE)
-        self._watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, StateWatcher] = weakref.WeakKeyDictionary()
-        self._read_limits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._watchers: PerLoop[_WatcherSlot] = PerLoop(_WatcherSlot)
+        self._read_slots: PerLoop[asyncio.Semaphore] = PerLoop(lambda: asyncio.Semaphore(READ_CONCURRENCY))
         self._group_locks = GroupLocks(self._connector)
 
     # ------------------------------------------------------------------ layout
@@ -137,7 +142,7 @@ class AMQPBackend(Backend):
         """Publish each state to its task's queue, in order per task.
 
         Worker-side writes (``keep_created``) are sent as Go sends them: TaskName empty and
-        CreatedAt zero (WIRE.md 5: the AMQP backend does not merge).
+        CreatedAt zero (docs/wire.md §5: the AMQP backend does not merge).
         """
         streams: dict[str, list[bytes]] = {}
         completed: list[tuple[str, bytes]] = []
@@ -191,7 +196,7 @@ class AMQPBackend(Backend):
 
     # ------------------------------------------------------------------ reads
 
-    async def aget_state(self, task_uuid: str) -> TaskState | None:
+    async def get_state(self, task_uuid: str) -> TaskState | None:
         """The latest state of the task (reading compacts its queue to that state)."""
         for body in await self._read_stream(task_uuid):
             try:
@@ -203,14 +208,7 @@ class AMQPBackend(Backend):
     async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
         if not task_uuids:
             return []
-        return list(await asyncio.gather(*(self.aget_state(u) for u in task_uuids)))
-
-    def _read_slots(self) -> asyncio.Semaphore:
-        loop = asyncio.get_running_loop()
-        slots = self._read_limits.get(loop)
-        if slots is None:
-            slots = self._read_limits[loop] = asyncio.Semaphore(READ_CONCURRENCY)
-        return slots
+        return list(await asyncio.gather(*(self.get_state(u) for u in task_uuids)))
 
     async def _read_stream(self, name: str) -> list[bytes]:
         """Every message now in queue ``name``, oldest first; the newest is left in the queue.
@@ -218,7 +216,7 @@ class AMQPBackend(Backend):
         Each read has a channel of its own (pooled): closing it is what returns the messages
         taken if the read fails or is cancelled half-way, and no other read shares its fate.
         """
-        async with self._read_slots():
+        async with self._read_slots.get():
             session = await self._connector.session()
             with amqp_errors(f"reading result queue {name!r}"):
                 async with session.pooled_channel() as channel:
@@ -257,7 +255,7 @@ class AMQPBackend(Backend):
                         state = self._cache.get(task_uuid)
                     else:
                         try:
-                            state = await self.aget_state(task_uuid)
+                            state = await self.get_state(task_uuid)
                         except BrokerConnectionError as exc:
                             if not warned:
                                 log.logger.warning("waiting for %s: %s; still trying", task_uuid, exc)
@@ -281,13 +279,14 @@ class AMQPBackend(Backend):
         """Bind this loop's watch queue to ``task_uuid``; None (and polling) if that fails."""
         if not self._exchange:
             return None  # the default exchange takes no bindings: poll
-        loop = asyncio.get_running_loop()
+        slot = self._watchers.get()
         try:
-            watcher = self._watchers.get(loop)
+            watcher = slot.watcher
             if watcher is None or not watcher.alive:
                 session = await self._connector.session()
-                watcher = await StateWatcher.open(session, self._exchange, self._delivered, self._waiters.notify)
-                self._watchers[loop] = watcher
+                watcher = slot.watcher = await StateWatcher.open(
+                    session, self._exchange, self._delivered, self._waiters.notify
+                )
             await watcher.acquire(task_uuid)
             return watcher
         except AMQP_ERRORS as exc:  # BrokerConnectionError is a ConnectionError
@@ -315,7 +314,7 @@ class AMQPBackend(Backend):
         session = await self._connector.session()
         await self._publish(session, meta_queue(meta.group_uuid), meta.encode(), declare_first=True)
 
-    async def aget_group_meta(self, group_uuid: str) -> GroupMeta | None:
+    async def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
         """The stored metadata; for a group sent by Go (which stores none), one made from the
         group queue: the members that have completed, in completion order."""
         meta = await self._stored_group_meta(group_uuid)
@@ -400,15 +399,15 @@ class AMQPBackend(Backend):
         for name in names:
             session.forget(name)
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         """Close this loop's connection and watch queue (other loops' close when their loop ends)."""
-        await self.aclose_loop_connections()
+        await self.close_loop_connections()
 
-    async def aclose_loop_connections(self) -> None:
-        watcher = self._watchers.pop(asyncio.get_running_loop(), None)
-        if watcher is not None:
-            await watcher.close()
-        await self._connector.aclose()
+    async def close_loop_connections(self) -> None:
+        slot = self._watchers.pop()
+        if slot is not None and slot.watcher is not None:
+            await slot.watcher.close()
+        await self._connector.close()
 
 
 async def _take_keeping_latest(queue: AbstractQueue) -> list[bytes]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,8 +23,8 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractChannel
 
-from .. import log
-from .._amqp import (
+from ... import log
+from ..._drivers.amqp import (
     AMQP_ERRORS,
     AMQPConnector,
     AMQPInt32,
@@ -38,9 +37,10 @@ from .._amqp import (
     quietly,
     take_messages,
 )
-from ..errors import BrokerConnectionError
-from ..state import TaskState
-from ._amqp_states import decode_state_or_none
+from ..._loops import PerLoop
+from ...errors import BrokerConnectionError
+from ...state import TaskState
+from .states import decode_state_or_none
 
 #: Seconds to wait for another process's group lock before giving up.
 GROUP_LOCK_TIMEOUT = 30.0
@@ -129,14 +129,12 @@ class GroupLocks:
 
     def __init__(self, connector: AMQPConnector) -> None:
         self._connector = connector
-        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _LoopLock]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._locks: PerLoop[dict[str, _LoopLock]] = PerLoop(dict)
 
     @asynccontextmanager
     async def hold(self, group_uuid: str) -> AsyncIterator[AbstractChannel]:
         """Hold the group's lock; yields the channel that holds it, for reading the group queue."""
-        locks = self._locks.setdefault(asyncio.get_running_loop(), {})
+        locks = self._locks.get()
         entry = locks.get(group_uuid)
         if entry is None:
             entry = locks[group_uuid] = _LoopLock()

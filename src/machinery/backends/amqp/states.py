@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from .. import log
-from .._amqp import AMQP_ERRORS, Session, amqp_errors, on_close, quietly
-from ..errors import MessageDecodeError
-from ..state import PENDING, TaskState
+from ... import log
+from ..._drivers.amqp import AMQP_ERRORS, Session, amqp_errors, on_close, quietly
+from ...errors import MessageDecodeError
+from ...state import PENDING, TaskState
 
 #: How long a watcher keeps a binding after its last waiter left (ChordAsyncResult waits in
 #: short slices; this spares a bind/unbind pair per slice).

@@ -9,7 +9,7 @@ prints one line per task: its name, when its first state was written (counted fr
 step's send), and its states. Adding an example is adding a task to ``TASKS`` if it needs
 one and a step to ``STEPS``.
 
-States are recorded as the backend writes them rather than by polling: a worker writes
+States are recorded by a middleware (``StateLog``) rather than by polling: a worker writes
 RECEIVED and STARTED together, so a poller would never see RECEIVED.
 """
 
@@ -32,15 +32,16 @@ from typing import Any, Protocol
 
 import click
 
-from . import log
-from .config import Config
-from .errors import MachineryError, TaskFailed
-from .result import AsyncResult, ChainAsyncResult, ChordAsyncResult
-from .retry import RetryTaskLater
-from .server import Server
-from .signature import Chain, Chord, Group, Signature
-from .state import COMPLETED_STATES, FAILURE, RETRY, SUCCESS, TaskState
-from .worker import Worker
+from .. import log
+from ..config import Config
+from ..errors import MachineryError, TaskFailed
+from ..middleware import Middleware, Outcome
+from ..result import AsyncResult, ChainAsyncResult, ChordAsyncResult
+from ..retry import RetryTaskLater
+from ..server import Server
+from ..signature import Chain, Chord, Group, Signature
+from ..state import COMPLETED_STATES, FAILURE, PENDING, RECEIVED, RETRY, STARTED, SUCCESS
+from ..worker import Worker
 
 RESULTS_TIMEOUT = 15.0
 """Seconds the demo waits for all its results."""
@@ -184,7 +185,7 @@ def send_chord(members: Sequence[Signature], callback: Signature) -> Sender:
     return send
 
 
-class PeriodicTicks:
+class PeriodicTicks(Middleware):
     """A periodic task registered for the demo, until its first ``ticks`` sends.
 
     ``start`` registers the entry under a unique name (so that demos sharing a broker do not
@@ -208,12 +209,12 @@ class PeriodicTicks:
         return [r.task_uuid for r in self.results]
 
     async def start(self) -> PeriodicTicks:
-        self.server.set_pre_publish_handler(self._published)
+        self.server.add_middleware(self)  # to see the ticks' tasks as they are published
         self.server.register_periodic_task(self.spec, self.name, Signature(self.task, []))
         self._scheduler = asyncio.ensure_future(self.server.periodic.run(self._stop))
         return self
 
-    def _published(self, signature: Signature) -> None:
+    def after_publish(self, signature: Signature) -> None:
         if signature.name != self.task or len(self.results) >= self.ticks:
             return
         self.results.append(AsyncResult(signature.uuid, self.server.backend))
@@ -237,7 +238,7 @@ class PeriodicTicks:
     async def stop(self) -> None:
         """Remove the entry and stop the scheduler (at once: it has nothing else to send)."""
         self.server.remove_periodic(self.name)
-        self.server.set_pre_publish_handler(None)
+        self.server.middleware.remove(self)
         self._stop.set()
         if self._scheduler is not None:
             with suppress(asyncio.TimeoutError):  # wait_for cancels it then
@@ -310,30 +311,47 @@ STEPS: list[DemoStep] = [
 # --------------------------------------------------------------------------- running
 
 
-class StateLog:
-    """Every state the server's backend writes, with the time it was written, and task names."""
+class StateLog(Middleware):
+    """Every state the demo's tasks go through, with the time each was reached, and task names.
+
+    A middleware: PENDING when a task is published, RECEIVED and STARTED when the worker
+    takes it (it writes both at once, so a poller would never see RECEIVED), and the
+    outcome when it is about to be stored (``before_store``). The outcome is named only in
+    ``after_process``, which runs once a retry has been published again, so it is filed at
+    the moment ``before_store`` saw.
+    """
 
     def __init__(self) -> None:
         self.history: dict[str, list[tuple[str, float]]] = defaultdict(list)
         self.names: dict[str, str] = {}
+        self._storing: dict[str, float] = {}
 
-    def attach(self, server: Server) -> None:
-        """Record the writes of ``server``'s backend from now on (this process only).
+    def _record(self, signature: Signature, states: Sequence[str], at: float) -> None:
+        self.names[signature.uuid] = signature.name
+        history = self.history[signature.uuid]
+        history.extend((state, at) for state in states)
+        history.sort(key=lambda entry: entry[1])
 
-        A state is recorded as its write starts: a backend may wake the result's waiter
-        (through a watcher of its store) before the write returns to its writer.
-        """
-        write = server.backend.write_states
+    def after_publish(self, signature: Signature) -> None:
+        self._record(signature, [PENDING], time.perf_counter())
 
-        async def recording_write(states: Sequence[TaskState], keep_created: bool) -> None:
-            now = time.perf_counter()
-            for state in states:
-                self.history[state.task_uuid].append((state.state, now))
-                if state.task_name:
-                    self.names[state.task_uuid] = state.task_name
-            await write(states, keep_created)
+    def before_process(self, signature: Signature) -> None:
+        self._record(signature, [RECEIVED, STARTED], time.perf_counter())
 
-        server.backend.write_states = recording_write  # type: ignore[method-assign]
+    def before_store(self, signature: Signature, outcome: Outcome) -> None:
+        self._storing[signature.uuid] = time.perf_counter()
+
+    def after_process(self, signature: Signature, outcome: Outcome) -> None:
+        self._record(signature, [outcome.state], self._storing.pop(signature.uuid, time.perf_counter()))
+
+    async def settled(self, task_uuids: Sequence[str], timeout: float = 1.0) -> None:
+        """Wait (briefly) until each task's final state is recorded: a result wakes its
+        waiter when it is stored, a moment before ``after_process`` runs."""
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if all(self.history.get(u) and self.history[u][-1][0] in COMPLETED_STATES for u in task_uuids):
+                return
+            await asyncio.sleep(0.001)
 
 
 @dataclass
@@ -366,12 +384,11 @@ def run_demo(broker: str | None = None, steps: Sequence[DemoStep] = STEPS, verbo
 
 async def _demo(url: str, steps: Sequence[DemoStep]) -> bool:
     queue = f"machinery_demo_{uuid.uuid4().hex[:8]}"
-    server = Server(Config(broker=url, default_queue=queue))
+    states = StateLog()
+    server = Server(Config(broker=url, default_queue=queue), middleware=[states])
     try:
         server.register_tasks(TASKS)
-        await server.backend.aget_state("machinery-demo-probe")  # fail now, clearly, if unreachable
-        states = StateLog()
-        states.attach(server)
+        await server.backend.get_state("machinery-demo-probe")  # fail now, clearly, if unreachable
         out = _Printer(steps, list(server.tasks))
         out.header(url, queue)
         # The periodic step runs a scheduler of its own, only as long as it needs one.
@@ -387,6 +404,7 @@ async def _demo(url: str, steps: Sequence[DemoStep]) -> bool:
             outcomes = []
             for next_done in asyncio.as_completed([_run_step(step, server, deadline) for step in steps]):
                 outcome = await next_done
+                await states.settled(outcome.task_uuids)
                 outcomes.append(outcome)
                 out.outcome(outcome, states)
         finally:
