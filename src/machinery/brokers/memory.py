@@ -2,7 +2,10 @@
 
 Everything lives in this process (``memory://name`` selects a named store), guarded for use
 from several threads and event loops at once. Delivery semantics match the real brokers:
-taken messages stay with their consumer until acked, and return to the queue on close.
+a consumer leases what it takes and renews the lease while it lives; a message leaves only
+by ack, requeue or dead letter; ``close`` returns unsettled messages to the head of the
+queue, and the messages of a consumer that stopped renewing (its loop died) go back once
+its lease (``heartbeat_timeout``) runs out.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from .. import log
 from ..config import Config
 from ..signature import Signature
 from ..types import unix_ns
@@ -27,17 +31,37 @@ from .base import Broker, Consumer, DeadLetter, Delivery, decode_all
 POLL_SECONDS = 1.0
 
 
+@dataclass(slots=True)
+class _Lease:
+    queue: str
+    body: bytes
+    owner: int
+    expires: float  # time.monotonic()
+
+
 @dataclass
 class _Store:
     lock: threading.Lock = field(default_factory=threading.Lock)
-    queues: dict[str, deque[bytes]] = field(default_factory=dict)
+    queues: dict[str, deque[tuple[int, bytes]]] = field(default_factory=dict)  # (sequence, body)
     delayed: list[tuple[int, int, str, bytes]] = field(default_factory=list)
     dead: dict[str, list[DeadLetter]] = field(default_factory=dict)
+    leases: dict[int, _Lease] = field(default_factory=dict)  # by sequence number
     waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = field(default_factory=list)
     seq: itertools.count[int] = field(default_factory=itertools.count)
 
-    def queue(self, name: str) -> deque[bytes]:
+    def queue(self, name: str) -> deque[tuple[int, bytes]]:
         return self.queues.setdefault(name, deque())
+
+    def append(self, name: str, body: bytes) -> None:
+        """Put a message at the back of a queue; call with ``lock`` held."""
+        self.queue(name).append((next(self.seq), body))
+
+    def give_back(self, sequences: Sequence[int]) -> int:
+        """Return leased messages to the head of their queues, oldest first; call with ``lock`` held."""
+        returned = [(s, self.leases.pop(s)) for s in sorted(sequences, reverse=True) if s in self.leases]
+        for sequence, lease in returned:
+            self.queue(lease.queue).appendleft((sequence, lease.body))
+        return len(returned)
 
     def wake(self) -> None:
         """Wake every waiting consumer; call with ``lock`` held."""
@@ -47,12 +71,20 @@ class _Store:
                 loop.call_soon_threadsafe(_resolve, future)
 
     def release_due(self) -> float | None:
-        """Move due delayed messages to their queues; return seconds until the next one."""
+        """Move due delayed messages to their queues and expired leases back to theirs;
+        return seconds until the next such event. Call with ``lock`` held."""
+        expired = [s for s, lease in self.leases.items() if lease.expires <= time.monotonic()]
+        if expired:
+            log.logger.warning("Returned %d message(s) taken by a consumer that stopped renewing", len(expired))
+            self.give_back(expired)
         now = time.time_ns()
         while self.delayed and self.delayed[0][0] <= now:
             _, _, queue, body = heapq.heappop(self.delayed)
-            self.queue(queue).append(body)
-        return (self.delayed[0][0] - now) / 1e9 if self.delayed else None
+            self.append(queue, body)
+        moments = [(self.delayed[0][0] - now) / 1e9] if self.delayed else []
+        if self.leases:
+            moments.append(min(lease.expires for lease in self.leases.values()) - time.monotonic())
+        return min(moments) if moments else None
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -75,7 +107,7 @@ class MemoryBroker(Broker):
         store = self._store
         with store.lock:
             for queue, body in messages:
-                store.queue(queue).append(body)
+                store.append(queue, body)
             store.wake()
 
     async def _push_delayed(self, messages: Sequence[tuple[Signature, bytes]]) -> None:
@@ -87,11 +119,11 @@ class MemoryBroker(Broker):
             store.wake()
 
     async def open_consumer(self, queue: str, consumer_tag: str, prefetch: int | None = None) -> Consumer:
-        return _MemoryConsumer(self._store, queue)
+        return _MemoryConsumer(self._store, queue, self.config.heartbeat_timeout)
 
     async def get_pending_tasks(self, queue: str | None = None) -> list[Signature]:
         with self._store.lock:
-            bodies = list(self._store.queue(queue or self.config.default_queue))
+            bodies = [body for _, body in self._store.queue(queue or self.config.default_queue)]
         return decode_all(bodies)
 
     async def get_delayed_tasks(self) -> list[Signature]:
@@ -107,17 +139,23 @@ class MemoryBroker(Broker):
         name = queue or self.config.default_queue
         with self._store.lock:
             letters = self._store.dead.pop(name, [])
-            self._store.queue(name).extend(letter.body for letter in letters)
+            for letter in letters:
+                self._store.append(name, letter.body)
             self._store.wake()
         return len(letters)
 
 
 class _MemoryConsumer(Consumer):
-    def __init__(self, store: _Store, queue: str) -> None:
+    """One consumer's leases; ``receipt`` is the message's sequence number."""
+
+    _owners: ClassVar[itertools.count[int]] = itertools.count()
+
+    def __init__(self, store: _Store, queue: str, lease_seconds: float) -> None:
         self._store = store
         self.queue = queue
-        self._taken: dict[int, bytes] = {}
-        self._ids = itertools.count()
+        self._owner = next(self._owners)
+        self._lease_seconds = lease_seconds
+        self._renewer = asyncio.ensure_future(self._renew_forever())
 
     async def fetch(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
         deadline = time.monotonic() + (POLL_SECONDS if timeout is None else timeout)
@@ -130,16 +168,16 @@ class _MemoryConsumer(Consumer):
                 queue = store.queue(self.queue)
                 if queue:
                     taken: list[Delivery] = []
+                    expires = time.monotonic() + self._lease_seconds
                     while queue and len(taken) < max_count:
-                        receipt = next(self._ids)
-                        body = queue.popleft()
-                        self._taken[receipt] = body
-                        taken.append(Delivery(body, self.queue, receipt))
+                        sequence, body = queue.popleft()
+                        store.leases[sequence] = _Lease(self.queue, body, self._owner, expires)
+                        taken.append(Delivery(body, self.queue, sequence))
                     return taken
                 store.waiters.append((loop, future))
             wait = deadline - time.monotonic()
             if next_due is not None:
-                wait = min(wait, next_due)
+                wait = min(wait, max(0.001, next_due))
             if wait <= 0:
                 return []
             try:
@@ -148,24 +186,45 @@ class _MemoryConsumer(Consumer):
                 if time.monotonic() >= deadline:
                     return []
 
+    def _take_lease(self, delivery: Delivery) -> _Lease | None:
+        """Remove this consumer's lease on ``delivery``; call with the store's lock held."""
+        lease = self._store.leases.get(delivery.receipt)
+        if lease is None or lease.owner != self._owner:
+            return None  # it expired and went back to the queue meanwhile
+        return self._store.leases.pop(delivery.receipt)
+
     async def ack(self, delivery: Delivery) -> None:
-        self._taken.pop(delivery.receipt, None)
+        with self._store.lock:
+            self._take_lease(delivery)
 
     async def requeue(self, delivery: Delivery) -> None:
-        body = self._taken.pop(delivery.receipt, None)
-        if body is not None:
-            with self._store.lock:
-                self._store.queue(self.queue).append(body)
-                self._store.wake()
+        store = self._store
+        with store.lock:
+            lease = self._take_lease(delivery)
+            if lease is not None:
+                store.append(self.queue, lease.body)
+                store.wake()
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        body = self._taken.pop(delivery.receipt, delivery.body)
-        with self._store.lock:
-            self._store.dead.setdefault(self.queue, []).append(DeadLetter.now(self.queue, reason, body))
+        store = self._store
+        with store.lock:
+            if self._take_lease(delivery) is not None:
+                store.dead.setdefault(self.queue, []).append(DeadLetter.now(self.queue, reason, delivery.body))
 
     async def close(self) -> None:
-        with self._store.lock:
-            # Return what was taken but never finished to the head of the queue, oldest first.
-            self._store.queue(self.queue).extendleft(reversed(list(self._taken.values())))
-            self._taken.clear()
-            self._store.wake()
+        self._renewer.cancel()
+        await asyncio.gather(self._renewer, return_exceptions=True)
+        store = self._store
+        with store.lock:
+            # What was taken but never settled goes back to the head of the queue, oldest first.
+            if store.give_back([s for s, lease in store.leases.items() if lease.owner == self._owner]):
+                store.wake()
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_seconds / 3)
+            expires = time.monotonic() + self._lease_seconds
+            with self._store.lock:
+                for lease in self._store.leases.values():
+                    if lease.owner == self._owner:
+                        lease.expires = expires
