@@ -43,6 +43,7 @@ PUBLIC_NAMES = [
     "TaskNotRegisteredError",
     "TaskResult",
     "TaskState",
+    "UnsupportedOperation",
     "Worker",
     "get_logger",
     "set_logger",

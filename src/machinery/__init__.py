@@ -10,6 +10,7 @@ from .errors import (
     ResultTypeError,
     TaskFailed,
     TaskNotRegisteredError,
+    UnsupportedOperation,
 )
 from .log import get_logger, set_logger
 from .middleware import Middleware, Outcome
@@ -61,6 +62,7 @@ __all__ = [
     "TaskNotRegisteredError",
     "TaskResult",
     "TaskState",
+    "UnsupportedOperation",
     "Worker",
     "get_logger",
     "set_logger",

@@ -38,3 +38,8 @@ class TaskFailed(MachineryError):
 
 class BrokerConnectionError(MachineryError, ConnectionError):
     """The broker or result backend cannot be reached."""
+
+
+class UnsupportedOperation(MachineryError, NotImplementedError):
+    """The broker or backend cannot answer this honestly (e.g. listing delayed tasks on
+    RabbitMQ); the message says why. Never a wrong answer instead."""

@@ -1,0 +1,1 @@
+"""Test support: service checks, waiting, running workers, recorders, and one harness per driver."""
