@@ -138,6 +138,11 @@ def running_worker(server: Server, **kwargs: object) -> Iterator[Worker]:
             raise errors[0]
 
 
+def waiting_bodies(server: Server) -> set[str]:
+    """UUIDs of the tasks waiting in the default queue or for their ETA (requeued for later)."""
+    return {s.uuid for s in server.get_pending_tasks()} | {s.uuid for s in server.get_delayed_tasks()}
+
+
 def push_raw(server: Server, *bodies: bytes, queue: str | None = None) -> None:
     """Put bytes straight onto ``queue`` (the default queue), as a foreign client might."""
     run_sync(server.broker._push([(queue or server.config.default_queue, body) for body in bodies]))
@@ -152,9 +157,9 @@ def count_requeues(server: Server, monkeypatch: pytest.MonkeyPatch) -> list[byte
         consumer = await open_consumer(queue, consumer_tag, prefetch)
         requeue = consumer.requeue
 
-        async def counting(delivery: Delivery) -> None:
+        async def counting(delivery: Delivery, delay: float = 0.0) -> None:
             requeued.append(delivery.body)
-            await requeue(delivery)
+            await requeue(delivery, delay)
 
         consumer.requeue = counting  # type: ignore[method-assign]
         return consumer

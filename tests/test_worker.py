@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import WAIT, config_for, count_requeues, push_raw, running_worker, wait_until
+from conftest import WAIT, config_for, count_requeues, push_raw, running_worker, wait_until, waiting_bodies
 from machinery import (
     FAILURE,
     PENDING,
@@ -511,8 +511,7 @@ def test_unregistered_task_is_requeued_and_logged_once(
     warnings = [r for r in caplog.records if "'nope' is not registered" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert warnings[0].levelno == logging.WARNING
-    pending = {s.uuid for s in server.get_pending_tasks()}
-    assert pending == {r.task_uuid for r in sent}  # nothing lost
+    assert waiting_bodies(server) == {r.task_uuid for r in sent}  # nothing lost
     assert all(r.state().state == PENDING for r in sent)
 
 
@@ -522,11 +521,11 @@ def test_unregistered_backoff_does_not_stop_registered_tasks(server: Server, mon
         return a + b
 
     requeued = count_requeues(server, monkeypatch)
-    server.send_task(Signature("nope"))
+    nope = server.send_task(Signature("nope"))
     with running_worker(server):
-        wait_until(lambda: len(requeued) >= 3, what="unknown message requeued")
+        wait_until(lambda: len(requeued) >= 2, what="unknown message requeued")
         assert add.send(1, 2).get(timeout=WAIT) == 3
-    assert [s.name for s in server.get_pending_tasks()] == ["nope"]
+    assert waiting_bodies(server) == {nope.task_uuid}
 
 
 def test_ignore_when_task_not_registered_drops_it(server: Server, caplog: pytest.LogCaptureFixture) -> None:

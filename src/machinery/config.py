@@ -121,6 +121,13 @@ class Config:
         "HEARTBEAT_TIMEOUT",
         "seconds a worker may go silent before the tasks it took are given to other workers",
     )
+    unregistered_task_timeout: float = _f(
+        3600.0,
+        "unregistered_task_timeout",
+        "UNREGISTERED_TASK_TIMEOUT",
+        "seconds a message whose task this worker does not know keeps coming back (for a worker that "
+        "knows it) before it is dead-lettered as not registered on any worker that saw it; 0: never",
+    )
     periodic_lock_program: str = _f(
         "",
         "periodic_lock_program",
@@ -174,6 +181,10 @@ class Config:
             raise ConfigError("default_queue must not be empty")
         if self.heartbeat_timeout <= 0:
             raise ConfigError(f"heartbeat_timeout must be > 0 seconds, got {self.heartbeat_timeout!r}")
+        if self.unregistered_task_timeout < 0:
+            raise ConfigError(
+                f"unregistered_task_timeout must be >= 0 seconds (0: never), got {self.unregistered_task_timeout!r}"
+            )
         for name, value in (
             ("redis.normal_tasks_poll_period", self.redis.normal_tasks_poll_period),
             ("redis.delayed_tasks_poll_period", self.redis.delayed_tasks_poll_period),

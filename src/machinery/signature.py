@@ -123,7 +123,16 @@ class Signature:
             data = _decode_json(body)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise MessageDecodeError(f"message is not JSON: {exc}") from None
-        return cls.from_wire(data)
+        except RecursionError:
+            raise MessageDecodeError("message is nested too deeply to decode") from None
+        try:
+            return cls.from_wire(data)
+        except MessageDecodeError:
+            raise
+        except RecursionError:
+            raise MessageDecodeError("message nests its callbacks too deeply to decode") from None
+        except Exception as exc:  # a reader must never be stopped by a message, whatever it holds
+            raise MessageDecodeError(f"message cannot be decoded: {type(exc).__name__}: {exc}") from None
 
     @classmethod
     def from_wire(cls, data: Any) -> Signature:

@@ -124,8 +124,10 @@ class GroupMeta:
 def _decode_object(body: bytes | str, what: str) -> dict[str, Any]:
     try:
         data = _decode_json(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise MessageDecodeError(f"{what} is not JSON: {exc}") from None
+    except RecursionError:
+        raise MessageDecodeError(f"{what} is nested too deeply to decode") from None
     if not isinstance(data, dict):
         raise MessageDecodeError(f"{what} is not a JSON object")
     return {str(key).lower(): value for key, value in data.items()}

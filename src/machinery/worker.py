@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from . import log
@@ -44,9 +47,15 @@ ErrorHandler = Callable[[BaseException], None]
 TaskHandler = Callable[[Signature], None]
 PreConsumeHandler = Callable[["Worker"], bool]
 
-UNKNOWN_TASK_MAX_BACKOFF = 5.0
 #: Seconds between two looks at the pre-consume handler while it says no.
 PRE_CONSUME_PAUSE = 0.2
+#: A message of a task this worker does not know goes back to the queue for this long the
+#: first time it is seen here, twice as long each time after, up to the maximum: it is left
+#: for a worker that knows it without this one spinning on it, and nothing else waits.
+UNKNOWN_TASK_FIRST_DELAY = 1.0
+UNKNOWN_TASK_MAX_DELAY = 30.0
+#: Unknown messages remembered (first seen, times seen) per worker.
+UNKNOWN_TASKS_REMEMBERED = 10_000
 
 
 class WorkerHost(Protocol):
@@ -97,7 +106,7 @@ class Worker:
         self._busy = 0  # slots taken: fetched messages whose task function has not yet returned
         self._slot_freed: asyncio.Event | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._unknown_delay = 0.0
+        self._unknown: OrderedDict[str, _Sighting] = OrderedDict()
         self._unknown_warned: set[str] = set()
         self.started = threading.Event()
 
@@ -263,8 +272,6 @@ class Worker:
                     await asyncio.wait({stopping, freed}, return_when=asyncio.FIRST_COMPLETED)
                     freed.cancel()
                     continue
-                if self._unknown_delay:
-                    await _sleep_unless(self._stopping, self._unknown_delay)
                 if self._pre_consume is not None and not self._pre_consume(self):
                     await _sleep_unless(self._stopping, PRE_CONSUME_PAUSE)
                     continue
@@ -308,40 +315,67 @@ class Worker:
 
     async def _handle_taken(self, consumer: Consumer, delivery: Delivery, slot: _Slot) -> None:
         try:
-            signature = Signature.decode(delivery.body)
+            signature = decode_message(delivery.body)
         except MessageDecodeError as exc:
             await self._dead_letter(consumer, delivery, str(exc))
             return
         spec = self.server.tasks.get(signature.name)
         if spec is None:
+            slot.release()  # nothing runs: the slot is free for the next message now
             await self._unregistered(consumer, delivery, signature)
             return
-        self._unknown_delay = 0.0
         await self.process(signature, spec, slot)
         await self._persist(lambda: consumer.ack(delivery), f"acknowledging {signature.name} {signature.uuid}")
         await self._middleware.after_ack(signature)
 
     async def _dead_letter(self, consumer: Consumer, delivery: Delivery, reason: str) -> None:
-        log.logger.error("Dead-lettering a message from %r that cannot be decoded: %s", delivery.queue, reason)
+        log.logger.error("Dead-lettering a message from %r: %s", delivery.queue, reason)
         await self._persist(lambda: consumer.dead_letter(delivery, reason), "dead-lettering a message")
         await self._middleware.after_dead_letter(delivery.body, reason)
 
     async def _unregistered(self, consumer: Consumer, delivery: Delivery, signature: Signature) -> None:
+        """A task this worker does not know: someone else's (leave it for them) or a mistake.
+
+        It goes back to the queue after a delay that grows each time this worker meets it
+        again, so no worker spins on it and the tasks behind it are not held up; once it has
+        kept coming back for ``unregistered_task_timeout`` seconds it is dead-lettered.
+        """
         if signature.ignore_when_task_not_registered:
             log.logger.info("Dropping %s %s: not registered here and marked ignorable", signature.name, signature.uuid)
             await self._persist(lambda: consumer.ack(delivery), f"dropping {signature.uuid}")
             await self._middleware.after_ack(signature)
             return
+        sighting = self._sighting(signature, delivery.body)
+        timeout = self.server.config.unregistered_task_timeout
+        if timeout and time.monotonic() - sighting.first_seen >= timeout:
+            self._unknown.pop(sighting.key, None)
+            reason = (
+                f"task {signature.name!r} is not registered on any worker that saw it "
+                f"(it kept coming back for {timeout:g} s, seen {sighting.count} times here)"
+            )
+            await self._dead_letter(consumer, delivery, reason)
+            return
         if signature.name not in self._unknown_warned:
             self._unknown_warned.add(signature.name)
             log.logger.warning(
-                "Task %r is not registered with this worker; requeueing it for another worker "
-                "and backing off while only unknown tasks arrive (logged once per task name)",
+                "Task %r is not registered with this worker; it goes back to the queue for a worker that knows it "
+                "(dead-lettered if it keeps coming back for %s; logged once per task name)",
                 signature.name,
+                f"{timeout:g} s" if timeout else "ever: never",
             )
-        await self._persist(lambda: consumer.requeue(delivery), f"requeueing {signature.uuid}")
+        delay = min(UNKNOWN_TASK_MAX_DELAY, UNKNOWN_TASK_FIRST_DELAY * 2 ** (sighting.count - 1))
+        await self._persist(lambda: consumer.requeue(delivery, delay), f"requeueing {signature.uuid}")
         await self._middleware.after_requeue(signature)
-        self._unknown_delay = min(UNKNOWN_TASK_MAX_BACKOFF, max(0.05, self._unknown_delay * 2))
+
+    def _sighting(self, signature: Signature, body: bytes) -> _Sighting:
+        """Count one more sighting of this unknown message here (remembered by its UUID)."""
+        key = signature.uuid or hashlib.sha1(body).hexdigest()
+        sighting = self._unknown.pop(key, None) or _Sighting(key, time.monotonic())
+        sighting.count += 1
+        self._unknown[key] = sighting
+        while len(self._unknown) > UNKNOWN_TASKS_REMEMBERED:
+            self._unknown.popitem(last=False)
+        return sighting
 
     # ------------------------------------------------------------------ processing (docs/wire.md §6)
 
@@ -418,6 +452,21 @@ class Worker:
             self._error_handler(exc)
         else:
             log.logger.error("%s: %s: %s", message, type(exc).__name__, exc)
+
+
+def decode_message(body: bytes) -> Signature:
+    """A delivered message as a task; ``MessageDecodeError`` (with the reason) if it is not one."""
+    signature = Signature.decode(body)
+    if not signature.name:
+        raise MessageDecodeError("message names no task (its Name is missing, null or empty)")
+    return signature
+
+
+@dataclass(slots=True)
+class _Sighting:
+    key: str
+    first_seen: float
+    count: int = 0
 
 
 class _Slot:

@@ -162,7 +162,7 @@ class AMQPBroker(Broker):
             return self._publish_delayed(signature.routing_key, body, delay_ms, signature.headers)
         return self._publish_now(signature.routing_key, body, signature.priority, signature.headers)
 
-    async def _publish_now(self, routing_key: str, body: bytes, priority: int, headers: dict[str, str] | None) -> None:
+    async def _publish_now(self, routing_key: str, body: bytes, priority: int, headers: dict[str, Any] | None) -> None:
         amqp = self.config.amqp
         session = await self._connector.session()
         with amqp_errors(f"declaring the queue for routing key {routing_key!r}"):
@@ -175,7 +175,7 @@ class AMQPBroker(Broker):
         )
 
     async def _publish_delayed(
-        self, routing_key: str, body: bytes, delay_ms: int, headers: dict[str, str] | None
+        self, routing_key: str, body: bytes, delay_ms: int, headers: dict[str, Any] | None
     ) -> None:
         """docs/wire.md §10.3: park the message in a queue whose expiry dead-letters it to the exchange."""
         amqp = self.config.amqp
@@ -474,8 +474,18 @@ class AMQPConsumer(Consumer):
     async def ack(self, delivery: Delivery) -> None:
         await self._settle(delivery, "ack")
 
-    async def requeue(self, delivery: Delivery) -> None:
-        await self._settle(delivery, "requeue")
+    async def requeue(self, delivery: Delivery, delay: float = 0.0) -> None:
+        """Back to the queue now (``basic.nack`` requeue), or later through Go's delay queues:
+        the message is republished there (confirmed) before the delivery is acked."""
+        delay_ms = math.floor(delay * 1000)
+        if delay_ms <= 0:
+            await self._settle(delivery, "requeue")
+            return
+        delivered: DeliveredMessage = delivery.receipt
+        routing_key = delivered.routing_key or self.queue
+        headers = dict(delivered.header.properties.headers or {})
+        await self.broker._publish_delayed(routing_key, delivery.body, delay_ms, headers or None)
+        await self._settle(delivery, "ack")
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Copy the message to ``<queue>.dead`` with ``reason`` (confirmed), then ack it."""

@@ -73,8 +73,9 @@ class Consumer(ABC):
         """The message is done with: forget it for good."""
 
     @abstractmethod
-    async def requeue(self, delivery: Delivery) -> None:
-        """Give the message back to the queue for any worker to take."""
+    async def requeue(self, delivery: Delivery, delay: float = 0.0) -> None:
+        """Give the message back to the queue for any worker to take, ``delay`` seconds from
+        now (the message is not changed, and nothing holds it meanwhile)."""
 
     @abstractmethod
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:

@@ -197,13 +197,18 @@ class _MemoryConsumer(Consumer):
         with self._store.lock:
             self._take_lease(delivery)
 
-    async def requeue(self, delivery: Delivery) -> None:
+    async def requeue(self, delivery: Delivery, delay: float = 0.0) -> None:
         store = self._store
         with store.lock:
             lease = self._take_lease(delivery)
-            if lease is not None:
+            if lease is None:
+                return
+            if delay > 0:
+                due = time.time_ns() + int(delay * 1e9)
+                heapq.heappush(store.delayed, (due, next(store.seq), self.queue, lease.body))
+            else:
                 store.append(self.queue, lease.body)
-                store.wake()
+            store.wake()
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         store = self._store

@@ -37,6 +37,7 @@ RELEASED_HEARTBEAT_GRACE = 2.0
 
 _FETCH = LuaScript.load("fetch")
 _SETTLE = LuaScript.load("settle")
+_DEFER = LuaScript.load("defer")
 _REAP = LuaScript.load("reap")
 _RELEASE = LuaScript.load("release")
 _MOVE_DUE = LuaScript.load("move_due")
@@ -157,7 +158,11 @@ class RedisConsumer(Consumer):
     async def ack(self, delivery: Delivery) -> None:
         await self.broker.connector.batched().execute("LREM", self.processing, 1, delivery.body)
 
-    async def requeue(self, delivery: Delivery) -> None:
+    async def requeue(self, delivery: Delivery, delay: float = 0.0) -> None:
+        if delay > 0:
+            due = time.time_ns() + int(delay * 1e9)
+            await self.broker.connector.run(_DEFER, [self.processing, self.broker.delayed_key], [delivery.body, due])
+            return
         await self.broker.connector.run(_SETTLE, [self.processing, self.queue], [delivery.body, delivery.body])
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:

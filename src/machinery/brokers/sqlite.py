@@ -157,8 +157,8 @@ class SQLiteConsumer(Consumer):
                 self.queue,
             )
 
-    async def requeue(self, delivery: Delivery) -> None:
-        if await self._store.run(_requeue, delivery.receipt, self.owner):
+    async def requeue(self, delivery: Delivery, delay: float = 0.0) -> None:
+        if await self._store.run(_requeue, delivery.receipt, self.owner, max(0.0, delay)):
             self._store.wake_queues()
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
@@ -255,10 +255,11 @@ def _ack(conn: sqlite3.Connection, row_id: int, owner: str) -> bool:
     return cursor.rowcount > 0
 
 
-def _requeue(conn: sqlite3.Connection, row_id: int, owner: str) -> bool:
+def _requeue(conn: sqlite3.Connection, row_id: int, owner: str, delay: float) -> bool:
+    # At the back of the queue (avail_at now), or among the delayed rows until then.
     cursor = conn.execute(
         "UPDATE messages SET lease_owner = NULL, lease_expires = 0, avail_at = ? WHERE id = ? AND lease_owner = ?",
-        (now_ns(), row_id, owner),
+        (ns_after(delay), row_id, owner),
     )
     return cursor.rowcount > 0
 
