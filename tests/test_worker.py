@@ -33,6 +33,7 @@ from machinery import (
     Signature,
     TaskContext,
     TaskFailed,
+    TaskNotFoundError,
     TaskState,
     Worker,
 )
@@ -469,7 +470,7 @@ def test_on_error_gets_the_error_text_prepended(callback_server: Server) -> None
         assert server.result("task_onerr").get(timeout=WAIT) == "'boom','ctx'"
         with pytest.raises(TaskFailed, match="boom"):
             result.get(timeout=WAIT)
-    assert server.result("task_never").state().state == PENDING  # never sent
+    assert server.result("task_never").state() is None  # never sent
     sent = next(s for s in published if s.uuid == "task_onerr")
     assert sent.args == [Arg("string", "boom"), Arg("string", "ctx")]
     assert sent.headers == {}  # like Go's SendTask (docs/wire.md §6.4); the broker fills RoutingKey after this hook
@@ -494,7 +495,7 @@ def test_on_success_is_not_sent_on_failure_and_on_error_not_on_success(callback_
         ok = server.send_task(Signature("add", [1, 1], on_error=[Signature("record", uuid="task_no_err")]))
         assert ok.get(timeout=WAIT) == 2
     assert server.get_pending_tasks() == []
-    assert server.result("task_no_err").state().state == PENDING
+    assert server.result("task_no_err").state() is None
 
 
 # --------------------------------------------------------------------------- unregistered and bad messages
@@ -562,7 +563,7 @@ def test_undecodable_messages_are_dead_lettered_and_the_worker_goes_on(server: S
     assert "ETA" in reasons[2] and "time zone" in reasons[2]
     assert "RetryCount must be an integer" in reasons[3]
     assert all(letter.queue == server.config.default_queue for letter in letters)
-    assert server.result("t_naive").state().state == PENDING  # no state written for it
+    assert server.result("t_naive").state() is None  # no state written for it
     assert server.get_pending_tasks() == []
 
 
@@ -840,10 +841,18 @@ def test_get_times_out_when_nobody_runs_the_task(server: Server) -> None:
     assert result.state().state == PENDING
 
 
-def test_state_of_an_unknown_task_is_pending(server: Server) -> None:
-    state = server.result("task_never_sent").state()
-    assert (state.task_uuid, state.state) == ("task_never_sent", PENDING)
+def test_a_task_never_sent_is_unknown_not_pending(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert server.result("task_never_sent").state() is None
     assert repr(server.result("task_x")) == "<AsyncResult task_x>"
+    monkeypatch.setattr(server.config, "unknown_task_grace", 0.2)
+    with pytest.raises(TaskNotFoundError) as info:  # instead of waiting forever
+        server.result("task_never_sent").get()
+    assert info.value.task_uuid == "task_never_sent"
+    assert "never sent there, or its result expired" in str(info.value)
+    # A sent task that is merely waiting for a worker is not "not found".
+    waiting = server.send_task(Signature("add", [1, 2]))
+    with pytest.raises(TimeoutError):
+        waiting.get(timeout=0.5)
 
 
 def test_get_raises_task_failed(server: Server) -> None:
@@ -947,7 +956,7 @@ def test_sync_call_from_machinerys_own_loop_raises_instead_of_deadlocking(
     (record,) = [r for r in caplog.records if "HandlerAdapter raised in before_publish" in r.getMessage()]
     assert record.exc_info is not None and "inside machinery's own loop" in str(record.exc_info[1])
     server.set_pre_publish_handler(None)
-    assert server.result("task_other").state().state == PENDING  # the portal still works
+    assert server.result("task_other").state() is None  # the portal still works
 
 
 # --------------------------------------------------------------------------- broker inspection

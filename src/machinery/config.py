@@ -121,6 +121,13 @@ class Config:
         "HEARTBEAT_TIMEOUT",
         "seconds a worker may go silent before the tasks it took are given to other workers",
     )
+    unknown_task_grace: float = _f(
+        10.0,
+        "unknown_task_grace",
+        "UNKNOWN_TASK_GRACE",
+        "seconds AsyncResult.get() waits for a task with no stored state at all before raising "
+        "TaskNotFoundError (never sent to this backend, or expired)",
+    )
     unregistered_task_timeout: float = _f(
         3600.0,
         "unregistered_task_timeout",
@@ -181,6 +188,8 @@ class Config:
             raise ConfigError("default_queue must not be empty")
         if self.heartbeat_timeout <= 0:
             raise ConfigError(f"heartbeat_timeout must be > 0 seconds, got {self.heartbeat_timeout!r}")
+        if self.unknown_task_grace < 0:
+            raise ConfigError(f"unknown_task_grace must be >= 0 seconds, got {self.unknown_task_grace!r}")
         if self.unregistered_task_timeout < 0:
             raise ConfigError(
                 f"unregistered_task_timeout must be >= 0 seconds (0: never), got {self.unregistered_task_timeout!r}"

@@ -43,3 +43,21 @@ class BrokerConnectionError(MachineryError, ConnectionError):
 class UnsupportedOperation(MachineryError, NotImplementedError):
     """The broker or backend cannot answer this honestly (e.g. listing delayed tasks on
     RabbitMQ); the message says why. Never a wrong answer instead."""
+
+
+class TaskNotFoundError(MachineryError, LookupError):
+    """No state was ever stored for this task UUID: it was never sent to this result backend,
+    or its result expired (results live ``results_expire_in`` seconds)."""
+
+    def __init__(self, task_uuid: str, message: str) -> None:
+        super().__init__(message)
+        self.task_uuid = task_uuid
+
+
+class ResultConsumedError(MachineryError):
+    """The task's states were taken by another reader (on RabbitMQ a Go ``AsyncResult`` reads
+    the state queue destructively and deletes it once it has seen the final state)."""
+
+    def __init__(self, task_uuid: str, message: str) -> None:
+        super().__init__(message)
+        self.task_uuid = task_uuid

@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ._sync import run_sync
-from .errors import TaskFailed
+from .errors import TaskFailed, TaskNotFoundError
 from .state import PENDING, TaskState
 from .types import decode_results
 
@@ -28,21 +28,23 @@ class AsyncResult:
     def __repr__(self) -> str:
         return f"<AsyncResult {self.task_uuid}>"
 
-    async def astate(self) -> TaskState:
-        """The task's current state (PENDING if the backend has none yet)."""
-        state = await self.backend.get_state(self.task_uuid)
-        return state if state is not None else TaskState(self.task_uuid, PENDING)
+    async def astate(self) -> TaskState | None:
+        """The task's stored state, or None if there is none: the UUID was never sent to this
+        backend, or its result expired (a sent task is PENDING from before it is published)."""
+        return await self.backend.get_state(self.task_uuid)
 
-    def state(self) -> TaskState:
+    def state(self) -> TaskState | None:
         return run_sync(self.astate())
 
     async def aget(self, timeout: float | None = None) -> Any:
         """Wait for the task and return what it returned (a tuple for several values).
 
-        Raises ``TaskFailed`` with the stored error on FAILURE and ``TimeoutError`` when
-        ``timeout`` seconds pass first.
+        Raises ``TaskFailed`` with the stored error on FAILURE, ``TimeoutError`` when
+        ``timeout`` seconds pass first, and ``TaskNotFoundError`` when no state at all has
+        appeared within the config's ``unknown_task_grace`` (default 10 s).
         """
-        state = await self.backend.await_state(self.task_uuid, timeout)
+        grace = self.backend.config.unknown_task_grace
+        state = await self.backend.await_state(self.task_uuid, timeout, grace)
         if state.is_failure():
             raise TaskFailed(self.task_uuid, state.error)
         return decode_results(state.results)
@@ -73,15 +75,19 @@ class ChainAsyncResult:
     def __repr__(self) -> str:
         return f"<ChainAsyncResult {self.task_uuid} ({len(self.results)} steps)>"
 
-    async def astate(self) -> TaskState:
-        """The state of the chain as a whole: the failed step's, else the last step's."""
-        for result in self.results[:-1]:
+    async def astate(self) -> TaskState | None:
+        """The state of the chain as a whole: the failed or unfinished step's, else the last
+        step's; a step not sent yet (its predecessor is still running) counts as PENDING.
+        None if the chain's first step has no state (never sent here, or expired)."""
+        for index, result in enumerate(self.results):
             state = await result.astate()
-            if not state.is_success():
+            if state is None:
+                return None if index == 0 else TaskState(result.task_uuid, PENDING)
+            if not state.is_success() or index == len(self.results) - 1:
                 return state
-        return await self.results[-1].astate()
+        raise AssertionError("a chain has at least one step")
 
-    def state(self) -> TaskState:
+    def state(self) -> TaskState | None:
         return run_sync(self.astate())
 
     async def aget(self, timeout: float | None = None) -> Any:
@@ -92,9 +98,12 @@ class ChainAsyncResult:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         state = None
-        for result in self.results:
+        for index, result in enumerate(self.results):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            state = await self.backend.await_state(result.task_uuid, left)
+            # Only the first step must exist already; each later one is sent when its
+            # predecessor succeeds, however long that takes.
+            grace = self.backend.config.unknown_task_grace if index == 0 else None
+            state = await self.backend.await_state(result.task_uuid, left, grace)
             if state.is_failure():
                 raise TaskFailed(result.task_uuid, state.error)
         assert state is not None
@@ -129,8 +138,9 @@ class ChordAsyncResult:
         return f"<ChordAsyncResult {self.task_uuid} ({len(self.results)} members)>"
 
     async def astate(self) -> TaskState:
-        """The callback's state (PENDING until it has been sent)."""
-        return await self.callback.astate()
+        """The callback's state; PENDING until it has been sent (the group is still running)."""
+        state = await self.callback.astate()
+        return state if state is not None else TaskState(self.task_uuid, PENDING)
 
     def state(self) -> TaskState:
         return run_sync(self.astate())
@@ -141,8 +151,11 @@ class ChordAsyncResult:
         Raises ``TaskFailed`` for the first failed member found (in group order) or for the
         callback itself, and ``TimeoutError`` when ``timeout`` seconds pass first.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        grace = self.backend.config.unknown_task_grace
         unfinished = [r.task_uuid for r in self.results]
+        seen_any = False
         while True:
             state = await self.backend.get_state(self.task_uuid)
             if unfinished or (state is not None and state.is_failure()):
@@ -152,6 +165,13 @@ class ChordAsyncResult:
                 for task_uuid, member in zip(unfinished, states, strict=True):
                     if member is not None and member.is_failure():
                         raise TaskFailed(task_uuid, member.error)
+                seen_any = seen_any or state is not None or any(m is not None for m in states)
+                if not seen_any and time.monotonic() - started >= grace:
+                    raise TaskNotFoundError(
+                        self.task_uuid,
+                        f"no state for any member of chord {self.group_uuid}: it was never sent to this "
+                        f"backend, or its results expired",
+                    )
                 unfinished = [u for u, m in zip(unfinished, states, strict=True) if m is None or not m.is_success()]
             if state is not None and state.is_completed():
                 if state.is_failure():

@@ -141,3 +141,74 @@ def _result(raw: dict[str, Any]) -> TaskResult:
 def _created(data: dict[str, Any]) -> datetime | None:
     text = data.get("createdat")
     return parse_time(text) if isinstance(text, str) else None
+
+
+@dataclass(slots=True)
+class RunningTask:
+    """A task a worker is running: what ``machinery inspect`` and the dashboard show."""
+
+    task_uuid: str
+    name: str
+    started_at: datetime
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    """What a live worker publishes about itself with every heartbeat (our own record; Go
+    workers publish none)."""
+
+    tag: str
+    host: str
+    pid: int
+    queue: str
+    concurrency: int
+    tasks: list[str]
+    started_at: datetime
+    seen_at: datetime
+    running: list[RunningTask] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        return _encode_json(
+            {
+                "tag": self.tag,
+                "host": self.host,
+                "pid": self.pid,
+                "queue": self.queue,
+                "concurrency": self.concurrency,
+                "tasks": self.tasks,
+                "started_at": format_time(self.started_at),
+                "seen_at": format_time(self.seen_at),
+                "running": [
+                    {"task_uuid": r.task_uuid, "name": r.name, "started_at": format_time(r.started_at)}
+                    for r in self.running
+                ],
+            }
+        )
+
+    @classmethod
+    def decode(cls, body: bytes | str) -> WorkerInfo:
+        """Parse a stored record; raises ``MessageDecodeError`` if it is not one."""
+        data = _decode_object(body, "worker record")
+        try:
+            return cls(
+                tag=str(data["tag"]),
+                host=str(data["host"]),
+                pid=int(data["pid"]),
+                queue=str(data["queue"]),
+                concurrency=int(data["concurrency"]),
+                tasks=[str(t) for t in data["tasks"]],
+                started_at=_moment(data["started_at"]),
+                seen_at=_moment(data["seen_at"]),
+                running=[
+                    RunningTask(str(r["task_uuid"]), str(r["name"]), _moment(r["started_at"])) for r in data["running"]
+                ],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MessageDecodeError(f"not a worker record: {exc!r}") from None
+
+
+def _moment(text: Any) -> datetime:
+    moment = parse_time(str(text))
+    if moment is None:
+        raise ValueError(f"{text!r} is not a time")
+    return moment

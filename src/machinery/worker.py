@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Protocol, TypeVar
 
 from . import log
@@ -33,12 +34,12 @@ from ._backoff import Backoff, persist
 from .backends.base import Backend
 from .brokers.base import Broker, Consumer, Delivery
 from .config import Config, redact_url
-from .errors import ArgumentError, MessageDecodeError, ResultTypeError
+from .errors import ArgumentError, MessageDecodeError, ResultTypeError, UnsupportedOperation
 from .middleware import HandlerAdapter, MiddlewareStack, Outcome
 from .periodic import Scheduler
 from .registry import TaskSpec
 from .signature import Signature
-from .state import FAILURE, RECEIVED, STARTED, SUCCESS, TaskState
+from .state import FAILURE, RECEIVED, STARTED, SUCCESS, RunningTask, TaskState, WorkerInfo
 from .types import encode_results
 
 T = TypeVar("T")
@@ -107,8 +108,10 @@ class Worker:
         self._slot_freed: asyncio.Event | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._unknown: OrderedDict[str, _Sighting] = OrderedDict()
+        self._in_flight: dict[int, RunningTask] = {}  # by id() of the processing coroutine's task
         self._unknown_warned: set[str] = set()
         self.started = threading.Event()
+        self._started_at: datetime | None = None
 
     # ------------------------------------------------------------------ hooks (docs/wire.md §14)
 
@@ -154,6 +157,7 @@ class Worker:
     async def arun(self, install_signal_handlers: bool = False) -> None:
         """Run on the current event loop until ``quit()`` (or a signal, if handlers are installed)."""
         self._loop = asyncio.get_running_loop()
+        self._started_at = datetime.now(timezone.utc)
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._aborting = False
@@ -175,22 +179,33 @@ class Worker:
         )
         await self._middleware.worker_boot(self)
         consumer = await self._open_consumer()
-        scheduler = None
-        if consumer is not None and self.periodic:
-            # It stops by itself when the worker starts stopping.
-            scheduler = asyncio.ensure_future(self.server.periodic.run(self._stopping))
+        scheduler = heartbeat = None
+        if consumer is not None:
+            heartbeat = asyncio.ensure_future(self._publish_heartbeats())
+            if self.periodic:
+                # It stops by itself when the worker starts stopping.
+                scheduler = asyncio.ensure_future(self.server.periodic.run(self._stopping))
         try:
             if consumer is not None:
                 self.started.set()
                 await self._consume(consumer)
                 await self._drain()
         finally:
-            await self._shut_down(consumer, scheduler, install_signal_handlers)
+            await self._shut_down(consumer, scheduler, heartbeat, install_signal_handlers)
 
     async def _shut_down(
-        self, consumer: Consumer | None, scheduler: asyncio.Future[None] | None, signal_handlers: bool
+        self,
+        consumer: Consumer | None,
+        scheduler: asyncio.Future[None] | None,
+        heartbeat: asyncio.Future[None] | None,
+        signal_handlers: bool,
     ) -> None:
         assert self._loop is not None and self._stopping is not None and self._executor is not None
+        if heartbeat is not None:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            with contextlib.suppress(Exception):  # its record expires by itself anyway
+                await self.server.backend.forget_worker(self.consumer_tag)
         if scheduler is not None:
             if self._aborting or not self._stopping.is_set():
                 scheduler.cancel()
@@ -242,6 +257,37 @@ class Worker:
     async def _drain(self) -> None:
         while self._running and not self._aborting:
             await asyncio.wait(set(self._running), return_when=asyncio.FIRST_COMPLETED)
+
+    # ------------------------------------------------------------------ heartbeat
+
+    def info(self) -> WorkerInfo:
+        """What this worker publishes about itself: who it is, what it runs, what is running now."""
+        now = datetime.now(timezone.utc)
+        return WorkerInfo(
+            tag=self.consumer_tag,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queue=self.queue,
+            concurrency=self.concurrency,
+            tasks=sorted(self.server.tasks),
+            started_at=self._started_at or now,
+            seen_at=now,
+            running=list(self._in_flight.values()),
+        )
+
+    async def _publish_heartbeats(self) -> None:
+        """Keep this worker's record in the backend fresh (``heartbeat_timeout``), for
+        ``machinery inspect``, the dashboard, and ``send --wait`` telling whether anyone runs a task."""
+        ttl = self.server.config.heartbeat_timeout
+        while True:
+            try:
+                await self.server.backend.write_worker(self.info(), ttl)
+            except UnsupportedOperation as exc:
+                log.logger.debug("This worker publishes no heartbeat: %s", exc)
+                return
+            except Exception as exc:  # the backend may come back; the record just goes stale meanwhile
+                log.logger.debug("Publishing this worker's heartbeat failed: %s", exc)
+            await asyncio.sleep(ttl / 3)
 
     # ------------------------------------------------------------------ consuming
 
@@ -387,11 +433,17 @@ class Worker:
         being written.
         """
         middleware = self._middleware
-        await middleware.before_process(signature)
-        outcome = await self._run(signature, spec, slot)
-        await middleware.before_store(signature, outcome)
-        await self._store(signature, outcome)
-        await middleware.after_process(signature, outcome)
+        current = asyncio.current_task()
+        key = id(current)
+        self._in_flight[key] = RunningTask(signature.uuid, signature.name, datetime.now(timezone.utc))
+        try:
+            await middleware.before_process(signature)
+            outcome = await self._run(signature, spec, slot)
+            await middleware.before_store(signature, outcome)
+            await self._store(signature, outcome)
+            await middleware.after_process(signature, outcome)
+        finally:
+            self._in_flight.pop(key, None)
         return outcome
 
     async def _run(self, signature: Signature, spec: TaskSpec, slot: _Slot | None) -> Outcome:

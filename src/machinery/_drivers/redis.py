@@ -18,12 +18,22 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._loops import PerLoop
 from ..config import RedisConfig
 from ..errors import ConfigError
+
+#: What an unreachable Redis looks like in redis-py's exceptions (they are not builtin ConnectionErrors).
+REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError)
+
+#: Attempts of one command on a connection that broke (a pooled connection to a server that has
+#: restarted fails once before redis-py notices), with a short jittered back-off.
+COMMAND_RETRIES = 3
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
@@ -143,6 +153,10 @@ class RedisConnector:
             # 0 means unlimited in Go's config; redis-py would quietly cap None at 100.
             "max_connections": c.max_active or 10_000,
             "health_check_interval": 10,
+            # Without these, the pool's connections never retry: the first call on each stale
+            # one after a restart would fail. (At-least-once: a retried write may run twice.)
+            "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), COMMAND_RETRIES),
+            "retry_on_error": list(REDIS_CONNECTION_ERRORS),
         }
         if a.socket_path:
             pool = aioredis.ConnectionPool(

@@ -98,6 +98,11 @@ CREATE TABLE IF NOT EXISTS locks (
     key      TEXT    PRIMARY KEY,
     deadline INTEGER NOT NULL                 -- Unix ns, as Go's lock value
 );
+CREATE TABLE IF NOT EXISTS workers (
+    tag        TEXT    PRIMARY KEY,
+    body       TEXT    NOT NULL,              -- WorkerInfo JSON
+    expires_at INTEGER NOT NULL               -- Unix ns: alive until then
+);
 """
 
 

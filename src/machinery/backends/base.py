@@ -11,11 +11,15 @@ import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
+from .. import log
+from .._backoff import Backoff
 from .._loops import Waiters
-from ..config import Config
+from ..config import Config, redact_url
+from ..errors import BrokerConnectionError, MessageDecodeError, TaskNotFoundError, UnsupportedOperation
 from ..signature import Signature
-from ..state import COMPLETED_STATES, PENDING, GroupMeta, TaskState, utcnow
+from ..state import PENDING, GroupMeta, TaskState, WorkerInfo, utcnow
 from ..types import TaskResult
 
 
@@ -27,6 +31,14 @@ class Backend(ABC):
 
     #: How often ``await_state`` re-reads the store when no notification can reach it.
     poll_interval: float = 0.05
+    #: What an unreachable store looks like in this driver's exceptions: waiting rides these
+    #: out (drivers add their client library's connection errors).
+    connection_errors: ClassVar[tuple[type[BaseException], ...]] = (
+        BrokerConnectionError,
+        ConnectionError,
+        OSError,
+        asyncio.TimeoutError,
+    )
 
     def __init__(self, config: Config, url: str) -> None:
         self.config = config
@@ -64,38 +76,58 @@ class Backend(ABC):
     async def get_state(self, task_uuid: str) -> TaskState | None:
         """The stored state of a task, or None if there is none (never sent, or expired)."""
 
-    async def await_state(self, task_uuid: str, timeout: float | None) -> TaskState:
-        """Wait until the task is completed and return its state; raises ``TimeoutError``.
+    async def await_state(self, task_uuid: str, timeout: float | None, missing_grace: float | None = None) -> TaskState:
+        """Wait until the task is completed and return its state.
 
-        Wakes on notifications from writers where the backend has them (a notification may
-        carry the completed state itself), and otherwise re-reads every ``poll_interval``
-        seconds (for states written by Go workers, which notify nobody).
+        Raises ``TimeoutError`` when ``timeout`` seconds pass first, and ``TaskNotFoundError``
+        when ``missing_grace`` is given and no state at all has appeared within it (the UUID
+        was never sent here, or its result expired). Wakes on notifications from writers where
+        the backend has them (a notification may carry the completed state itself), and
+        otherwise re-reads every ``poll_interval`` seconds (for states written by Go workers,
+        which notify nobody). An unreachable store is waited out until the deadline: the first
+        failure is logged, and reads are retried with a back-off.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        wait = _Wait(self, task_uuid, timeout, missing_grace)
         async with self._waiters.watch(task_uuid) as waiter:
-            await self._subscribe(task_uuid)
+            handle = await self._subscribe(task_uuid)
             try:
-                state = await self.get_state(task_uuid)
-                while state is None or state.state not in COMPLETED_STATES:
-                    wait = self.poll_interval
-                    if deadline is not None:
-                        wait = min(wait, deadline - time.monotonic())
-                        if wait <= 0:
-                            raise TimeoutError(f"task {task_uuid} did not complete within {timeout} s")
+                state = await wait.read()
+                while state is None or not state.is_completed():
+                    seconds = wait.next_pause(state, self._poll_interval(handle))
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(waiter.event.wait(), wait)
+                        await asyncio.wait_for(waiter.event.wait(), seconds)
                     waiter.event.clear()
+                    handle = await self._resubscribe(task_uuid, handle)
                     delivered, waiter.state = waiter.state, None
-                    state = TaskState.decode(delivered) if delivered else await self.get_state(task_uuid)
+                    state = self._notified_state(task_uuid, delivered) if delivered else None
+                    if state is None or not state.is_completed():
+                        state = await wait.read()
                 return state
             finally:
-                await self._unsubscribe(task_uuid)
+                await self._unsubscribe(task_uuid, handle)
 
-    async def _subscribe(self, task_uuid: str) -> None:
-        """Hook for backends that listen for completions from other processes."""
+    async def _subscribe(self, task_uuid: str) -> Any:
+        """Start listening for completions of ``task_uuid`` written by other processes, where the
+        backend can; returns a handle for ``_unsubscribe`` (failures mean polling, never an error)."""
+        return None
 
-    async def _unsubscribe(self, task_uuid: str) -> None:
+    async def _resubscribe(self, task_uuid: str, handle: Any) -> Any:
+        """Listen again if the listening was lost (after a waiter woke); returns the handle."""
+        return handle
+
+    async def _unsubscribe(self, task_uuid: str, handle: Any) -> None:
         """Undo ``_subscribe``."""
+
+    def _poll_interval(self, handle: Any) -> float:
+        """Seconds between re-reads while waiting (long where completions are notified)."""
+        return self.poll_interval
+
+    def _notified_state(self, task_uuid: str, body: bytes) -> TaskState | None:
+        """The state a notification carried, or None if it is not one."""
+        try:
+            return TaskState.decode(body)
+        except MessageDecodeError:
+            return None
 
     # ------------------------------------------------------------------ groups
 
@@ -139,8 +171,92 @@ class Backend(ABC):
     async def purge_group_meta(self, group_uuid: str) -> None:
         """Forget a group's metadata."""
 
+    # ------------------------------------------------------------------ workers
+
+    async def write_worker(self, info: WorkerInfo, ttl: float) -> None:
+        """Record a live worker's heartbeat; it counts as alive for ``ttl`` seconds.
+
+        Raises ``UnsupportedOperation`` where the store cannot list what it keeps.
+        """
+        raise UnsupportedOperation(f"{type(self).__name__} keeps no record of workers")
+
+    async def forget_worker(self, tag: str) -> None:
+        """Remove a worker's record (it stopped)."""
+
+    async def get_workers(self) -> list[WorkerInfo]:
+        """The workers whose heartbeat has not expired, by tag; ``UnsupportedOperation`` where
+        the store cannot tell."""
+        raise UnsupportedOperation(f"{type(self).__name__} keeps no record of workers")
+
     async def close(self) -> None:
         """Release connections held by this backend."""
 
     async def close_loop_connections(self) -> None:
         """Close the connections bound to the running event loop; see ``Broker``'s."""
+
+
+class _Wait:
+    """The bookkeeping of one ``await_state``: its deadline, its grace, and outages on the way."""
+
+    def __init__(self, backend: Backend, task_uuid: str, timeout: float | None, missing_grace: float | None) -> None:
+        self._backend = backend
+        self._uuid = task_uuid
+        self._timeout = timeout
+        now = time.monotonic()
+        self._deadline = None if timeout is None else now + timeout
+        self._grace_ends = None if missing_grace is None else now + missing_grace
+        self._backoff = Backoff(cap=5.0, unit=0.5)
+        self._outage = False
+
+    async def read(self) -> TaskState | None:
+        """The stored state; None while the store cannot be reached (the first failure is logged)."""
+        try:
+            state = await self._backend.get_state(self._uuid)
+        except self._backend.connection_errors as exc:
+            if not self._outage:
+                log.logger.warning(
+                    "Waiting for %s: the result backend %s is unreachable (%s: %s); still waiting",
+                    self._uuid,
+                    redact_url(self._backend.url),
+                    type(exc).__name__,
+                    exc,
+                )
+            self._outage = True
+            return None
+        if self._outage:
+            log.logger.info("Waiting for %s: the result backend answers again", self._uuid)
+            self._outage = False
+            self._backoff.reset()
+        if state is not None:
+            self._grace_ends = None  # it exists: wait for it however long the timeout allows
+        return state
+
+    def next_pause(self, state: TaskState | None, poll_interval: float) -> float:
+        """Seconds to sleep before looking again; raises when the wait is over."""
+        now = time.monotonic()
+        if state is None and not self._outage and self._grace_ends is not None and now >= self._grace_ends:
+            raise TaskNotFoundError(
+                self._uuid,
+                f"no state for task {self._uuid} in {redact_url(self._backend.url)}: it was never sent there, "
+                f"or its result expired (results live {self._backend.ttl} s)",
+            )
+        pause = max(0.05, self._backoff.next()) if self._outage else poll_interval
+        if self._grace_ends is not None:
+            pause = min(pause, max(0.01, self._grace_ends - now))
+        if self._deadline is not None:
+            left = self._deadline - now
+            if left <= 0:
+                raise TimeoutError(f"task {self._uuid} did not complete within {self._timeout:g} s")
+            pause = min(pause, left)
+        return pause
+
+
+def decode_workers(records: Sequence[bytes | str]) -> list[WorkerInfo]:
+    """Worker records as stored, decoded; one that does not decode is skipped (and logged)."""
+    workers = []
+    for record in records:
+        try:
+            workers.append(WorkerInfo.decode(record))
+        except MessageDecodeError as exc:
+            log.logger.warning("Ignoring a worker record that does not decode: %s", exc)
+    return sorted(workers, key=lambda w: w.tag)

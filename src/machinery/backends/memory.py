@@ -9,8 +9,8 @@ from typing import ClassVar
 
 from .._loops import Waiters
 from ..config import Config
-from ..state import COMPLETED_STATES, GroupMeta, TaskState
-from .base import Backend
+from ..state import COMPLETED_STATES, GroupMeta, TaskState, WorkerInfo
+from .base import Backend, decode_workers
 
 
 class _Store:
@@ -18,6 +18,7 @@ class _Store:
         self.lock = threading.Lock()
         self.states: dict[str, tuple[float, bytes]] = {}
         self.groups: dict[str, tuple[float, bytes]] = {}
+        self.workers: dict[str, tuple[float, bytes]] = {}
         # Every backend object on this store must wake the same waiters.
         self.waiters = Waiters()
 
@@ -83,6 +84,19 @@ class MemoryBackend(Backend):
             meta.chord_triggered = True
             self._store.groups[group_uuid] = (self._expiry(), meta.encode())
             return True
+
+    async def write_worker(self, info: WorkerInfo, ttl: float) -> None:
+        with self._store.lock:
+            self._store.workers[info.tag] = (time.monotonic() + ttl, info.encode())
+
+    async def forget_worker(self, tag: str) -> None:
+        with self._store.lock:
+            self._store.workers.pop(tag, None)
+
+    async def get_workers(self) -> list[WorkerInfo]:
+        with self._store.lock:
+            records = [raw for tag in list(self._store.workers) if (raw := _live(self._store.workers, tag))]
+        return decode_workers(records)
 
     async def purge_state(self, task_uuid: str) -> None:
         with self._store.lock:

@@ -13,17 +13,19 @@ import asyncio
 import base64
 import os
 import random
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio.client import PubSub
 
 from .. import log
-from .._drivers.redis import LuaScript, RedisConnector
+from .._backoff import Backoff
+from .._drivers.redis import REDIS_CONNECTION_ERRORS, LuaScript, RedisConnector
 from .._loops import PerLoop
 from ..config import Config
-from ..state import COMPLETED_STATES, GroupMeta, TaskState
-from .base import Backend
+from ..state import COMPLETED_STATES, GroupMeta, TaskState, WorkerInfo
+from .base import Backend, decode_workers
 
 DONE_CHANNEL = "machinery:done:"
 """Completed states are published on this prefix + the task UUID (by write_states.lua)."""
@@ -32,6 +34,12 @@ CHORD_MUTEX = "TriggerChordMutex"
 _WRITE_STATES = LuaScript.load("write_states")
 _TRIGGER_CHORD = LuaScript.load("trigger_chord")
 _UNLOCK = LuaScript.load("unlock")
+_WRITE_WORKER = LuaScript.load("write_worker")
+_LIVE_WORKERS = LuaScript.load("live_workers")
+
+#: The live workers: a sorted set tag -> alive-until (ms), and a hash tag -> WorkerInfo JSON.
+WORKERS_KEY = "machinery:workers"
+WORKERS_INFO_KEY = "machinery:workers:info"
 
 
 class RedisBackend(Backend):
@@ -39,6 +47,7 @@ class RedisBackend(Backend):
 
     #: Re-read interval for states written by workers that do not publish (Go's).
     poll_interval = 0.5
+    connection_errors = (*Backend.connection_errors, *REDIS_CONNECTION_ERRORS)
 
     def __init__(self, config: Config, url: str) -> None:
         super().__init__(config, url)
@@ -76,8 +85,23 @@ class RedisBackend(Backend):
     async def _subscribe(self, task_uuid: str) -> None:
         await self._listeners.get().subscribe(task_uuid)
 
-    async def _unsubscribe(self, task_uuid: str) -> None:
+    async def _unsubscribe(self, task_uuid: str, handle: None) -> None:
         await self._listeners.get().unsubscribe(task_uuid)
+
+    # ------------------------------------------------------------------ workers
+
+    async def write_worker(self, info: WorkerInfo, ttl: float) -> None:
+        now = int(time.time() * 1000)
+        args = [now, now + int(ttl * 1000), info.tag, info.encode()]
+        await self.connector.run(_WRITE_WORKER, [WORKERS_KEY, WORKERS_INFO_KEY], args)
+
+    async def forget_worker(self, tag: str) -> None:
+        now = int(time.time() * 1000)
+        await self.connector.run(_WRITE_WORKER, [WORKERS_KEY, WORKERS_INFO_KEY], [now, now, tag, ""])
+
+    async def get_workers(self) -> list[WorkerInfo]:
+        records = await self.connector.run(_LIVE_WORKERS, [WORKERS_KEY, WORKERS_INFO_KEY], [int(time.time() * 1000)])
+        return decode_workers(records)
 
     # ------------------------------------------------------------------ chords
 
@@ -174,18 +198,34 @@ class _DoneListener:
                 log.logger.debug("unsubscribe failed: %s", exc)
 
     async def _read(self) -> None:
+        """Hand published completions to their waiters, until nobody listens.
+
+        While Redis is away this waits with a back-off (redis-py reconnects and subscribes
+        again); once it answers, every waiter re-reads once, for the completions published
+        while the channel was down. Waiters keep their own deadlines meanwhile.
+        """
         assert self._pubsub is not None
+        backoff = Backoff(cap=5.0, unit=0.5)
+        lost = False
         while self._counts or self._subscribed:
             try:
                 message = await self._pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.logger.debug("completion listener error: %s", exc)
-                for task_uuid in list(self._counts):
-                    self._backend._waiters.notify(task_uuid)  # re-read now rather than after the poll
-                await asyncio.sleep(0.5)
+                if not lost:
+                    log.logger.warning(
+                        "Lost the completion channel (%s: %s); waiting for Redis", type(exc).__name__, exc
+                    )
+                lost = True
+                await asyncio.sleep(backoff.next())
                 continue
+            if lost:
+                lost = False
+                backoff.reset()
+                log.logger.info("Completion channel back; %d waiter(s) look again", len(self._counts))
+                for task_uuid in list(self._counts):
+                    self._backend._waiters.notify(task_uuid)
             if message is None:
                 continue
             channel = message["channel"]

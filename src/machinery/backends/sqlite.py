@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 from .._drivers.sqlite import SQLiteStore, StoreHandle, now_ns, ns_after, transaction
 from ..config import Config
-from ..state import COMPLETED_STATES, GroupMeta, TaskState
-from .base import Backend
+from ..state import COMPLETED_STATES, GroupMeta, TaskState, WorkerInfo
+from .base import Backend, decode_workers
 
 #: Seconds between two sweeps of expired rows by one backend object.
 PURGE_INTERVAL = 60.0
@@ -69,11 +69,13 @@ class SQLiteBackend(Backend):
         found = await self.store.run(_get_states, list(task_uuids))
         return [None if (raw := found.get(u)) is None else TaskState.decode(raw) for u in task_uuids]
 
-    async def _subscribe(self, task_uuid: str) -> None:
-        await self.store.watch_result(task_uuid)
+    async def _subscribe(self, task_uuid: str) -> SQLiteStore:
+        store = self.store
+        await store.watch_result(task_uuid)
+        return store
 
-    async def _unsubscribe(self, task_uuid: str) -> None:
-        self.store.unwatch_result(task_uuid)
+    async def _unsubscribe(self, task_uuid: str, handle: SQLiteStore) -> None:
+        handle.unwatch_result(task_uuid)
 
     async def purge_state(self, task_uuid: str) -> None:
         await self.store.run(_delete, "task_states", task_uuid)
@@ -92,6 +94,17 @@ class SQLiteBackend(Backend):
 
     async def purge_group_meta(self, group_uuid: str) -> None:
         await self.store.run(_delete, "group_metas", group_uuid)
+
+    # ------------------------------------------------------------------ workers
+
+    async def write_worker(self, info: WorkerInfo, ttl: float) -> None:
+        await self.store.run(_write_worker, info.tag, info.encode().decode(), ttl)
+
+    async def forget_worker(self, tag: str) -> None:
+        await self.store.run(_forget_worker, tag)
+
+    async def get_workers(self) -> list[WorkerInfo]:
+        return decode_workers(await self.store.run(_live_workers))
 
     async def close(self) -> None:
         self._handle.release()
@@ -183,6 +196,21 @@ def _trigger_chord(conn: sqlite3.Connection, group_uuid: str, ttl: int) -> bool:
             (meta.encode().decode(), ns_after(ttl), group_uuid),
         )
     return True
+
+
+def _write_worker(conn: sqlite3.Connection, tag: str, body: str, ttl: float) -> None:
+    with transaction(conn):
+        conn.execute("DELETE FROM workers WHERE expires_at <= ?", (now_ns(),))
+        conn.execute("REPLACE INTO workers (tag, body, expires_at) VALUES (?, ?, ?)", (tag, body, ns_after(ttl)))
+
+
+def _forget_worker(conn: sqlite3.Connection, tag: str) -> None:
+    conn.execute("DELETE FROM workers WHERE tag = ?", (tag,))
+
+
+def _live_workers(conn: sqlite3.Connection) -> list[str]:
+    rows = conn.execute("SELECT body FROM workers WHERE expires_at > ? ORDER BY tag", (now_ns(),)).fetchall()
+    return [str(body) for (body,) in rows]
 
 
 def _delete(conn: sqlite3.Connection, table: str, key: str) -> None:

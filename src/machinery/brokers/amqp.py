@@ -73,6 +73,7 @@ from .._drivers.amqp import (
     settle,
 )
 from ..config import Config
+from ..errors import UnsupportedOperation
 from ..signature import Signature
 from .base import Broker, Consumer, DeadLetter, Delivery, decode_all
 
@@ -257,13 +258,16 @@ class AMQPBroker(Broker):
         return decode_all([incoming.body for incoming in taken])
 
     async def get_delayed_tasks(self) -> list[Signature]:
-        """Always ``[]`` on RabbitMQ, as in Go.
+        """Not available on RabbitMQ: raises ``UnsupportedOperation`` (Go returns nothing).
 
         Delayed tasks sit in one queue per delay (``delay.<ms>.<exchange>.<routing key>``),
         and AMQP has no way to list queues (only the management plugin's HTTP API has), so
         they cannot be found; ``rabbitmqctl list_queues name messages`` shows them.
         """
-        return []
+        raise UnsupportedOperation(
+            "RabbitMQ keeps delayed tasks in one queue per delay (delay.<ms>.<exchange>.<routing key>), "
+            "which AMQP cannot list; see them with: rabbitmqctl list_queues name messages"
+        )
 
     async def dead_letters(self, queue: str | None = None) -> list[DeadLetter]:
         """The dead letters of ``queue`` (default queue if None), oldest first, left in place."""

@@ -20,10 +20,12 @@ from typing import Any, TypeVar
 
 import click
 
+from .._drivers.sqlite import MEMORY, parse_sqlite_url
 from .._sync import run_sync
 from ..config import Config
 from ..config import redact_url as safe_url
-from ..errors import BrokerConnectionError, ConfigError, MachineryError
+from ..errors import BrokerConnectionError, ConfigError, MachineryError, UnsupportedOperation
+from ..factory import scheme_of
 from ..server import Server
 from ..state import TaskState
 from .formatting import one_line
@@ -81,6 +83,8 @@ class OneLineErrorGroup(click.Group):
         except Exception as exc:
             if is_connection_error(exc):
                 raise CliError(_unreachable(ctx, exc)) from None
+            if isinstance(exc, UnsupportedOperation):
+                raise CliError(f"not available on this broker: {one_line(exc)}") from None
             if isinstance(exc, MachineryError):
                 raise CliError(one_line(exc)) from None
             raise
@@ -158,8 +162,12 @@ def app_spec(ctx: click.Context) -> str | None:
     return ctx.ensure_object(CliState).app
 
 
-def get_server(ctx: click.Context, need_app: bool = False) -> Server:
-    """The Server named by -A, or one built from --config or the environment (made once)."""
+def get_server(ctx: click.Context, need_app: bool = False, read_only: bool = False) -> Server:
+    """The Server named by -A, or one built from --config or the environment (made once).
+
+    ``read_only`` commands (status, pending, delayed, dead) never create a SQLite file: one
+    that does not exist yet is an error saying that nothing has been sent there.
+    """
     state = ctx.ensure_object(CliState)
     if state.server is not None:
         return state.server
@@ -184,7 +192,22 @@ def get_server(ctx: click.Context, need_app: bool = False) -> Server:
                 message += f" (from --config {state.config})"
             raise CliError(message) from None
     ctx.call_on_close(_closer(state.server))
+    if read_only:
+        _require_existing_files(state.server)
     return state.server
+
+
+def _require_existing_files(server: Server) -> None:
+    config = server.config
+    for url in (config.broker, config.result_backend_url):
+        if scheme_of(url) != "sqlite":
+            continue
+        path, _ = parse_sqlite_url(url)
+        if path != MEMORY and not os.path.exists(path):
+            raise CliError(
+                f"no SQLite database at {path}: nothing has been sent there yet (with no -A, --config or "
+                "BROKER, machinery uses machinery.db in the current directory)"
+            )
 
 
 def _closer(server: Server) -> Callable[[], None]:

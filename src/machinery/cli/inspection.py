@@ -53,9 +53,9 @@ def _created(moment: datetime | None) -> str:
     return format_moment(moment, gap="  ") if moment else "-"
 
 
-def _server_and_queue(ctx: click.Context, queue: str | None) -> tuple[Server, str]:
+def _server_and_queue(ctx: click.Context, queue: str | None, read_only: bool = True) -> tuple[Server, str]:
     """The command's Server, and the QUEUE argument or else the config's default queue."""
-    server = get_server(ctx)
+    server = get_server(ctx, read_only=read_only)
     return server, queue or server.config.default_queue
 
 
@@ -84,7 +84,7 @@ def status(ctx: click.Context, task_uuid: str, limit: int) -> None:
     Go types) or its error. For a group (group_...): each member's UUID, task, state and
     result or error in group order, and whether a chord was triggered on the group.
     """
-    server = get_server(ctx)
+    server = get_server(ctx, read_only=True)
     if task_uuid.startswith("group_"):
         _group_status(server, task_uuid, limit)
         return
@@ -191,7 +191,7 @@ def pending(ctx: click.Context, queue: str | None, limit: int) -> None:
 @click.pass_context
 def delayed(ctx: click.Context, limit: int) -> None:
     """List the tasks waiting for their ETA, soonest first."""
-    server = get_server(ctx)
+    server = get_server(ctx, read_only=True)
     tasks = server.get_delayed_tasks()
     _echo_listing(
         tasks,
@@ -240,6 +240,6 @@ def _describe_body(body: bytes) -> str:
 @click.pass_context
 def requeue_dead(ctx: click.Context, queue: str | None) -> None:
     """Put a queue's dead letters back on the queue."""
-    server, name = _server_and_queue(ctx, queue)
+    server, name = _server_and_queue(ctx, queue, read_only=False)
     count = server.requeue_dead(name)
     click.echo(f"Requeued {plural(count, 'dead letter')} to {name}")

@@ -14,8 +14,9 @@ from typing import Any
 
 import click
 
+from .._sync import run_sync
 from ..dispatch import ProgressHandler
-from ..errors import TaskFailed
+from ..errors import TaskFailed, UnsupportedOperation
 from ..server import Server
 from ..signature import Group, Signature
 from ..state import TaskState
@@ -23,6 +24,8 @@ from ..types import BYTE_SLICE_TYPES, GO_TYPES, INT_RANGES, Arg, decode_results,
 from .app import BadArgument, CliError, WaitTimeout, app_spec, get_server, read_states, server_options
 from .formatting import json_text, one_line, plural
 
+WAIT_TIMEOUT = 60.0
+"""Seconds ``send --wait`` waits by default."""
 PROGRESS_MIN = 1000
 """Groups at least this big show progress bars (on a terminal)."""
 WAIT_POLL_MAX = 0.5
@@ -125,8 +128,9 @@ Examples:
 
 --group N sends N copies of the task as one group and prints the group's UUID (a progress
 bar shows long sends on a terminal); with --wait it prints how many succeeded and failed.
-With --wait the exit code is 0 on SUCCESS, 1 on FAILURE (of any member of a group) and 2
-on timeout."""
+--wait gives up after 60 s unless --timeout says otherwise (--timeout 0: never); it warns
+when no live worker runs the task. The exit code is 0 on SUCCESS, 1 on FAILURE (of any
+member of a group) and 2 on timeout."""
 
 
 @click.command(epilog=_SEND_EPILOG, context_settings={"ignore_unknown_options": True})
@@ -152,9 +156,9 @@ on timeout."""
 @click.option("--wait", is_flag=True, help="Wait for the task (or group) to finish and print its result.")
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=click.FloatRange(min=0),
     metavar="SECONDS",
-    help="Give up waiting (implies --wait).",
+    help=f"Give up waiting after SECONDS (implies --wait); 0 waits forever.  [default: {WAIT_TIMEOUT:g}]",
 )
 @click.pass_context
 def send(
@@ -189,25 +193,50 @@ def send(
         )
 
     target = queue or server.config.default_queue
+    waiting = wait or timeout is not None
+    limit = (WAIT_TIMEOUT if timeout is None else timeout) or None  # --timeout 0: no limit
     if group_size is not None:
         group = Group(*(signature() for _ in range(group_size)))
-        _send_group(server, group, send_concurrency or 0, wait or timeout is not None, timeout, target)
+        _send_group(server, group, send_concurrency or 0, waiting, limit, target)
         return
     result = server.send_task(signature())
     click.echo(result.task_uuid)
-    if not (wait or timeout is not None):
+    if not waiting:
         return
+    _warn_if_nobody_runs(server, name, target)
     try:
-        value = result.get(timeout)
+        value = result.get(limit)
     except TaskFailed as exc:
         raise CliError(f"{name} {result.task_uuid} failed: {one_line(exc.error)}") from None
     except TimeoutError:
-        current = result.state().state
+        current = result.state()
         raise WaitTimeout(
-            f"no result within {timeout:g} s: {result.task_uuid} is {current}; is a worker consuming "
-            f"{target!r}? check later with: machinery status {result.task_uuid}"
+            f"no result within {limit:g} s: {result.task_uuid} is {current.state if current else 'unknown'}; "
+            f"is a worker consuming {target!r}? check later with: machinery status {result.task_uuid}"
         ) from None
     click.echo(_show_value(value))
+
+
+def _warn_if_nobody_runs(server: Server, name: str, queue: str) -> None:
+    """Say so when no live worker consuming ``queue`` has ``name`` registered (where the backend
+    keeps worker heartbeats; elsewhere nothing can be known, and nothing is said)."""
+    try:
+        workers = run_sync(server.backend.get_workers())
+    except UnsupportedOperation:
+        return
+    on_queue = [w for w in workers if w.queue == queue]
+    if any(name in w.tasks for w in on_queue):
+        return
+    if on_queue:
+        registered = ", ".join(sorted({t for w in on_queue for t in w.tasks})) or "nothing"
+        seen = f"{plural(len(on_queue), 'worker')} consume it, registering {registered}"
+    else:
+        seen = "no worker consumes it"
+    click.echo(
+        f"Warning: no live worker runs {name!r} from {queue!r} ({seen}); waiting anyway "
+        "(start one with: machinery worker -A module:server)",
+        err=True,
+    )
 
 
 def _show_value(value: Any) -> str:

@@ -46,9 +46,7 @@ volumes use the Redis backend, as Go Machinery's own documentation advises.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
-from contextlib import suppress
 from typing import Any
 
 import aiormq
@@ -63,7 +61,9 @@ from ..._drivers.amqp import (
     bounded,
     expiry_ms_int32,
     gather_all,
+    give_back,
     message,
+    peek_queue,
     split_urls,
     take_messages,
 )
@@ -71,9 +71,9 @@ from ..._loops import PerLoop
 from ...config import Config
 from ...errors import BrokerConnectionError, MessageDecodeError
 from ...signature import Signature
-from ...state import COMPLETED_STATES, GroupMeta, TaskState
+from ...state import COMPLETED_STATES, GroupMeta, TaskState, WorkerInfo
 from ...types import TaskResult
-from ..base import Backend
+from ..base import Backend, decode_workers
 from .groups import (
     GroupLocks,
     chord_triggered_queue,
@@ -90,6 +90,8 @@ __all__ = ["AMQPBackend", "chord_triggered_queue", "meta_queue"]
 CACHE_SIZE = 50_000
 #: Reads in flight at once per event loop (each holds a channel for a few round trips).
 READ_CONCURRENCY = 32
+#: A worker that stopped publishes this, then its tag, to the workers queue.
+_GONE_PREFIX = b"gone:"
 
 
 class _WatcherSlot:
@@ -234,48 +236,10 @@ class AMQPBackend(Backend):
 
     # ------------------------------------------------------------------ waiting
 
-    async def await_state(self, task_uuid: str, timeout: float | None) -> TaskState:
-        """Wait for the task's SUCCESS or FAILURE; raises ``TimeoutError``.
+    # Waiting is the base class's loop; these hooks bind it to this loop's watch queue, which
+    # every state written for an awaited task (by any writer, Go's too) reaches.
 
-        Woken by the delivery of the task's states to this loop's watch queue; a broken
-        connection is waited out (the watch is set up again), like Go's polling.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        async with self._waiters.watch(task_uuid) as waiter:
-            watcher: StateWatcher | None = None
-            warned = False
-            try:
-                while True:
-                    if watcher is None or not watcher.alive:
-                        watcher = await self._watch(task_uuid)
-                    delivered, waiter.state = waiter.state, None
-                    state = decode_state_or_none(delivered)
-                    if state is not None and state.is_completed():
-                        self._cache.apply(task_uuid, state, self.ttl)  # fills in TaskName, CreatedAt
-                        state = self._cache.get(task_uuid)
-                    else:
-                        try:
-                            state = await self.get_state(task_uuid)
-                        except BrokerConnectionError as exc:
-                            if not warned:
-                                log.logger.warning("waiting for %s: %s; still trying", task_uuid, exc)
-                                warned = True
-                            state = None
-                    if state is not None and state.is_completed():
-                        return state
-                    wait = self.poll_interval if watcher is not None and watcher.alive else 1.0
-                    if deadline is not None:
-                        wait = min(wait, deadline - time.monotonic())
-                        if wait <= 0:
-                            raise TimeoutError(f"task {task_uuid} did not complete within {timeout} s")
-                    with suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(waiter.event.wait()), wait)
-                    waiter.event.clear()
-            finally:
-                if watcher is not None:
-                    watcher.release(task_uuid)
-
-    async def _watch(self, task_uuid: str) -> StateWatcher | None:
+    async def _subscribe(self, task_uuid: str) -> StateWatcher | None:
         """Bind this loop's watch queue to ``task_uuid``; None (and polling) if that fails."""
         if not self._exchange:
             return None  # the default exchange takes no bindings: poll
@@ -292,6 +256,28 @@ class AMQPBackend(Backend):
         except AMQP_ERRORS as exc:  # BrokerConnectionError is a ConnectionError
             log.logger.debug("cannot watch %s (%s); polling instead", task_uuid, exc)
             return None
+
+    async def _resubscribe(self, task_uuid: str, handle: StateWatcher | None) -> StateWatcher | None:
+        if handle is not None and handle.alive:
+            return handle
+        if handle is not None:
+            handle.release(task_uuid)
+        return await self._subscribe(task_uuid)
+
+    async def _unsubscribe(self, task_uuid: str, handle: StateWatcher | None) -> None:
+        if handle is not None:
+            handle.release(task_uuid)
+
+    def _poll_interval(self, handle: StateWatcher | None) -> float:
+        # A lost watch queue is set up again after the next look; look sooner then.
+        return self.poll_interval if handle is not None and handle.alive else 1.0
+
+    def _notified_state(self, task_uuid: str, body: bytes) -> TaskState | None:
+        state = decode_state_or_none(body)
+        if state is None or not state.is_completed():
+            return None
+        self._cache.apply(task_uuid, state, self.ttl)  # fills in TaskName and CreatedAt
+        return self._cache.get(task_uuid)
 
     def _delivered(self, task_uuid: str, body: bytes) -> None:
         """A state for a watched task went through the exchange: hand a final one to its waiters.
@@ -378,6 +364,49 @@ class AMQPBackend(Backend):
             return distinct_members(await peek_group(channel, group_uuid, self._queue_args()))
 
     # ------------------------------------------------------------------ purging
+
+    # ------------------------------------------------------------------ workers
+
+    @property
+    def _workers_queue(self) -> str:
+        return f"{self._exchange or 'machinery'}.workers"
+
+    async def write_worker(self, info: WorkerInfo, ttl: float) -> None:
+        """Publish the heartbeat to the workers queue; each message expires after ``ttl``, and
+        the queue itself once no worker has published for three times that."""
+        await self._publish_worker(info.encode(), ttl)
+
+    async def forget_worker(self, tag: str) -> None:
+        await self._publish_worker(_GONE_PREFIX + tag.encode(), 60.0)
+
+    async def _publish_worker(self, body: bytes, ttl: float) -> None:
+        session = await self._connector.session()
+        name = self._workers_queue
+        with amqp_errors(f"declaring {name!r}"):
+            await session.queue(
+                name, durable=False, auto_delete=False, arguments={"x-expires": expiry_ms_int32(int(3 * ttl) + 1)}
+            )
+        await session.publish("", name, message(body, expiration_ms=int(ttl * 1000)))
+
+    async def get_workers(self) -> list[WorkerInfo]:
+        """The latest heartbeat of each worker in the workers queue, minus the ones that said
+        goodbye (the queue is read and every message put back)."""
+        session = await self._connector.session()
+        async with session.side_channel() as channel:
+            with amqp_errors(f"reading {self._workers_queue!r}"):
+                taken = await peek_queue(channel, self._workers_queue)
+                await give_back(taken)
+        latest: dict[str, bytes | None] = {}
+        for incoming in taken:
+            body = incoming.body
+            if body.startswith(_GONE_PREFIX):
+                latest[body[len(_GONE_PREFIX) :].decode(errors="replace")] = None
+                continue
+            try:
+                latest[WorkerInfo.decode(body).tag] = body
+            except MessageDecodeError as exc:
+                log.logger.warning("Ignoring a worker record that does not decode: %s", exc)
+        return decode_workers([body for body in latest.values() if body is not None])
 
     async def purge_state(self, task_uuid: str) -> None:
         """Delete the task's queue (as Go's ``AsyncResult`` does after completion)."""
