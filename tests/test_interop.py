@@ -571,7 +571,7 @@ EXPECTED: dict[str, Expect] = {
     "bytes_list": Expect(SUCCESS),
     "wrong_arity": Expect(
         FAILURE,
-        error="concat takes 1 arguments, got 0",
+        error="concat takes 1 argument, got 0",
         differs_from_go="Go's text is reflect's 'Call with too few input arguments'",
     ),
     "lowercase_keys": Expect(SUCCESS),

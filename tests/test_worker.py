@@ -827,7 +827,7 @@ def test_task_context_is_injected(server: Server) -> None:
         assert result.get(timeout=WAIT) == f"{result.task_uuid}|4|sync_ctx|5"
         other = async_ctx.send()
         assert other.get(timeout=WAIT) == other.task_uuid
-        with pytest.raises(TaskFailed, match="sync_ctx takes 1 arguments, got 2"):
+        with pytest.raises(TaskFailed, match="sync_ctx takes 1 argument, got 2"):
             server.send_task(Signature("sync_ctx", [1, 2])).get(timeout=WAIT)
 
 

@@ -121,11 +121,7 @@ class TaskSpec:
         args = args or ()
         required = sum(1 for _, _, req in self._positional if req)
         if len(args) < required or (self._variadic is None and len(args) > len(self._positional)):
-            most = "any number of" if self._variadic else str(len(self._positional))
-            raise ArgumentError(
-                f"{self.name} takes {required if required == len(self._positional) else f'{required} to {most}'} "
-                f"arguments, got {len(args)}"
-            )
+            raise ArgumentError(f"{self.name} takes {self._arity()}, got {len(args)}")
         values = []
         for i, arg in enumerate(args):
             try:
@@ -149,6 +145,17 @@ class TaskSpec:
                     ) from None
             values.append(value)
         return values
+
+    def _arity(self) -> str:
+        """``1 argument``, ``2 arguments``, ``1 to 3 arguments``, ``at least 1 argument``."""
+        required = sum(1 for _, _, req in self._positional if req)
+        most = len(self._positional)
+        if self._variadic is not None:
+            count = f"at least {required}" if required else "any number of"
+            return f"{count} argument{'s' if required != 1 else ''}"
+        if required == most:
+            return f"{required} argument{'s' if required != 1 else ''}"
+        return f"{required} to {most} arguments"
 
     def call(self, signature: Signature, values: list[Any], executor: Executor | None) -> Awaitable[Any]:
         """Start the task: async functions on the loop, sync ones in ``executor``."""

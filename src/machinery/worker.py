@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import signal
 import socket
@@ -24,13 +25,13 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from . import log
-from ._backoff import Backoff, persist
+from ._backoff import Backoff, Outage, Reporter, persist
 from .backends.base import Backend
 from .brokers.base import Broker, Consumer, Delivery
 from .config import Config, redact_url
@@ -106,7 +107,7 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._busy = 0  # slots taken: fetched messages whose task function has not yet returned
         self._slot_freed: asyncio.Event | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: TaskThreads | None = None
         self._unknown: OrderedDict[str, _Sighting] = OrderedDict()
         self._in_flight: dict[int, RunningTask] = {}  # by id() of the processing coroutine's task
         self._unknown_warned: set[str] = set()
@@ -146,6 +147,12 @@ class Worker:
     def launch(self) -> None:
         """Run until SIGINT/SIGTERM or ``quit()``: the first signal drains, the second aborts.
 
+        An abort gives every unfinished message back to the queue. A ``def`` task running on
+        a thread cannot be stopped in Python, so when an abort leaves one running, ``launch``
+        then ends the process (exit status 1): the task must not go on beside the copy that
+        another worker may already be running. (``arun`` on your own loop cannot do that;
+        there, such a thread runs on until its task returns.)
+
         Signals can only be handled on the main thread; launched from another thread, the
         worker runs without them and ``quit()`` stops it.
         """
@@ -153,6 +160,14 @@ class Worker:
         if not on_main:
             log.logger.info("Worker launched off the main thread: no signal handlers; call worker.quit() to stop it")
         asyncio.run(self.arun(install_signal_handlers=on_main and not self.server.config.no_unix_signals))
+        busy = self._executor.busy if self._executor is not None else 0
+        if self._aborting and busy:
+            log.logger.warning(
+                "Ending the process: %d task thread(s) were still running; their messages are back on the queue",
+                busy,
+            )
+            logging.shutdown()  # flush the log before leaving without running the threads' ends
+            os._exit(1)
 
     async def arun(self, install_signal_handlers: bool = False) -> None:
         """Run on the current event loop until ``quit()`` (or a signal, if handlers are installed)."""
@@ -167,7 +182,7 @@ class Worker:
         if install_signal_handlers:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self._on_signal)
-        self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="machinery-task")
+        self._executor = TaskThreads(self.concurrency, thread_name_prefix="machinery-task")
         log.logger.info(
             "Launching a worker: broker=%s backend=%s queue=%s concurrency=%d tag=%s tasks=%s",
             redact_url(self.server.config.broker),
@@ -294,19 +309,30 @@ class Worker:
     async def _open_consumer(self) -> Consumer | None:
         assert self._stopping is not None
         backoff = Backoff()
+        outage = Outage(
+            f"Connecting to the broker {redact_url(self.server.config.broker)} to consume {self.queue!r}",
+            self._error_handler_report(),
+        )
         while not self._stopping.is_set():
             try:
-                return await self.server.broker.open_consumer(self.queue, self.consumer_tag, prefetch=self.concurrency)
+                consumer = await self.server.broker.open_consumer(self.queue, self.consumer_tag, self.concurrency)
             except Exception as exc:
                 delay = backoff.next()
-                self._report(exc, f"cannot start consuming {self.queue!r}, retrying in {delay:.0f} s")
+                outage.failed(exc, delay)
                 await _sleep_unless(self._stopping, delay)
+            else:
+                outage.over()
+                return consumer
         return None
 
     async def _consume(self, consumer: Consumer) -> None:
         assert self._stopping is not None and self._slot_freed is not None
         stopping = asyncio.ensure_future(self._stopping.wait())
         backoff = Backoff()
+        outage = Outage(
+            f"Taking messages from {self.queue!r} on {redact_url(self.server.config.broker)}",
+            self._error_handler_report(),
+        )
         try:
             while not self._stopping.is_set():
                 # A slot frees when its task function returns; the outcome is written after,
@@ -331,10 +357,11 @@ class Worker:
                     deliveries = fetch.result()
                 except Exception as exc:
                     delay = backoff.next()
-                    self._report(exc, f"broker error while fetching, retrying in {delay:.0f} s")
+                    outage.failed(exc, delay)
                     await _sleep_unless(self._stopping, delay)
                     continue
                 backoff.reset()
+                outage.over()
                 for delivery in deliveries:
                     self._busy += 1
                     task = asyncio.ensure_future(self._handle(consumer, delivery, _Slot(self)))
@@ -497,13 +524,41 @@ class Worker:
 
     async def _persist(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
         """Run a broker or backend write until it succeeds (the server may come back)."""
-        return await persist(operation, what, self._report)
+        return await persist(operation, what, self._error_handler_report())
 
-    def _report(self, exc: BaseException, message: str) -> None:
-        if self._error_handler is not None:
-            self._error_handler(exc)
-        else:
-            log.logger.error("%s: %s: %s", message, type(exc).__name__, exc)
+    def _error_handler_report(self) -> Reporter | None:
+        """The error handler, as an outage reporter; None (logging) when there is none."""
+        handler = self._error_handler
+        if handler is None:
+            return None
+        return lambda exc, _message: handler(exc)
+
+
+class TaskThreads(ThreadPoolExecutor):
+    """The threads of ``def`` tasks, counting the calls still running: an abort cannot stop them."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str = "") -> None:
+        super().__init__(max_workers, thread_name_prefix=thread_name_prefix)
+        self._running = 0
+        self._count_lock = threading.Lock()
+
+    @property
+    def busy(self) -> int:
+        """How many task calls are running on a thread now."""
+        with self._count_lock:
+            return self._running
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        def counted() -> T:
+            with self._count_lock:
+                self._running += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._count_lock:
+                    self._running -= 1
+
+        return super().submit(counted)
 
 
 def decode_message(body: bytes) -> Signature:

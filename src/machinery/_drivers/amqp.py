@@ -21,6 +21,7 @@ What lives here:
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import struct
@@ -107,6 +108,17 @@ def _install_int_width_hook() -> None:
 
 
 _install_int_width_hook()
+
+
+class _DropReportedConnectFailures(logging.Filter):
+    """aiormq logs every failed connect at ERROR before raising it; the connector reports the
+    failure itself (once, with the URL and what it does next), so that line is only noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error when creating transport")
+
+
+logging.getLogger("aiormq.connection").addFilter(_DropReportedConnectFailures())
 
 INT32_MAX = 2**31 - 1
 

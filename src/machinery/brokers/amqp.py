@@ -98,6 +98,7 @@ class AMQPBroker(Broker):
     def __init__(self, config: Config, url: str) -> None:
         super().__init__(config, url)
         self._connector = AMQPConnector(config.broker_urls(), role="broker")
+        self._warned_prefetch = False
 
     # ------------------------------------------------------------------ topology helpers
 
@@ -230,7 +231,8 @@ class AMQPBroker(Broker):
         """
         limit = self.config.amqp.prefetch_count
         if prefetch is not None and prefetch > 0:
-            if 0 < limit < prefetch:
+            if 0 < limit < prefetch and not self._warned_prefetch:
+                self._warned_prefetch = True  # once, not at every reconnect
                 log.logger.warning(
                     "amqp.prefetch_count=%d lets this worker run only %d of its %d concurrent tasks "
                     "(as in Go); raise it (AMQP_PREFETCH_COUNT) or set it to 0 to follow the concurrency",
