@@ -40,6 +40,7 @@ _SETTLE = LuaScript.load("settle")
 _DEFER = LuaScript.load("defer")
 _REAP = LuaScript.load("reap")
 _RELEASE = LuaScript.load("release")
+_BEAT = LuaScript.load("beat")
 _MOVE_DUE = LuaScript.load("move_due")
 _REQUEUE_DEAD = LuaScript.load("requeue_dead")
 
@@ -179,7 +180,9 @@ class RedisConsumer(Consumer):
         await asyncio.gather(*self._taking, return_exceptions=True)
         expires_ms = int((time.time() + RELEASED_HEARTBEAT_GRACE) * 1000)
         returned = await self.broker.connector.run(
-            _RELEASE, [self.processing, self.queue, self._heartbeats], [self.consumer_id, expires_ms]
+            _RELEASE,
+            [self.processing, self.queue, self._heartbeats],
+            [self.consumer_id, expires_ms, processing_prefix(self.queue)],
         )
         if returned:
             log.logger.info("Returned %d unfinished message(s) to %r", returned, self.queue)
@@ -188,7 +191,7 @@ class RedisConsumer(Consumer):
 
     async def _beat(self) -> None:
         deadline_ms = int((time.time() + self._timeout) * 1000)
-        await self.broker.connector.client().zadd(self._heartbeats, {self.consumer_id: deadline_ms})
+        await self.broker.connector.run(_BEAT, [self._heartbeats], [self.consumer_id, deadline_ms])
 
     async def _reap(self) -> None:
         returned = await self.broker.connector.run(
