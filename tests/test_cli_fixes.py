@@ -3,8 +3,11 @@ reading creates nothing, and a broker that cannot answer says so."""
 
 from __future__ import annotations
 
+import importlib
+import subprocess
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,3 +61,25 @@ def test_delayed_on_rabbitmq_says_it_is_not_available() -> None:
     require_service("RabbitMQ", AMQP_URL, 5672)
     result = invoke(["delayed"], {"BROKER": AMQP_URL, "RESULT_BACKEND": f"memory://cli_{id(AMQP_URL)}"})
     assert_one_line_error(result, "not available on this broker", "one queue per delay", "rabbitmqctl list_queues")
+
+
+def test_the_demo_on_rabbitmq_leaves_no_queue_that_collects_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    require_service("RabbitMQ", AMQP_URL, 5672)
+    demo = importlib.import_module("machinery.cli.demo")  # (machinery.cli.demo is also the command's name)
+
+    queues: list[str] = []
+    original = demo._clean_up
+
+    async def watching(server: Server, queue: str, states: Any) -> None:
+        queues.append(queue)
+        await original(server, queue, states)
+
+    monkeypatch.setattr(demo, "_clean_up", watching)
+    assert demo.run_demo(AMQP_URL)
+    (queue,) = queues
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    # Only delay queues may remain: they expire by themselves (twice their delay).
+    left = [name for name in listed if queue in name]
+    assert all(name.startswith("delay.") for name in left), left

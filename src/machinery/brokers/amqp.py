@@ -318,6 +318,16 @@ class AMQPBroker(Broker):
                     moved += 1
         return moved
 
+    async def delete_queue(self, queue: str) -> None:
+        """Delete the queue (and so its bindings and waiting messages) and ``<queue>.dead``."""
+        session = await self._connector.session()
+        async with session.side_channel() as channel:
+            with amqp_errors(f"deleting queue {queue!r}"):
+                underlay = await channel.get_underlay_channel()
+                for name in (queue, dead_letter_queue(queue)):
+                    await underlay.queue_delete(name)
+        session.forget(queue)
+
     async def close(self) -> None:
         """Close this loop's publishing connection (other loops' close when their loop ends)."""
         await self.close_loop_connections()

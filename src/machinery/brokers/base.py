@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from ..config import Config
-from ..errors import MessageDecodeError
+from ..errors import MessageDecodeError, UnsupportedOperation
 from ..signature import Signature
 
 
@@ -161,6 +161,12 @@ class Broker(ABC):
     @abstractmethod
     async def requeue_dead(self, queue: str | None = None) -> int:
         """Put the dead letters of ``queue`` back on it; returns how many."""
+
+    async def delete_queue(self, queue: str) -> None:
+        """Delete ``queue`` with its waiting messages and its dead letters (on RabbitMQ the queue
+        itself, so that it stops collecting tasks). Messages taken by a running consumer are
+        not touched."""
+        raise UnsupportedOperation(f"{type(self).__name__} cannot delete queues")
 
     async def close(self) -> None:
         """Release connections held by this broker."""

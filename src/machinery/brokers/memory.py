@@ -145,6 +145,12 @@ class MemoryBroker(Broker):
         return len(letters)
 
 
+    async def delete_queue(self, queue: str) -> None:
+        with self._store.lock:
+            self._store.queues.pop(queue, None)
+            self._store.dead.pop(queue, None)
+
+
 class _MemoryConsumer(Consumer):
     """One consumer's leases; ``receipt`` is the message's sequence number."""
 

@@ -105,6 +105,9 @@ class RedisBroker(Broker):
         name = queue or self.config.default_queue
         return int(await self.connector.run(_REQUEUE_DEAD, [dead_key(name), name], []))
 
+    async def delete_queue(self, queue: str) -> None:
+        await self.connector.client().delete(queue, dead_key(queue))
+
     async def close(self) -> None:
         await self.connector.close()
 

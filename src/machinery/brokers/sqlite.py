@@ -92,6 +92,9 @@ class SQLiteBroker(Broker):
             store.wake_queues()
         return count
 
+    async def delete_queue(self, queue: str) -> None:
+        await self.store.run(_delete_queue, queue)
+
     async def close(self) -> None:
         self._handle.release()
 
@@ -325,6 +328,12 @@ def _requeue_dead(conn: sqlite3.Connection, queue: str) -> int:
         )
         conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(row_id,) for row_id, _ in rows])
     return len(rows)
+
+
+def _delete_queue(conn: sqlite3.Connection, queue: str) -> None:
+    with transaction(conn):
+        conn.execute("DELETE FROM messages WHERE queue = ? AND lease_owner IS NULL", (queue,))
+        conn.execute("DELETE FROM dead_letters WHERE queue = ?", (queue,))
 
 
 def _datetime(ns: int) -> datetime:

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import click
 
 from .. import log
-from ..config import Config
+from ..config import AMQPConfig, Config
 from ..errors import MachineryError, TaskFailed
 from ..middleware import Middleware, Outcome
 from ..result import AsyncResult, ChainAsyncResult, ChordAsyncResult
@@ -324,10 +324,13 @@ class StateLog(Middleware):
     def __init__(self) -> None:
         self.history: dict[str, list[tuple[str, float]]] = defaultdict(list)
         self.names: dict[str, str] = {}
+        self.groups: set[str] = set()
         self._storing: dict[str, float] = {}
 
     def _record(self, signature: Signature, states: Sequence[str], at: float) -> None:
         self.names[signature.uuid] = signature.name
+        if signature.group_uuid:
+            self.groups.add(signature.group_uuid)
         history = self.history[signature.uuid]
         history.extend((state, at) for state in states)
         history.sort(key=lambda entry: entry[1])
@@ -385,7 +388,11 @@ def run_demo(broker: str | None = None, steps: Sequence[DemoStep] = STEPS, verbo
 async def _demo(url: str, steps: Sequence[DemoStep]) -> bool:
     queue = f"machinery_demo_{uuid.uuid4().hex[:8]}"
     states = StateLog()
-    server = Server(Config(broker=url, default_queue=queue), middleware=[states])
+    # Its own queue and, on RabbitMQ, its own binding key: with a direct exchange the binding
+    # key decides which queues get a task, and the default one is every app's. Results expire
+    # soon, and what they cannot take away is deleted at the end.
+    config = Config(broker=url, default_queue=queue, results_expire_in=120, amqp=AMQPConfig(binding_key=queue))
+    server = Server(config, middleware=[states])
     try:
         server.register_tasks(TASKS)
         await server.backend.get_state("machinery-demo-probe")  # fail now, clearly, if unreachable
@@ -417,7 +424,20 @@ async def _demo(url: str, steps: Sequence[DemoStep]) -> bool:
         out.summary(outcomes, time.perf_counter() - started, errors)
         return all(o.ok for o in outcomes)
     finally:
+        await _clean_up(server, queue, states)
         await server.aclose()
+
+
+async def _clean_up(server: Server, queue: str, states: StateLog) -> None:
+    """Delete what the demo put in the broker and backend (on a shared server, nothing stays)."""
+    try:
+        await server.broker.delete_queue(queue)
+        for task_uuid in states.history:
+            await server.backend.purge_state(task_uuid)
+        for group_uuid in states.groups:
+            await server.backend.purge_group_meta(group_uuid)
+    except Exception as exc:  # what is left expires with the results
+        log.logger.warning("The demo could not delete everything it made: %s", exc)
 
 
 async def _started(worker: Worker, running: asyncio.Future[None], url: str, errors: list[BaseException]) -> None:
