@@ -809,29 +809,30 @@ def test_group_completion_counts_distinct_members_and_the_chord_triggers_once(pr
         Signature("add", [i], uuid=f"task_{uuid.uuid4()}", group_uuid=group_uuid, group_task_count=3) for i in range(3)
     ]
 
-    async def scenario() -> tuple[list[bool], list[str], list[bool], bool]:
-        done = []
+    async def scenario() -> tuple[list[bool], list[bool], list[str], list[bool], bool]:
+        counted, decided = [], []
         await backend.set_state(members[0], SUCCESS)
         await backend.set_state(members[0], SUCCESS)  # redelivered and run again: counted once
         await backend.set_state(members[1], FAILURE, error="x")
-        done.append(await backend.group_completed(group_uuid, 3))
+        counted.append(await backend.group_completed(group_uuid, 3))  # Go's count: three messages
+        decided.append(await backend.trigger_chord(group_uuid, 3))  # but two members: not yet, all put back
         await backend.set_state(members[2], SUCCESS)
-        done.append(await backend.group_completed(group_uuid, 3))
+        counted.append(await backend.group_completed(group_uuid, 3))
         states = await backend.group_task_states(group_uuid)
         order = [s.task_uuid for s in states if s is not None]
-        triggers = await asyncio.gather(*(backend.trigger_chord(group_uuid) for _ in range(10)))
-        meta = await backend.get_group_meta(group_uuid)  # Go stores none: made from the group queue
-        return done, order, list(triggers), meta is not None and meta.task_uuids == order
+        triggers = await asyncio.gather(*(backend.trigger_chord(group_uuid, 3) for _ in range(10)))
+        meta = await backend.get_group_meta(group_uuid)  # Go stores none: the members it was decided on
+        return counted, decided, order, list(triggers), meta is not None and meta.task_uuids == order
 
     try:
-        done, order, triggers, meta_ok = run_sync(scenario())
-        assert done == [False, True]
+        counted, decided, order, triggers, meta_ok = run_sync(scenario())
+        assert counted == [True, True] and decided == [False]
         assert order == [m.uuid for m in members]  # completion order
         assert triggers.count(True) == 1
         assert meta_ok
         other = Server(amqp_config(prefix))  # another connection: still triggered
         try:
-            assert run_sync(other.backend.trigger_chord(group_uuid)) is False
+            assert run_sync(other.backend.trigger_chord(group_uuid, 3)) is False
         finally:
             other.close()
         message_count(chord_triggered_queue(group_uuid))  # exists: a Go worker's TriggerChord says no

@@ -333,12 +333,12 @@ def test_trigger_chord_interlocks_through_gos_global_mutex(server: Server, clien
     client.set(CHORD_MUTEX, "held-by-a-go-worker", px=5000)
 
     async def scenario() -> tuple[bool, bool, bool]:
-        first = asyncio.ensure_future(server.backend.trigger_chord(group))
+        first = asyncio.ensure_future(server.backend.trigger_chord(group, 1))
         await asyncio.sleep(0.3)
         blocked = not first.done()
         client.delete(CHORD_MUTEX)  # the Go worker releases it
         won = await first
-        again = await server.backend.trigger_chord(group)
+        again = await server.backend.trigger_chord(group, 1)
         await server.backend.close()
         return blocked, won, again
 

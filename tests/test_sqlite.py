@@ -132,7 +132,7 @@ async def consume(count_idle: float) -> None:
 
 async def race(group: str, key: str, moment: str) -> None:
     start_at(moment)
-    chord = await server.backend.trigger_chord(group)
+    chord = await server.backend.trigger_chord(group, 1)
     locked = await server.lock.try_lock(key, time.time_ns() + 60 * 10**9)
     print(json.dumps({"chord": chord, "lock": locked}), flush=True)
 
@@ -520,11 +520,11 @@ async def test_group_meta_and_chord_trigger_once(server: Server) -> None:
     assert isinstance(meta, GroupMeta) and meta.task_uuids == ["a", "b"] and not meta.chord_triggered
     await backend.write_states([TaskState("a", SUCCESS), TaskState("b", FAILURE, error="x")], False)
     assert await backend.group_completed("group_1", 2)
-    results = await asyncio.gather(*(backend.trigger_chord("group_1") for _ in range(10)))
+    results = await asyncio.gather(*(backend.trigger_chord("group_1", 1) for _ in range(10)))
     assert results.count(True) == 1
     meta = await backend.get_group_meta("group_1")
     assert meta is not None and meta.chord_triggered
-    assert await backend.trigger_chord("no_such_group") is False
+    assert await backend.trigger_chord("no_such_group", 1) is False
     await backend.purge_group_meta("group_1")
     assert await backend.get_group_meta("group_1") is None
 

@@ -326,8 +326,8 @@ def test_chord_callback_survives_a_crash_between_trigger_and_send(env: tuple[Ser
     trigger = server.backend.trigger_chord
     crashed: list[str] = []
 
-    async def trigger_then_crash(group_uuid: str) -> bool:
-        won = await trigger(group_uuid)
+    async def trigger_then_crash(group_uuid: str, task_count: int) -> bool:
+        won = await trigger(group_uuid, task_count)
         if won and not crashed:
             crashed.append(group_uuid)
             raise RuntimeError("worker died right after winning the chord")
@@ -349,8 +349,8 @@ def test_slow_winner_and_a_repairing_redelivered_member_send_the_callback_once(e
     trigger = server.backend.trigger_chord
     won_once = threading.Event()
 
-    async def slow_winner(group_uuid: str) -> bool:
-        won = await trigger(group_uuid)
+    async def slow_winner(group_uuid: str, task_count: int) -> bool:
+        won = await trigger(group_uuid, task_count)
         if won and not won_once.is_set():
             won_once.set()
             # Stall between winning and sending until a redelivered member has repaired the

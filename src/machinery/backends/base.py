@@ -31,6 +31,8 @@ class Backend(ABC):
 
     #: How often ``await_state`` re-reads the store when no notification can reach it.
     poll_interval: float = 0.05
+    #: Appended to the "no state" message of ``TaskNotFoundError``: other reasons this store has.
+    unknown_state_hint: str = ""
     #: What an unreachable store looks like in this driver's exceptions: waiting rides these
     #: out (drivers add their client library's connection errors).
     connection_errors: ClassVar[tuple[type[BaseException], ...]] = (
@@ -160,8 +162,12 @@ class Backend(ABC):
         return sum(1 for s in states if s is not None and s.is_completed()) >= task_count
 
     @abstractmethod
-    async def trigger_chord(self, group_uuid: str) -> bool:
-        """Atomically flip the group's ``ChordTriggered``; True for exactly one caller."""
+    async def trigger_chord(self, group_uuid: str, task_count: int) -> bool:
+        """Atomically flip the group's ``ChordTriggered``; True for exactly one caller.
+
+        ``task_count`` is the group's size as its members carry it (``GroupTaskCount``), for
+        stores that decide on the members' states themselves (RabbitMQ's group queue).
+        """
 
     @abstractmethod
     async def purge_state(self, task_uuid: str) -> None:
@@ -238,7 +244,7 @@ class _Wait:
             raise TaskNotFoundError(
                 self._uuid,
                 f"no state for task {self._uuid} in {redact_url(self._backend.url)}: it was never sent there, "
-                f"or its result expired (results live {self._backend.ttl} s)",
+                f"or its result expired (results live {self._backend.ttl} s){self._backend.unknown_state_hint}",
             )
         pause = max(0.05, self._backoff.next()) if self._outage else poll_interval
         if self._grace_ends is not None:

@@ -73,7 +73,7 @@ class MemoryBackend(Backend):
             raw = _live(self._store.groups, group_uuid)
         return None if raw is None else GroupMeta.decode(raw)
 
-    async def trigger_chord(self, group_uuid: str) -> bool:
+    async def trigger_chord(self, group_uuid: str, task_count: int) -> bool:
         with self._store.lock:
             raw = _live(self._store.groups, group_uuid)
             if raw is None:

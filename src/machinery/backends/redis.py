@@ -105,7 +105,7 @@ class RedisBackend(Backend):
 
     # ------------------------------------------------------------------ chords
 
-    async def trigger_chord(self, group_uuid: str) -> bool:
+    async def trigger_chord(self, group_uuid: str, task_count: int) -> bool:
         """Flip ChordTriggered atomically, interlocked with Go workers' ``TriggerChordMutex``.
 
         Retries as redsync does (32 attempts, 50-250 ms apart) while a Go worker holds it.

@@ -89,7 +89,7 @@ class SQLiteBackend(Backend):
         raw = await self.store.run(_get_group, group_uuid)
         return None if raw is None else GroupMeta.decode(raw)
 
-    async def trigger_chord(self, group_uuid: str) -> bool:
+    async def trigger_chord(self, group_uuid: str, task_count: int) -> bool:
         return await self.store.run(_trigger_chord, group_uuid, self.ttl)
 
     async def purge_group_meta(self, group_uuid: str) -> None:

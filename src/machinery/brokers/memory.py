@@ -144,7 +144,6 @@ class MemoryBroker(Broker):
             self._store.wake()
         return len(letters)
 
-
     async def delete_queue(self, queue: str) -> None:
         with self._store.lock:
             self._store.queues.pop(queue, None)

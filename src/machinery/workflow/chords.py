@@ -115,7 +115,7 @@ class ChordCompletion(Middleware):
         if single and not self._start_trigger(group_uuid):
             return
         try:
-            won, uncertain = await self._trigger(group_uuid)
+            won, uncertain = await self._trigger(group_uuid, signature.group_task_count)
         finally:
             if single:
                 self._end_trigger(group_uuid)
@@ -136,7 +136,7 @@ class ChordCompletion(Middleware):
             return
         await persist(lambda: self._decide(group_uuid, callback), f"sending the callback of chord {group_uuid}")
 
-    async def _trigger(self, group_uuid: str) -> tuple[bool, bool]:
+    async def _trigger(self, group_uuid: str, task_count: int) -> tuple[bool, bool]:
         """(won, uncertain): ``trigger_chord`` until it answers; ``uncertain`` if an attempt
         failed first (it may have flipped the flag before its reply was lost)."""
         failed = False
@@ -145,7 +145,7 @@ class ChordCompletion(Middleware):
             nonlocal failed
             try:
                 async with self._trigger_slots.get():
-                    return await self._backend.trigger_chord(group_uuid)
+                    return await self._backend.trigger_chord(group_uuid, task_count)
             except Exception:
                 failed = True
                 raise

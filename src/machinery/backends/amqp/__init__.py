@@ -69,17 +69,21 @@ from ..._drivers.amqp import (
 )
 from ..._loops import PerLoop
 from ...config import Config
-from ...errors import BrokerConnectionError, MessageDecodeError
+from ...errors import BrokerConnectionError, MessageDecodeError, ResultConsumedError
 from ...signature import Signature
 from ...state import COMPLETED_STATES, GroupMeta, TaskState, WorkerInfo
 from ...types import TaskResult
 from ..base import Backend, decode_workers
 from .groups import (
+    DecidedGroups,
     GroupLocks,
+    ack_all,
     chord_triggered_queue,
+    counts,
+    declare_group_queue,
     distinct_members,
+    hold_group,
     meta_queue,
-    peek_group,
     take_chord_token,
 )
 from .states import StateCache, StateWatcher, decode_state_or_none
@@ -106,6 +110,7 @@ class AMQPBackend(Backend):
 
     #: Only a safety net: waiters are woken by deliveries to their watch queue.
     poll_interval: float = 5.0
+    unknown_state_hint = "; or another reader (a Go AsyncResult) took its states and deleted its queue"
 
     def __init__(self, config: Config, url: str) -> None:
         super().__init__(config, url)
@@ -114,6 +119,7 @@ class AMQPBackend(Backend):
         self._watchers: PerLoop[_WatcherSlot] = PerLoop(_WatcherSlot)
         self._read_slots: PerLoop[asyncio.Semaphore] = PerLoop(lambda: asyncio.Semaphore(READ_CONCURRENCY))
         self._group_locks = GroupLocks(self._connector)
+        self._decided = DecidedGroups()
 
     # ------------------------------------------------------------------ layout
 
@@ -163,6 +169,8 @@ class AMQPBackend(Backend):
                 await self._publish(session, task_uuid, body, declare_first=not keep_created)
 
         await gather_all([write(task_uuid, bodies) for task_uuid, bodies in streams.items()])
+        for state in states:  # what this process wrote, it has seen (see ResultConsumedError)
+            self._cache.apply(state.task_uuid, state, self.ttl)
         for task_uuid, body in completed:
             self._waiters.notify(task_uuid, body)
 
@@ -199,8 +207,24 @@ class AMQPBackend(Backend):
     # ------------------------------------------------------------------ reads
 
     async def get_state(self, task_uuid: str) -> TaskState | None:
-        """The latest state of the task (reading compacts its queue to that state)."""
-        for body in await self._read_stream(task_uuid):
+        """The latest state of the task (reading compacts its queue to that state).
+
+        Raises ``ResultConsumedError`` when the task's queue is gone although this process
+        has seen it unfinished: another reader (a Go ``AsyncResult``) took its states and
+        deleted it, so its outcome cannot be read here.
+        """
+        bodies = await self._read_stream(task_uuid)
+        if bodies is None:
+            seen = self._cache.get(task_uuid)
+            if seen is not None and not seen.is_completed():
+                raise ResultConsumedError(
+                    task_uuid,
+                    f"the states of task {task_uuid} were taken by another reader: its queue is gone (a Go "
+                    f"AsyncResult reads it destructively and deletes it after the final state); the last state "
+                    f"seen here was {seen.state}",
+                )
+            return seen
+        for body in bodies:
             try:
                 self._cache.apply(task_uuid, TaskState.decode(body), self.ttl)
             except MessageDecodeError as exc:
@@ -212,27 +236,24 @@ class AMQPBackend(Backend):
             return []
         return list(await asyncio.gather(*(self.get_state(u) for u in task_uuids)))
 
-    async def _read_stream(self, name: str) -> list[bytes]:
+    async def _read_stream(self, name: str) -> list[bytes] | None:
         """Every message now in queue ``name``, oldest first; the newest is left in the queue.
+        None when there is no such queue (never written, expired, or deleted by a reader).
 
-        Each read has a channel of its own (pooled): closing it is what returns the messages
-        taken if the read fails or is cancelled half-way, and no other read shares its fate.
+        Unlike Go's GetState, a read never creates the queue: one that is missing tells that
+        the task is unknown here, or that its states were taken. Each read has a channel of
+        its own (pooled): closing it is what returns the messages taken if the read fails or
+        is cancelled half-way, and no other read shares its fate.
         """
         async with self._read_slots.get():
             session = await self._connector.session()
             with amqp_errors(f"reading result queue {name!r}"):
                 async with session.pooled_channel() as channel:
                     try:
-                        # Declared as Go's GetState does (which also keeps the queue alive).
-                        queue = await channel.declare_queue(
-                            name, durable=False, auto_delete=True, arguments=self._queue_args()
-                        )
-                    except aiormq.exceptions.ChannelPreconditionFailed:
-                        pass  # it exists with other arguments (another results_expire_in): see below
-                    else:
-                        return await _take_keeping_latest(queue)
-                async with session.side_channel() as channel:
-                    return await _take_keeping_latest(await channel.declare_queue(name, passive=True))
+                        queue = await channel.declare_queue(name, passive=True)
+                    except aiormq.exceptions.ChannelNotFoundEntity:
+                        return None  # (RabbitMQ closed the channel: it is not pooled again)
+                    return await _take_keeping_latest(queue)
 
     # ------------------------------------------------------------------ waiting
 
@@ -301,12 +322,12 @@ class AMQPBackend(Backend):
         await self._publish(session, meta_queue(meta.group_uuid), meta.encode(), declare_first=True)
 
     async def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
-        """The stored metadata; for a group sent by Go (which stores none), one made from the
-        group queue: the members that have completed, in completion order."""
+        """The stored metadata; for a group sent by Go (which stores none), its members in
+        completion order, as decided here or as the group queue holds them."""
         meta = await self._stored_group_meta(group_uuid)
         if meta is not None:
             return meta
-        states = await self._distinct_group_states(group_uuid)
+        states = await self._completed_members(group_uuid)
         if not states:
             return None
         log.logger.debug("group %s has no stored metadata (sent by Go): members in completion order", group_uuid)
@@ -314,36 +335,37 @@ class AMQPBackend(Backend):
 
     async def group_task_states(self, group_uuid: str) -> list[TaskState | None]:
         """The completed members' states in completion order (Go's AMQP order), each member once."""
-        return list(await self._distinct_group_states(group_uuid))
+        return list(await self._completed_members(group_uuid))
 
     async def group_completed(self, group_uuid: str, task_count: int) -> bool:
-        """True when ``task_count`` distinct members have published a final state.
-
-        Counting messages (Go) is the cheap first check; a member run twice would count
-        twice, so the decision is made on distinct members read under the group lock. Under
-        the lock the count is checked again after reading, so a completion published while
-        someone else was reading is never missed by both of them.
-        """
+        """Go's check: the group queue holds a final state per member, and nobody is consuming
+        it (a Go worker deciding). Cheap and never takes anything; ``trigger_chord`` decides
+        on the distinct members' states themselves (a member run twice counts twice here)."""
         if task_count <= 0:
             return True
         session = await self._connector.session()
-        with amqp_errors(f"counting group queue {group_uuid!r}"):
-            if await self._declare(session, group_uuid) < task_count:
-                return False
-        async with self._group_locks.hold(group_uuid) as channel:
-            while True:
-                states = await peek_group(channel, group_uuid, self._queue_args())
-                if len({s.task_uuid for s in states if s.is_completed()}) >= task_count:
-                    return True
-                with amqp_errors(f"counting group queue {group_uuid!r}"):
-                    if await self._declare(session, group_uuid) <= len(states):
-                        return False
+        async with session.side_channel() as channel:
+            ready, consumers = counts(await declare_group_queue(channel, group_uuid, self._queue_args()))
+        return ready >= task_count and not consumers
 
-    async def trigger_chord(self, group_uuid: str) -> bool:
-        """True for exactly one caller per group: the one whose token the marker queue took."""
-        session = await self._connector.session()
-        if not await take_chord_token(session, group_uuid, self.ttl):
-            return False
+    async def trigger_chord(self, group_uuid: str, task_count: int) -> bool:
+        """True for exactly one decider, Go's included: the one that holds every member's final
+        state in the group queue and takes the marker (see ``groups`` for the interlock)."""
+        async with self._group_locks.hold(group_uuid) as channel:
+            held = await hold_group(channel, group_uuid, self._queue_args(), max(1, task_count))
+            if held is None:
+                return False
+            session = await self._connector.session()
+            if not await take_chord_token(session, group_uuid, self.ttl):
+                with amqp_errors(f"giving back group queue {group_uuid!r}"):
+                    await give_back(held.taken)
+                return False
+            with amqp_errors(f"taking group queue {group_uuid!r}"):
+                await ack_all(held.taken)
+                # As Go does once decided; a Go consumer that came too late then gives up.
+                underlay = await channel.get_underlay_channel()
+                await underlay.queue_delete(group_uuid)
+        self._decided.remember(group_uuid, held.states)
         meta = await self._stored_group_meta(group_uuid)
         if meta is not None:
             meta.chord_triggered = True
@@ -352,16 +374,25 @@ class AMQPBackend(Backend):
 
     async def _stored_group_meta(self, group_uuid: str) -> GroupMeta | None:
         """The latest metadata in the group's ``<group>_meta`` queue, if any."""
-        for body in reversed(await self._read_stream(meta_queue(group_uuid))):
+        for body in reversed(await self._read_stream(meta_queue(group_uuid)) or []):
             try:
                 return GroupMeta.decode(body)
             except MessageDecodeError:
                 continue
         return None
 
-    async def _distinct_group_states(self, group_uuid: str) -> list[TaskState]:
+    async def _completed_members(self, group_uuid: str) -> list[TaskState]:
+        """The members this process decided the chord on, or else those the group queue holds
+        (read and put back at once: for showing a group, never for deciding)."""
+        decided = self._decided.get(group_uuid)
+        if decided is not None:
+            return decided
         async with self._group_locks.hold(group_uuid) as channel:
-            return distinct_members(await peek_group(channel, group_uuid, self._queue_args()))
+            queue = await declare_group_queue(channel, group_uuid, self._queue_args())
+            with amqp_errors(f"reading group queue {group_uuid!r}"):
+                taken = await take_messages(queue)
+                await give_back(taken)
+        return distinct_members([s for m in taken if (s := decode_state_or_none(m.body))])
 
     # ------------------------------------------------------------------ purging
 
