@@ -1,63 +1,46 @@
-"""The Worker: take messages, run tasks, store their outcomes, shut down cleanly.
+"""The Worker: take messages as fast as it can run them, publish a heartbeat, shut down cleanly.
 
-Processing follows Go Machinery's ``Process`` (docs/wire.md §6), with Go's retries, callbacks
-and chord completion as built-in middleware, and these differences, all on the side of
-losing nothing:
-
-* a message leaves the broker only after its final state is written and its retries and
-  callbacks are sent; while the backend or broker is away those writes are retried (the
-  message stays held), so a task that has run is not run again because of an outage;
-* bad messages go to a dead-letter place instead of stopping the worker or vanishing;
-* argument-conversion failures fail that task and the worker goes on.
+A worker consumes one queue and runs at most ``concurrency`` tasks at once; each message it
+takes is settled by its ``MessageHandler`` (``processing``), which runs Go Machinery's
+``Process`` (docs/wire.md §6) with Go's retries, callbacks and chord completion as built-in
+middleware. The first SIGINT/SIGTERM lets running tasks finish; the second gives every
+unfinished message back at once (and, under ``launch``, ends the process if a ``def`` task's
+thread is still running).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import signal
 import socket
 import threading
-import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
-from . import log
-from ._backoff import Backoff, Outage, Reporter, persist
-from .backends.base import Backend
-from .brokers.base import Broker, Consumer, Delivery
-from .config import Config, redact_url
-from .errors import ArgumentError, MessageDecodeError, ResultTypeError, UnsupportedOperation
-from .middleware import HandlerAdapter, MiddlewareStack, Outcome
-from .periodic import Scheduler
-from .registry import TaskSpec
-from .signature import Signature
-from .state import FAILURE, RECEIVED, STARTED, SUCCESS, RunningTask, TaskState, WorkerInfo
-from .types import encode_results
+from .. import log
+from .._backoff import Backoff, Outage
+from ..backends.base import Backend
+from ..brokers.base import Broker, Consumer, Delivery
+from ..config import Config, redact_url
+from ..errors import UnsupportedOperation
+from ..middleware import HandlerAdapter, MiddlewareStack
+from ..periodic import Scheduler
+from ..registry import TaskSpec
+from ..signature import Signature
+from ..state import WorkerInfo
+from .processing import ErrorHandler, MessageHandler, reporter
+from .threads import TaskThreads
 
-T = TypeVar("T")
-
-ErrorHandler = Callable[[BaseException], None]
 TaskHandler = Callable[[Signature], None]
 PreConsumeHandler = Callable[["Worker"], bool]
 
 #: Seconds between two looks at the pre-consume handler while it says no.
 PRE_CONSUME_PAUSE = 0.2
-#: A message of a task this worker does not know goes back to the queue for this long the
-#: first time it is seen here, twice as long each time after, up to the maximum: it is left
-#: for a worker that knows it without this one spinning on it, and nothing else waits.
-UNKNOWN_TASK_FIRST_DELAY = 1.0
-UNKNOWN_TASK_MAX_DELAY = 30.0
-#: Unknown messages remembered (first seen, times seen) per worker.
-UNKNOWN_TASKS_REMEMBERED = 10_000
 
 
 class WorkerHost(Protocol):
@@ -73,11 +56,6 @@ class WorkerHost(Protocol):
     def tasks(self) -> Mapping[str, TaskSpec]: ...
 
     async def aclose_loop_connections(self) -> None: ...
-
-
-def error_text(exc: BaseException) -> str:
-    """The error text stored for a failed task (Go stores the error's message)."""
-    return str(exc) or type(exc).__name__
 
 
 class Worker:
@@ -108,9 +86,7 @@ class Worker:
         self._busy = 0  # slots taken: fetched messages whose task function has not yet returned
         self._slot_freed: asyncio.Event | None = None
         self._executor: TaskThreads | None = None
-        self._unknown: OrderedDict[str, _Sighting] = OrderedDict()
-        self._in_flight: dict[int, RunningTask] = {}  # by id() of the processing coroutine's task
-        self._unknown_warned: set[str] = set()
+        self._handler: MessageHandler | None = None
         self.started = threading.Event()
         self._started_at: datetime | None = None
 
@@ -119,6 +95,8 @@ class Worker:
     def set_error_handler(self, handler: ErrorHandler | None) -> None:
         """Called with task failures and broker errors instead of logging them."""
         self._error_handler = handler
+        if self._handler is not None:
+            self._handler.error_handler = handler
 
     def set_pre_task_handler(self, handler: TaskHandler | None) -> None:
         """Called with the signature when the worker takes a task, before it runs (a
@@ -141,6 +119,8 @@ class Worker:
         handlers = self._handlers
         active = handlers.pre_task is not None or handlers.post_task is not None
         self._middleware = self.server.middleware.including([handlers] if active else [])
+        if self._handler is not None:  # (a handler set while the worker runs applies at once)
+            self._handler.middleware = self._middleware
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,6 +163,10 @@ class Worker:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self._on_signal)
         self._executor = TaskThreads(self.concurrency, thread_name_prefix="machinery-task")
+        server = self.server
+        self._handler = MessageHandler(
+            server.config, server.backend, server.tasks, self._middleware, self._executor, self._error_handler
+        )
         log.logger.info(
             "Launching a worker: broker=%s backend=%s queue=%s concurrency=%d tag=%s tasks=%s",
             redact_url(self.server.config.broker),
@@ -287,7 +271,7 @@ class Worker:
             tasks=sorted(self.server.tasks),
             started_at=self._started_at or now,
             seen_at=now,
-            running=list(self._in_flight.values()),
+            running=list(self._handler.in_flight.values()) if self._handler is not None else [],
         )
 
     async def _publish_heartbeats(self) -> None:
@@ -311,7 +295,7 @@ class Worker:
         backoff = Backoff()
         outage = Outage(
             f"Connecting to the broker {redact_url(self.server.config.broker)} to consume {self.queue!r}",
-            self._error_handler_report(),
+            reporter(self._error_handler),
         )
         while not self._stopping.is_set():
             try:
@@ -331,7 +315,7 @@ class Worker:
         backoff = Backoff()
         outage = Outage(
             f"Taking messages from {self.queue!r} on {redact_url(self.server.config.broker)}",
-            self._error_handler_report(),
+            reporter(self._error_handler),
         )
         try:
             while not self._stopping.is_set():
@@ -364,7 +348,7 @@ class Worker:
                 outage.over()
                 for delivery in deliveries:
                     self._busy += 1
-                    task = asyncio.ensure_future(self._handle(consumer, delivery, _Slot(self)))
+                    task = asyncio.ensure_future(self._handle(consumer, delivery, _WorkerSlot(self)))
                     self._running.add(task)
                     task.add_done_callback(self._task_done)
         finally:
@@ -380,203 +364,15 @@ class Worker:
         assert self._slot_freed is not None
         self._slot_freed.set()
 
-    async def _handle(self, consumer: Consumer, delivery: Delivery, slot: _Slot) -> None:
+    async def _handle(self, consumer: Consumer, delivery: Delivery, slot: _WorkerSlot) -> None:
+        assert self._handler is not None
         try:
-            await self._handle_taken(consumer, delivery, slot)
+            await self._handler.handle(consumer, delivery, slot)
         finally:
             slot.release()
 
-    async def _handle_taken(self, consumer: Consumer, delivery: Delivery, slot: _Slot) -> None:
-        try:
-            signature = decode_message(delivery.body)
-        except MessageDecodeError as exc:
-            await self._dead_letter(consumer, delivery, str(exc))
-            return
-        spec = self.server.tasks.get(signature.name)
-        if spec is None:
-            slot.release()  # nothing runs: the slot is free for the next message now
-            await self._unregistered(consumer, delivery, signature)
-            return
-        await self.process(signature, spec, slot)
-        await self._persist(lambda: consumer.ack(delivery), f"acknowledging {signature.name} {signature.uuid}")
-        await self._middleware.after_ack(signature)
 
-    async def _dead_letter(self, consumer: Consumer, delivery: Delivery, reason: str) -> None:
-        log.logger.error("Dead-lettering a message from %r: %s", delivery.queue, reason)
-        await self._persist(lambda: consumer.dead_letter(delivery, reason), "dead-lettering a message")
-        await self._middleware.after_dead_letter(delivery.body, reason)
-
-    async def _unregistered(self, consumer: Consumer, delivery: Delivery, signature: Signature) -> None:
-        """A task this worker does not know: someone else's (leave it for them) or a mistake.
-
-        It goes back to the queue after a delay that grows each time this worker meets it
-        again, so no worker spins on it and the tasks behind it are not held up; once it has
-        kept coming back for ``unregistered_task_timeout`` seconds it is dead-lettered.
-        """
-        if signature.ignore_when_task_not_registered:
-            log.logger.info("Dropping %s %s: not registered here and marked ignorable", signature.name, signature.uuid)
-            await self._persist(lambda: consumer.ack(delivery), f"dropping {signature.uuid}")
-            await self._middleware.after_ack(signature)
-            return
-        sighting = self._sighting(signature, delivery.body)
-        timeout = self.server.config.unregistered_task_timeout
-        if timeout and time.monotonic() - sighting.first_seen >= timeout:
-            self._unknown.pop(sighting.key, None)
-            reason = (
-                f"task {signature.name!r} is not registered on any worker that saw it "
-                f"(it kept coming back for {timeout:g} s, seen {sighting.count} times here)"
-            )
-            await self._dead_letter(consumer, delivery, reason)
-            return
-        if signature.name not in self._unknown_warned:
-            self._unknown_warned.add(signature.name)
-            log.logger.warning(
-                "Task %r is not registered with this worker; it goes back to the queue for a worker that knows it "
-                "(dead-lettered if it keeps coming back for %s; logged once per task name)",
-                signature.name,
-                f"{timeout:g} s" if timeout else "ever: never",
-            )
-        delay = min(UNKNOWN_TASK_MAX_DELAY, UNKNOWN_TASK_FIRST_DELAY * 2 ** (sighting.count - 1))
-        await self._persist(lambda: consumer.requeue(delivery, delay), f"requeueing {signature.uuid}")
-        await self._middleware.after_requeue(signature)
-
-    def _sighting(self, signature: Signature, body: bytes) -> _Sighting:
-        """Count one more sighting of this unknown message here (remembered by its UUID)."""
-        key = signature.uuid or hashlib.sha1(body).hexdigest()
-        sighting = self._unknown.pop(key, None) or _Sighting(key, time.monotonic())
-        sighting.count += 1
-        self._unknown[key] = sighting
-        while len(self._unknown) > UNKNOWN_TASKS_REMEMBERED:
-            self._unknown.popitem(last=False)
-        return sighting
-
-    # ------------------------------------------------------------------ processing (docs/wire.md §6)
-
-    async def process(self, signature: Signature, spec: TaskSpec, slot: _Slot | None = None) -> Outcome:
-        """Run one task and store its outcome (retrying the writes until they succeed).
-
-        ``slot`` is released as soon as the task function returns: the concurrency limit
-        bounds running tasks, and the next message can start while this one's outcome is
-        being written.
-        """
-        middleware = self._middleware
-        current = asyncio.current_task()
-        key = id(current)
-        self._in_flight[key] = RunningTask(signature.uuid, signature.name, datetime.now(timezone.utc))
-        try:
-            await middleware.before_process(signature)
-            outcome = await self._run(signature, spec, slot)
-            await middleware.before_store(signature, outcome)
-            await self._store(signature, outcome)
-            await middleware.after_process(signature, outcome)
-        finally:
-            self._in_flight.pop(key, None)
-        return outcome
-
-    async def _run(self, signature: Signature, spec: TaskSpec, slot: _Slot | None) -> Outcome:
-        """Convert the arguments, write RECEIVED and STARTED, call the function (§6.1 steps 2-7)."""
-        backend = self.server.backend
-        what = f"recording the start of {signature.name} {signature.uuid}"
-        try:
-            values = spec.convert_args(signature.args)
-        except ArgumentError as exc:
-            if slot is not None:
-                slot.release()
-            await self._persist(lambda: backend.write_states([_state(signature, RECEIVED)], True), what)
-            return Outcome(FAILURE, error=str(exc), exception=exc)
-        await self._persist(
-            lambda: backend.write_states([_state(signature, RECEIVED), _state(signature, STARTED)], True), what
-        )
-        started = time.perf_counter()
-        try:
-            try:
-                returned = await spec.call(signature, values, self._executor)
-            finally:
-                duration = time.perf_counter() - started
-                if slot is not None:
-                    slot.release()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.logger.debug("Task %s %s raised", signature.name, signature.uuid, exc_info=True)
-            return Outcome(FAILURE, error=error_text(exc), duration=duration, exception=exc)
-        try:
-            task_results = encode_results(returned)
-        except ResultTypeError as exc:
-            return Outcome(FAILURE, error=str(exc), duration=duration, exception=exc)
-        values = [] if returned is None else list(returned) if isinstance(returned, tuple) else [returned]
-        return Outcome(SUCCESS, results=values, duration=duration, task_results=task_results)
-
-    async def _store(self, signature: Signature, outcome: Outcome) -> None:
-        """Write the final state (SUCCESS, FAILURE or RETRY), until the backend takes it."""
-        results = outcome.task_results if outcome.state == SUCCESS else None
-        await self._persist(
-            lambda: self.server.backend.set_state(signature, outcome.state, results=results, error=outcome.error),
-            f"storing the {outcome.state} of {signature.name} {signature.uuid}",
-        )
-        if outcome.state == FAILURE:
-            if self._error_handler is not None:
-                self._error_handler(outcome.exception or RuntimeError(outcome.error))
-            else:
-                log.logger.error("Task %s %s failed: %s", signature.name, signature.uuid, outcome.error)
-
-    # ------------------------------------------------------------------ helpers
-
-    async def _persist(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
-        """Run a broker or backend write until it succeeds (the server may come back)."""
-        return await persist(operation, what, self._error_handler_report())
-
-    def _error_handler_report(self) -> Reporter | None:
-        """The error handler, as an outage reporter; None (logging) when there is none."""
-        handler = self._error_handler
-        if handler is None:
-            return None
-        return lambda exc, _message: handler(exc)
-
-
-class TaskThreads(ThreadPoolExecutor):
-    """The threads of ``def`` tasks, counting the calls still running: an abort cannot stop them."""
-
-    def __init__(self, max_workers: int, thread_name_prefix: str = "") -> None:
-        super().__init__(max_workers, thread_name_prefix=thread_name_prefix)
-        self._running = 0
-        self._count_lock = threading.Lock()
-
-    @property
-    def busy(self) -> int:
-        """How many task calls are running on a thread now."""
-        with self._count_lock:
-            return self._running
-
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        def counted() -> T:
-            with self._count_lock:
-                self._running += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                with self._count_lock:
-                    self._running -= 1
-
-        return super().submit(counted)
-
-
-def decode_message(body: bytes) -> Signature:
-    """A delivered message as a task; ``MessageDecodeError`` (with the reason) if it is not one."""
-    signature = Signature.decode(body)
-    if not signature.name:
-        raise MessageDecodeError("message names no task (its Name is missing, null or empty)")
-    return signature
-
-
-@dataclass(slots=True)
-class _Sighting:
-    key: str
-    first_seen: float
-    count: int = 0
-
-
-class _Slot:
+class _WorkerSlot:
     """One unit of the worker's concurrency, released exactly once."""
 
     __slots__ = ("_worker",)
@@ -588,10 +384,6 @@ class _Slot:
         if self._worker is not None:
             self._worker._free_slot()
             self._worker = None
-
-
-def _state(signature: Signature, state: str) -> TaskState:
-    return TaskState(signature.uuid, state, signature.name)
 
 
 async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:

@@ -1,0 +1,249 @@
+"""What happens to one message a worker took (docs/wire.md §6, with our differences):
+
+* a message that is not a task (undecodable, or naming no task) is dead-lettered with why;
+* a task this worker does not know goes back to the queue for one that knows it, after a delay
+  that grows each time it comes back here, and is dead-lettered after
+  ``unregistered_task_timeout``;
+* a registered task runs through the middleware (``before_process``, RECEIVED, STARTED, the
+  call, ``before_store``, the final state, ``after_process``), and its message is acked once
+  all of that is written. Those writes are retried while the message stays held, so a task
+  that has run is never run again because the backend was away for a while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Protocol, TypeVar
+
+from .. import log
+from .._backoff import Reporter, persist
+from ..backends.base import Backend
+from ..brokers.base import Consumer, Delivery
+from ..config import Config
+from ..errors import ArgumentError, MessageDecodeError, ResultTypeError
+from ..middleware import MiddlewareStack, Outcome
+from ..registry import TaskSpec
+from ..signature import Signature
+from ..state import FAILURE, RECEIVED, STARTED, SUCCESS, RunningTask, TaskState
+from ..types import encode_results
+from .threads import TaskThreads
+
+T = TypeVar("T")
+
+ErrorHandler = Callable[[BaseException], None]
+
+#: A message of a task this worker does not know goes back to the queue for this long the
+#: first time it is seen here, twice as long each time after, up to the maximum: it is left
+#: for a worker that knows it without this one spinning on it, and nothing else waits.
+UNKNOWN_TASK_FIRST_DELAY = 1.0
+UNKNOWN_TASK_MAX_DELAY = 30.0
+#: Unknown messages remembered (first seen, times seen) per worker.
+UNKNOWN_TASKS_REMEMBERED = 10_000
+
+
+class Slot(Protocol):
+    """One unit of the worker's concurrency: released when the task function returns."""
+
+    def release(self) -> None: ...
+
+
+def error_text(exc: BaseException) -> str:
+    """The error text stored for a failed task (Go stores the error's message)."""
+    return str(exc) or type(exc).__name__
+
+
+def decode_message(body: bytes) -> Signature:
+    """A delivered message as a task; ``MessageDecodeError`` (with the reason) if it is not one."""
+    signature = Signature.decode(body)
+    if not signature.name:
+        raise MessageDecodeError("message names no task (its Name is missing, null or empty)")
+    return signature
+
+
+class MessageHandler:
+    """Settles the messages of one running worker; ``middleware`` may be replaced while it runs."""
+
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend,
+        tasks: Mapping[str, TaskSpec],
+        middleware: MiddlewareStack,
+        threads: TaskThreads,
+        error_handler: ErrorHandler | None,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.tasks = tasks
+        self.middleware = middleware
+        self.threads = threads
+        self.error_handler = error_handler
+        self.in_flight: dict[int, RunningTask] = {}  # by id() of the asyncio task processing it
+        self._unknown: OrderedDict[str, _Sighting] = OrderedDict()
+        self._unknown_warned: set[str] = set()
+
+    async def handle(self, consumer: Consumer, delivery: Delivery, slot: Slot) -> None:
+        """Settle one message: dead letter, requeue for later, or run it and ack it."""
+        try:
+            signature = decode_message(delivery.body)
+        except MessageDecodeError as exc:
+            await self._dead_letter(consumer, delivery, str(exc))
+            return
+        spec = self.tasks.get(signature.name)
+        if spec is None:
+            slot.release()  # nothing runs: the slot is free for the next message now
+            await self._unregistered(consumer, delivery, signature)
+            return
+        await self.process(signature, spec, slot)
+        await self.persist(lambda: consumer.ack(delivery), f"acknowledging {signature.name} {signature.uuid}")
+        await self.middleware.after_ack(signature)
+
+    # ------------------------------------------------------------------ messages that do not run
+
+    async def _dead_letter(self, consumer: Consumer, delivery: Delivery, reason: str) -> None:
+        log.logger.error("Dead-lettering a message from %r: %s", delivery.queue, reason)
+        await self.persist(lambda: consumer.dead_letter(delivery, reason), "dead-lettering a message")
+        await self.middleware.after_dead_letter(delivery.body, reason)
+
+    async def _unregistered(self, consumer: Consumer, delivery: Delivery, signature: Signature) -> None:
+        """A task this worker does not know: someone else's (leave it for them) or a mistake.
+
+        It goes back to the queue after a delay that grows each time this worker meets it
+        again, so no worker spins on it and the tasks behind it are not held up; once it has
+        kept coming back for ``unregistered_task_timeout`` seconds it is dead-lettered.
+        """
+        if signature.ignore_when_task_not_registered:
+            log.logger.info("Dropping %s %s: not registered here and marked ignorable", signature.name, signature.uuid)
+            await self.persist(lambda: consumer.ack(delivery), f"dropping {signature.uuid}")
+            await self.middleware.after_ack(signature)
+            return
+        sighting = self._sighting(signature, delivery.body)
+        timeout = self.config.unregistered_task_timeout
+        if timeout and time.monotonic() - sighting.first_seen >= timeout:
+            self._unknown.pop(sighting.key, None)
+            reason = (
+                f"task {signature.name!r} is not registered on any worker that saw it "
+                f"(it kept coming back for {timeout:g} s, seen {sighting.count} times here)"
+            )
+            await self._dead_letter(consumer, delivery, reason)
+            return
+        if signature.name not in self._unknown_warned:
+            self._unknown_warned.add(signature.name)
+            log.logger.warning(
+                "Task %r is not registered with this worker; it goes back to the queue for a worker that knows it "
+                "(dead-lettered if it keeps coming back for %s; logged once per task name)",
+                signature.name,
+                f"{timeout:g} s" if timeout else "ever: never",
+            )
+        delay = min(UNKNOWN_TASK_MAX_DELAY, UNKNOWN_TASK_FIRST_DELAY * 2 ** (sighting.count - 1))
+        await self.persist(lambda: consumer.requeue(delivery, delay), f"requeueing {signature.uuid}")
+        await self.middleware.after_requeue(signature)
+
+    def _sighting(self, signature: Signature, body: bytes) -> _Sighting:
+        """Count one more sighting of this unknown message here (remembered by its UUID)."""
+        key = signature.uuid or hashlib.sha1(body).hexdigest()
+        sighting = self._unknown.pop(key, None) or _Sighting(key, time.monotonic())
+        sighting.count += 1
+        self._unknown[key] = sighting
+        while len(self._unknown) > UNKNOWN_TASKS_REMEMBERED:
+            self._unknown.popitem(last=False)
+        return sighting
+
+    # ------------------------------------------------------------------ running a task
+
+    async def process(self, signature: Signature, spec: TaskSpec, slot: Slot | None = None) -> Outcome:
+        """Run one task and store its outcome (retrying the writes until they succeed).
+
+        ``slot`` is released as soon as the task function returns: the concurrency limit
+        bounds running tasks, and the next message can start while this one's outcome is
+        being written.
+        """
+        middleware = self.middleware
+        key = id(asyncio.current_task())
+        self.in_flight[key] = RunningTask(signature.uuid, signature.name, datetime.now(timezone.utc))
+        try:
+            await middleware.before_process(signature)
+            outcome = await self._run(signature, spec, slot)
+            await middleware.before_store(signature, outcome)
+            await self._store(signature, outcome)
+            await middleware.after_process(signature, outcome)
+        finally:
+            self.in_flight.pop(key, None)
+        return outcome
+
+    async def _run(self, signature: Signature, spec: TaskSpec, slot: Slot | None) -> Outcome:
+        """Convert the arguments, write RECEIVED and STARTED, call the function (§6.1 steps 2-7)."""
+        backend = self.backend
+        what = f"recording the start of {signature.name} {signature.uuid}"
+        try:
+            values = spec.convert_args(signature.args)
+        except ArgumentError as exc:
+            if slot is not None:
+                slot.release()
+            await self.persist(lambda: backend.write_states([_state(signature, RECEIVED)], True), what)
+            return Outcome(FAILURE, error=str(exc), exception=exc)
+        await self.persist(
+            lambda: backend.write_states([_state(signature, RECEIVED), _state(signature, STARTED)], True), what
+        )
+        started = time.perf_counter()
+        try:
+            try:
+                returned = await spec.call(signature, values, self.threads)
+            finally:
+                duration = time.perf_counter() - started
+                if slot is not None:
+                    slot.release()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.logger.debug("Task %s %s raised", signature.name, signature.uuid, exc_info=True)
+            return Outcome(FAILURE, error=error_text(exc), duration=duration, exception=exc)
+        try:
+            task_results = encode_results(returned)
+        except ResultTypeError as exc:
+            return Outcome(FAILURE, error=str(exc), duration=duration, exception=exc)
+        values = [] if returned is None else list(returned) if isinstance(returned, tuple) else [returned]
+        return Outcome(SUCCESS, results=values, duration=duration, task_results=task_results)
+
+    async def _store(self, signature: Signature, outcome: Outcome) -> None:
+        """Write the final state (SUCCESS, FAILURE or RETRY), until the backend takes it."""
+        results = outcome.task_results if outcome.state == SUCCESS else None
+        await self.persist(
+            lambda: self.backend.set_state(signature, outcome.state, results=results, error=outcome.error),
+            f"storing the {outcome.state} of {signature.name} {signature.uuid}",
+        )
+        if outcome.state == FAILURE:
+            if self.error_handler is not None:
+                self.error_handler(outcome.exception or RuntimeError(outcome.error))
+            else:
+                log.logger.error("Task %s %s failed: %s", signature.name, signature.uuid, outcome.error)
+
+    # ------------------------------------------------------------------ writes that must happen
+
+    async def persist(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run a broker or backend write until it succeeds (the server may come back)."""
+        return await persist(operation, what, reporter(self.error_handler))
+
+
+def reporter(handler: ErrorHandler | None) -> Reporter | None:
+    """A worker's error handler as an outage reporter; None (logging) when there is none."""
+    if handler is None:
+        return None
+    return lambda exc, _message: handler(exc)
+
+
+@dataclass(slots=True)
+class _Sighting:
+    key: str
+    first_seen: float
+    count: int = 0
+
+
+def _state(signature: Signature, state: str) -> TaskState:
+    return TaskState(signature.uuid, state, signature.name)
