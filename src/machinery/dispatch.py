@@ -17,8 +17,10 @@ from collections.abc import Callable, Sequence
 from . import log
 from .backends.base import Backend
 from .brokers.base import Broker
+from .locks.base import Lock
 from .middleware import MiddlewareStack
 from .signature import Signature, new_task_uuid
+from .uniqueness import existing_equal
 
 ProgressHandler = Callable[[int, int], None]
 """Called as ``handler(published, total)`` while a batch is being published."""
@@ -32,12 +34,14 @@ PENDING_BATCH = 5000
 
 
 class Dispatcher:
-    """Sends signatures through one broker, recording them in one backend."""
+    """Sends signatures through one broker, recording them in one backend; ``lock`` (the
+    cluster-wide lock, made on first use) keeps unique tasks unique."""
 
-    def __init__(self, broker: Broker, backend: Backend, middleware: MiddlewareStack) -> None:
+    def __init__(self, broker: Broker, backend: Backend, middleware: MiddlewareStack, lock: Callable[[], Lock]) -> None:
         self.broker = broker
         self.backend = backend
         self.middleware = middleware
+        self.lock = lock
 
     @staticmethod
     def prepare(signature: Signature) -> Signature:
@@ -48,13 +52,17 @@ class Dispatcher:
             signature.headers = {}
         return signature
 
-    async def send(self, signature: Signature) -> None:
-        """Send one signature: PENDING first, then the message."""
+    async def send(self, signature: Signature) -> str:
+        """Send one signature: PENDING first, then the message. Returns its UUID, or that of
+        the equal task already sent when it asked to be unique (nothing is sent then)."""
         self.prepare(signature)
+        if signature.headers and (existing := await existing_equal(self.lock(), signature)) is not None:
+            return existing
         await self.middleware.before_publish(signature)
         await self.backend.set_pending((signature,))
         await self.broker.publish(signature)
         await self.middleware.after_publish(signature)
+        return signature.uuid
 
     async def send_batch(
         self, signatures: Sequence[Signature], concurrency: int = 0, on_progress: ProgressHandler | None = None

@@ -61,3 +61,27 @@ class ResultConsumedError(MachineryError):
     def __init__(self, task_uuid: str, message: str) -> None:
         super().__init__(message)
         self.task_uuid = task_uuid
+
+
+class SoftTimeLimitExceeded(MachineryError):
+    """Raised inside a task that ran past its soft time limit: catch it to clean up. The task
+    then has until its hard limit (``time_limit``) before it is stopped."""
+
+
+class TimeLimitExceeded(MachineryError):
+    """The task ran past its hard time limit and was stopped (its stored error says so)."""
+
+    def __init__(self, seconds: float, detail: str = "") -> None:
+        super().__init__(f"time limit of {seconds:g} s exceeded{detail}")
+        self.seconds = seconds
+
+
+class TaskRevoked(MachineryError):
+    """The task was revoked (``server.revoke``): it was skipped, or stopped while it ran."""
+
+    def __init__(self) -> None:
+        super().__init__("revoked")
+
+
+class WorkerProcessDied(MachineryError):
+    """The pool process running a task died (a crash, an OOM kill); the task failed with it."""

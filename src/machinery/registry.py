@@ -1,28 +1,30 @@
-"""Registered tasks: argument conversion driven by type hints, and calling sync or async code."""
+"""Registered tasks: argument conversion driven by type hints, what each task declares, its context."""
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import functools
 import inspect
+import math
 import types
 import typing
-from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Executor
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from .controls import TaskOptions
 from .errors import ArgumentError
 from .signature import Signature
 from .types import Arg, convert_value
 
+ProgressReport = Callable[[float, str], None]
+
 
 @dataclass(slots=True)
 class TaskContext:
-    """Given to a task whose first parameter is annotated ``TaskContext`` (Go's context.Context)."""
+    """Given to a task whose first parameter is annotated ``TaskContext`` (Go's context.Context):
+    its signature (UUID, retry count, headers), and a way to report progress."""
 
     signature: Signature
+    report: ProgressReport | None = field(default=None, repr=False, compare=False)
 
     @property
     def task_uuid(self) -> str:
@@ -31,6 +33,14 @@ class TaskContext:
     @property
     def retry_count(self) -> int:
         return self.signature.retry_count
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Say how far the task is (0.0 to 1.0) and what it is doing; readable from any process
+        with ``AsyncResult.progress()``. Cheap: the latest report is written in the background."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction):
+            raise ValueError(f"progress must be a number from 0 to 1, got {fraction!r}")
+        if self.report is not None:
+            self.report(min(1.0, max(0.0, float(fraction))), str(message))
 
 
 Converter = Callable[[Any], Any]
@@ -86,11 +96,12 @@ def _expect(check: Callable[[Any], bool], cast: Callable[[Any], Any]) -> Convert
 class TaskSpec:
     """A registered function with what is needed to call it from a Signature's Args."""
 
-    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
+    def __init__(self, name: str, fn: Callable[..., Any], options: TaskOptions | None = None) -> None:
         if not callable(fn):
             raise TypeError(f"task {name!r} must be callable, got {fn!r}")
         self.name = name
         self.fn = fn
+        self.options = options or TaskOptions()
         # A callable object is async if its __call__ is.
         self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
         params = list(inspect.signature(fn).parameters.values())
@@ -156,13 +167,3 @@ class TaskSpec:
         if required == most:
             return f"{required} argument{'s' if required != 1 else ''}"
         return f"{required} to {most} arguments"
-
-    def call(self, signature: Signature, values: list[Any], executor: Executor | None) -> Awaitable[Any]:
-        """Start the task: async functions on the loop, sync ones in ``executor``."""
-        if self.wants_context:
-            values = [TaskContext(signature), *values]
-        if self.is_async:
-            result: Awaitable[Any] = self.fn(*values)
-            return result
-        context = contextvars.copy_context()
-        return asyncio.get_running_loop().run_in_executor(executor, functools.partial(context.run, self.fn, *values))

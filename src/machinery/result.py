@@ -7,8 +7,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ._sync import run_sync
-from .errors import TaskFailed, TaskNotFoundError
-from .state import PENDING, TaskState
+from .errors import TaskFailed, TaskNotFoundError, UnsupportedOperation
+from .state import FAILURE, PENDING, PROGRESS, TRACEBACK, TaskState, parse_progress
 from .types import decode_results
 
 if TYPE_CHECKING:
@@ -51,6 +51,42 @@ class AsyncResult:
 
     def get(self, timeout: float | None = None) -> Any:
         return run_sync(self.aget(timeout))
+
+    async def aprogress(self) -> tuple[float, str] | None:
+        """The latest ``ctx.progress(fraction, message)`` the task reported, or None."""
+        try:
+            return parse_progress(await self.backend.get_annotation(self.task_uuid, PROGRESS))
+        except UnsupportedOperation:
+            return None
+
+    def progress(self) -> tuple[float, str] | None:
+        return run_sync(self.aprogress())
+
+    async def atraceback(self) -> str | None:
+        """The traceback of the task's failure (stored beside its state, so that Go's ``Error``
+        stays the message), or None."""
+        try:
+            return await self.backend.get_annotation(self.task_uuid, TRACEBACK)
+        except UnsupportedOperation:
+            return None
+
+    def traceback(self) -> str | None:
+        return run_sync(self.atraceback())
+
+    async def arevoke(self, terminate: bool = False) -> None:
+        """Revoke the task: a worker that takes it skips it; with ``terminate``, a worker that
+        runs it stops it (an ``async def`` task is cancelled, a pool process killed; a ``def``
+        task on a thread runs on, but its outcome is a FAILURE). Every worker learns it within
+        a second, and it expires with the results. A task not taken yet is FAILURE "revoked"
+        at once, so that waiters, Go's included, stop waiting."""
+        await self.backend.revoke(self.task_uuid, terminate)
+        state = await self.backend.get_state(self.task_uuid)
+        if state is None or state.state == PENDING:
+            name = state.task_name if state is not None else ""
+            await self.backend.write_states([TaskState(self.task_uuid, FAILURE, name, error="revoked")], True)
+
+    def revoke(self, terminate: bool = False) -> None:
+        run_sync(self.arevoke(terminate))
 
 
 class ChainAsyncResult:

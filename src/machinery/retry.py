@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from . import log
 from ._backoff import persist
 from .dispatch import Dispatcher
-from .errors import ArgumentError, ResultTypeError
+from .errors import ArgumentError, ResultTypeError, TaskRevoked
 from .middleware import HookResult, Middleware, Outcome
 from .signature import Signature
 from .state import FAILURE, RETRY
@@ -40,9 +40,13 @@ class RetryTaskLater(Exception):
         self.reason = reason
         self.delay = timedelta(seconds=seconds)
 
+    def __reduce__(self) -> tuple[type[RetryTaskLater], tuple[str, timedelta]]:
+        # Raised in a pool process, it crosses back to the worker with its delay.
+        return RetryTaskLater, (self.reason, self.delay)
 
-#: Failures that would fail the same way on every run.
-NEVER_RETRIED: tuple[type[BaseException], ...] = (ArgumentError, ResultTypeError)
+
+#: Failures that would fail the same way on every run, and revocations.
+NEVER_RETRIED: tuple[type[BaseException], ...] = (ArgumentError, ResultTypeError, TaskRevoked)
 
 
 class Retries(Middleware):

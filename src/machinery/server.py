@@ -11,6 +11,7 @@ from ._sync import run_sync
 from .backends import create_backend
 from .brokers import DeadLetter, create_broker
 from .config import Config
+from .controls import SEND_OPTIONS, TaskOptions, apply_send_options
 from .dispatch import Dispatcher, ProgressHandler
 from .locks import Lock, create_lock
 from .middleware import HandlerAdapter, Middleware, MiddlewareStack
@@ -19,6 +20,7 @@ from .registry import TaskSpec
 from .result import AsyncResult, ChainAsyncResult, ChordAsyncResult
 from .retry import Retries
 from .signature import Chain, Chord, Group, Signature
+from .uniqueness import ReleaseUnique
 from .worker import Worker
 from .workflow import Callbacks, ChordCompletion, send_chain, send_chord, send_group
 
@@ -32,8 +34,10 @@ class Task(Generic[P, R]):
     """A registered task: still callable as the plain function, and sendable.
 
     ``add.send(1, 2)`` sends ``add`` with those arguments; ``add.signature(1, 2, retry_count=3)``
-    builds a Signature for workflows. Keyword arguments are Signature options, never task
-    arguments, since task messages carry positional arguments only.
+    builds a Signature for workflows. Keyword arguments are Signature fields (``retry_count``,
+    ``eta``, ``priority``...) or the per-send controls ``time_limit``, ``soft_time_limit``,
+    ``unique_for`` and ``unique_key``; never task arguments, since task messages carry
+    positional arguments only.
     """
 
     def __init__(self, server: Server, name: str, fn: Callable[P, R]) -> None:
@@ -46,8 +50,9 @@ class Task(Generic[P, R]):
         return self.fn(*args, **kwargs)
 
     def signature(self, *args: Any, **options: Any) -> Signature:
-        """A Signature of this task with ``args``; ``options`` are Signature fields."""
-        return Signature(self.name, list(args), **options)
+        """A Signature of this task with ``args``; ``options`` are Signature fields and controls."""
+        controls = {k: options.pop(k) for k in list(options) if k in SEND_OPTIONS}
+        return apply_send_options(Signature(self.name, list(args), **options), controls)
 
     def send(self, *args: Any, **options: Any) -> AsyncResult:
         """Send this task now; returns its AsyncResult."""
@@ -71,13 +76,14 @@ class Server:
         self._lock: Lock | None = None
         self.tasks: dict[str, TaskSpec] = {}
         self.middleware = MiddlewareStack(middleware)
-        self.dispatcher = Dispatcher(self.broker, self.backend, self.middleware)
+        self.dispatcher = Dispatcher(self.broker, self.backend, self.middleware, lambda: self.lock)
         # Go's worker behaviour, as middleware (they need the dispatcher, which needs the stack).
         self.middleware.set_builtin(
             [
                 ChordCompletion(self.backend, lambda: self.lock, self.dispatcher),
                 Callbacks(self.dispatcher),
                 Retries(self.dispatcher),
+                ReleaseUnique(lambda: self.lock),
             ]
         )
         self.periodic = Scheduler(self.config, self.dispatcher, lambda: self.lock)
@@ -92,11 +98,26 @@ class Server:
 
     # ------------------------------------------------------------------ registration
 
-    def register_task(self, name: str, fn: Callable[..., Any]) -> None:
-        """Register ``fn`` under ``name``; raises TypeError if it cannot be a task."""
+    def register_task(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        rate_limit: str | None = None,
+    ) -> None:
+        """Register ``fn`` under ``name``; raises TypeError if it cannot be a task.
+
+        ``time_limit``: seconds after which a run is stopped and fails (or retries);
+        ``soft_time_limit``: seconds after which the task gets ``SoftTimeLimitExceeded`` to
+        clean up; ``rate_limit``: at most so many runs across the cluster (``"100/s"``,
+        ``"30/m"``, ``"5/h"``), the rest waiting their turn.
+        """
         if not name:
             raise ValueError("a task name must not be empty")
-        self.tasks[name] = TaskSpec(name, fn)
+        options = TaskOptions.make(time_limit, soft_time_limit, rate_limit)
+        self.tasks[name] = TaskSpec(name, fn, options)
 
     def register_tasks(self, tasks: Mapping[str, Callable[..., Any]]) -> None:
         """Register several tasks at once, all or none."""
@@ -107,14 +128,31 @@ class Server:
     def task(self, name: Callable[P, R]) -> Task[P, R]: ...
 
     @overload
-    def task(self, name: str | None = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+    def task(
+        self,
+        name: str | None = None,
+        *,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        rate_limit: str | None = None,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
-    def task(self, name: str | Callable[P, R] | None = None) -> Any:
-        """Decorator registering a function as a task (named after the function by default)."""
+    def task(
+        self,
+        name: str | Callable[P, R] | None = None,
+        *,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        rate_limit: str | None = None,
+    ) -> Any:
+        """Decorator registering a function as a task (named after the function by default),
+        with the controls of ``register_task``."""
 
         def decorate(fn: Callable[P, R]) -> Task[P, R]:
             task_name = name if isinstance(name, str) and name else fn.__name__
-            self.register_task(task_name, fn)
+            self.register_task(
+                task_name, fn, time_limit=time_limit, soft_time_limit=soft_time_limit, rate_limit=rate_limit
+            )
             return Task(self, task_name, fn)
 
         if callable(name):
@@ -143,9 +181,9 @@ class Server:
     # ------------------------------------------------------------------ sending
 
     async def asend_task(self, signature: Signature) -> AsyncResult:
-        """Write PENDING, then publish ``signature``; returns its AsyncResult."""
-        await self.dispatcher.send(signature)
-        return AsyncResult(signature.uuid, self.backend)
+        """Write PENDING, then publish ``signature``; returns its AsyncResult (for a unique
+        task whose equal is pending or running, that task's, and nothing is sent)."""
+        return AsyncResult(await self.dispatcher.send(signature), self.backend)
 
     def send_task(self, signature: Signature) -> AsyncResult:
         return run_sync(self.asend_task(signature))
@@ -241,13 +279,48 @@ class Server:
     # ------------------------------------------------------------------ workers
 
     def new_worker(
-        self, consumer_tag: str = "", concurrency: int = 0, queue: str | None = None, periodic: bool = True
+        self,
+        consumer_tag: str = "",
+        concurrency: int = 0,
+        queue: str | None = None,
+        periodic: bool = True,
+        *,
+        pool: str = "threads",
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: float | None = None,
     ) -> Worker:
         """A worker for this server; ``concurrency=0`` means twice the CPU count.
 
         With ``periodic`` (the default) the worker also runs the periodic scheduler.
+        ``pool="processes"`` runs ``def`` tasks in ``concurrency`` child processes (for CPU-bound
+        work and enforceable time limits), recycled after ``max_tasks_per_child`` tasks or once
+        they pass ``max_memory_per_child`` MB; ``async def`` tasks always run on the worker's
+        loop. ``time_limit``/``soft_time_limit`` are the defaults for tasks that set none.
         """
-        return Worker(self, consumer_tag=consumer_tag, concurrency=concurrency, queue=queue, periodic=periodic)
+        return Worker(
+            self,
+            consumer_tag=consumer_tag,
+            concurrency=concurrency,
+            queue=queue,
+            periodic=periodic,
+            pool=pool,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+            max_tasks_per_child=max_tasks_per_child,
+            max_memory_per_child=max_memory_per_child,
+        )
+
+    # ------------------------------------------------------------------ controls
+
+    async def arevoke(self, task_uuid: str, terminate: bool = False) -> None:
+        """Revoke a task: a worker that takes it skips it, and with ``terminate`` a worker that
+        runs it stops it (see ``AsyncResult.arevoke``)."""
+        await self.result(task_uuid).arevoke(terminate)
+
+    def revoke(self, task_uuid: str, terminate: bool = False) -> None:
+        run_sync(self.arevoke(task_uuid, terminate))
 
     # ------------------------------------------------------------------ inspection
 

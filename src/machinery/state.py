@@ -212,3 +212,26 @@ def _moment(text: Any) -> datetime:
     if moment is None:
         raise ValueError(f"{text!r} is not a time")
     return moment
+
+
+# --------------------------------------------------------------------------- beside the state
+
+PROGRESS = "progress"
+"""The annotation holding a task's latest progress, as JSON ``{"fraction": ..., "message": ...}``."""
+TRACEBACK = "traceback"
+"""The annotation holding the text of a failed task's traceback."""
+
+
+def encode_progress(fraction: float, message: str) -> str:
+    return _encode_json({"fraction": fraction, "message": message}).decode()
+
+
+def parse_progress(value: str | None) -> tuple[float, str] | None:
+    """(fraction, message) from a stored progress annotation, or None."""
+    if value is None:
+        return None
+    try:
+        data = _decode_json(value)
+        return float(data["fraction"]), str(data["message"])
+    except (msgspec.DecodeError, ValueError, KeyError, TypeError):
+        return None

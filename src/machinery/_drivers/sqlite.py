@@ -98,6 +98,28 @@ CREATE TABLE IF NOT EXISTS locks (
     key      TEXT    PRIMARY KEY,
     deadline INTEGER NOT NULL                 -- Unix ns, as Go's lock value
 );
+CREATE TABLE IF NOT EXISTS claims (
+    key        TEXT    PRIMARY KEY,           -- a unique task's key
+    value      TEXT    NOT NULL,              -- the UUID that holds it
+    expires_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rate_limits (
+    key     TEXT PRIMARY KEY,                 -- a task name
+    arrival REAL NOT NULL                     -- Unix s: when the next run is due (GCRA)
+);
+CREATE TABLE IF NOT EXISTS annotations (
+    uuid       TEXT    NOT NULL,              -- task UUID
+    name       TEXT    NOT NULL,              -- traceback, progress
+    value      TEXT    NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (uuid, name)
+);
+CREATE TABLE IF NOT EXISTS revocations (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,  -- grows with every revocation: the version
+    uuid       TEXT    NOT NULL UNIQUE,
+    terminate  INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS workers (
     tag        TEXT    PRIMARY KEY,
     body       TEXT    NOT NULL,              -- WorkerInfo JSON

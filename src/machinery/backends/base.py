@@ -177,6 +177,30 @@ class Backend(ABC):
     async def purge_group_meta(self, group_uuid: str) -> None:
         """Forget a group's metadata."""
 
+    # ------------------------------------------------------------------ beside the state
+
+    async def write_annotation(self, task_uuid: str, name: str, value: str) -> None:
+        """Store ``value`` as the task's ``name`` (``traceback``, ``progress``), beside its state
+        and expiring with it, never inside Go's TaskState; ``UnsupportedOperation`` if the store
+        keeps nothing beside states."""
+        raise UnsupportedOperation(f"{type(self).__name__} keeps nothing beside task states")
+
+    async def get_annotation(self, task_uuid: str, name: str) -> str | None:
+        """The task's stored ``name``, or None."""
+        raise UnsupportedOperation(f"{type(self).__name__} keeps nothing beside task states")
+
+    # ------------------------------------------------------------------ revocations
+
+    async def revoke(self, task_uuid: str, terminate: bool) -> None:
+        """Record that ``task_uuid`` must not run (``terminate``: stop it if it runs); the
+        record expires with the results. Workers learn it through ``revocations``."""
+        raise UnsupportedOperation(f"{type(self).__name__} cannot record revocations")
+
+    async def revocations(self, since: int) -> tuple[int, dict[str, bool]] | None:
+        """Every live revocation (task UUID -> terminate) with a version, or None when the
+        version is still ``since`` (a cheap look for the workers' poll)."""
+        raise UnsupportedOperation(f"{type(self).__name__} cannot record revocations")
+
     # ------------------------------------------------------------------ workers
 
     async def write_worker(self, info: WorkerInfo, ttl: float) -> None:

@@ -19,6 +19,9 @@ class _Store:
         self.states: dict[str, tuple[float, bytes]] = {}
         self.groups: dict[str, tuple[float, bytes]] = {}
         self.workers: dict[str, tuple[float, bytes]] = {}
+        self.annotations: dict[str, tuple[float, bytes]] = {}
+        self.revoked: dict[str, tuple[float, bytes]] = {}  # uuid -> (expiry, b"1" terminate / b"0")
+        self.revoked_version = 0
         # Every backend object on this store must wake the same waiters.
         self.waiters = Waiters()
 
@@ -84,6 +87,27 @@ class MemoryBackend(Backend):
             meta.chord_triggered = True
             self._store.groups[group_uuid] = (self._expiry(), meta.encode())
             return True
+
+    async def write_annotation(self, task_uuid: str, name: str, value: str) -> None:
+        with self._store.lock:
+            self._store.annotations[f"{name}:{task_uuid}"] = (self._expiry(), value.encode())
+
+    async def get_annotation(self, task_uuid: str, name: str) -> str | None:
+        with self._store.lock:
+            raw = _live(self._store.annotations, f"{name}:{task_uuid}")
+        return None if raw is None else raw.decode()
+
+    async def revoke(self, task_uuid: str, terminate: bool) -> None:
+        with self._store.lock:
+            self._store.revoked[task_uuid] = (self._expiry(), b"1" if terminate else b"0")
+            self._store.revoked_version += 1
+
+    async def revocations(self, since: int) -> tuple[int, dict[str, bool]] | None:
+        with self._store.lock:
+            if self._store.revoked_version == since:
+                return None
+            live = {u: raw == b"1" for u in list(self._store.revoked) if (raw := _live(self._store.revoked, u))}
+            return self._store.revoked_version, live
 
     async def write_worker(self, info: WorkerInfo, ttl: float) -> None:
         with self._store.lock:

@@ -35,6 +35,18 @@ _WRITE_STATES = LuaScript.load("write_states")
 _TRIGGER_CHORD = LuaScript.load("trigger_chord")
 _UNLOCK = LuaScript.load("unlock")
 _WRITE_WORKER = LuaScript.load("write_worker")
+_REVOKE = LuaScript.load("revoke")
+_REVOCATIONS = LuaScript.load("revocations")
+
+#: Revocations, in one hash slot: the set, the ones to stop if running, and their version.
+REVOKED_KEYS = ("machinery:{revoked}", "machinery:{revoked}:terminate", "machinery:{revoked}:version")
+
+
+def annotation_key(task_uuid: str, name: str) -> str:
+    """Where the task's ``name`` (traceback, progress) is kept beside its state."""
+    return f"machinery:{name}:{task_uuid}"
+
+
 _LIVE_WORKERS = LuaScript.load("live_workers")
 
 #: The live workers: a sorted set tag -> alive-until (ms), and a hash tag -> WorkerInfo JSON.
@@ -87,6 +99,27 @@ class RedisBackend(Backend):
 
     async def _unsubscribe(self, task_uuid: str, handle: None) -> None:
         await self._listeners.get().unsubscribe(task_uuid)
+
+    # ------------------------------------------------------------------ beside the state
+
+    async def write_annotation(self, task_uuid: str, name: str, value: str) -> None:
+        await self.connector.batched().execute("SET", annotation_key(task_uuid, name), value, "EX", self.ttl)
+
+    async def get_annotation(self, task_uuid: str, name: str) -> str | None:
+        raw = await self.connector.batched().execute("GET", annotation_key(task_uuid, name))
+        return None if raw is None else bytes(raw).decode()
+
+    async def revoke(self, task_uuid: str, terminate: bool) -> None:
+        now = int(time.time() * 1000)
+        args = [now, task_uuid, now + self.ttl * 1000, "1" if terminate else "0"]
+        await self.connector.run(_REVOKE, list(REVOKED_KEYS), args)
+
+    async def revocations(self, since: int) -> tuple[int, dict[str, bool]] | None:
+        reply = await self.connector.run(_REVOCATIONS, list(REVOKED_KEYS), [int(time.time() * 1000), since])
+        if not reply:
+            return None
+        items = [bytes(item).decode() for item in reply[1:]]
+        return int(reply[0]), {items[i]: items[i + 1] == "1" for i in range(0, len(items), 2)}
 
     # ------------------------------------------------------------------ workers
 

@@ -95,6 +95,20 @@ class SQLiteBackend(Backend):
     async def purge_group_meta(self, group_uuid: str) -> None:
         await self.store.run(_delete, "group_metas", group_uuid)
 
+    # ------------------------------------------------------------------ beside the state
+
+    async def write_annotation(self, task_uuid: str, name: str, value: str) -> None:
+        await self.store.run(_write_annotation, task_uuid, name, value, self.ttl)
+
+    async def get_annotation(self, task_uuid: str, name: str) -> str | None:
+        return await self.store.run(_get_annotation, task_uuid, name)
+
+    async def revoke(self, task_uuid: str, terminate: bool) -> None:
+        await self.store.run(_revoke, task_uuid, terminate, self.ttl)
+
+    async def revocations(self, since: int) -> tuple[int, dict[str, bool]] | None:
+        return await self.store.run(_revocations, since)
+
     # ------------------------------------------------------------------ workers
 
     async def write_worker(self, info: WorkerInfo, ttl: float) -> None:
@@ -198,6 +212,38 @@ def _trigger_chord(conn: sqlite3.Connection, group_uuid: str, ttl: int) -> bool:
     return True
 
 
+def _write_annotation(conn: sqlite3.Connection, task_uuid: str, name: str, value: str, ttl: int) -> None:
+    conn.execute(
+        "REPLACE INTO annotations (uuid, name, value, expires_at) VALUES (?, ?, ?, ?)",
+        (task_uuid, name, value, ns_after(ttl)),
+    )
+
+
+def _get_annotation(conn: sqlite3.Connection, task_uuid: str, name: str) -> str | None:
+    row = conn.execute(
+        "SELECT value FROM annotations WHERE uuid = ? AND name = ? AND expires_at > ?", (task_uuid, name, now_ns())
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _revoke(conn: sqlite3.Connection, task_uuid: str, terminate: bool, ttl: int) -> None:
+    with transaction(conn):
+        conn.execute("DELETE FROM revocations WHERE expires_at <= ?", (now_ns(),))
+        conn.execute(
+            "REPLACE INTO revocations (uuid, terminate, expires_at) VALUES (?, ?, ?)",
+            (task_uuid, int(terminate), ns_after(ttl)),
+        )
+
+
+def _revocations(conn: sqlite3.Connection, since: int) -> tuple[int, dict[str, bool]] | None:
+    # The version is the last seq (REPLACE gives a new one); it only grows.
+    version = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM revocations").fetchone()[0])
+    if version == since:
+        return None
+    rows = conn.execute("SELECT uuid, terminate FROM revocations WHERE expires_at > ?", (now_ns(),)).fetchall()
+    return version, {str(u): bool(t) for u, t in rows}
+
+
 def _write_worker(conn: sqlite3.Connection, tag: str, body: str, ttl: float) -> None:
     with transaction(conn):
         conn.execute("DELETE FROM workers WHERE expires_at <= ?", (now_ns(),))
@@ -221,3 +267,4 @@ def _delete(conn: sqlite3.Connection, table: str, key: str) -> None:
 def _purge(conn: sqlite3.Connection, now: int) -> None:
     conn.execute("DELETE FROM task_states WHERE expires_at <= ?", (now,))
     conn.execute("DELETE FROM group_metas WHERE expires_at <= ?", (now,))
+    conn.execute("DELETE FROM annotations WHERE expires_at <= ?", (now,))

@@ -20,6 +20,10 @@ from ..config import Config
 from ..errors import MessageDecodeError, UnsupportedOperation
 from ..signature import Signature
 
+#: Priorities run from 0 (the default, lowest) to 9; higher ones are taken first. (Go's field is
+#: 0-255 and only RabbitMQ reads it; a higher value counts as 9 here.)
+MAX_PRIORITY = 9
+
 
 @dataclass(slots=True)
 class Delivery:
@@ -112,6 +116,7 @@ class Broker(ABC):
         """Send several signatures with as few round trips as the broker allows."""
         now = datetime.now(timezone.utc)
         ready: list[tuple[str, bytes]] = []
+        prioritized: list[tuple[str, bytes, int]] = []
         delayed: list[tuple[Signature, bytes]] = []
         for signature in signatures:
             if not signature.routing_key:
@@ -119,16 +124,25 @@ class Broker(ABC):
             body = signature.encode()
             if signature.eta is not None and signature.eta > now:
                 delayed.append((signature, body))
+            elif signature.priority > 0:
+                prioritized.append((signature.routing_key, body, min(signature.priority, MAX_PRIORITY)))
             else:
                 ready.append((signature.routing_key, body))
         if ready:
             await self._push(ready)
+        if prioritized:
+            await self._push_prioritized(prioritized)
         if delayed:
             await self._push_delayed(delayed)
 
     @abstractmethod
     async def _push(self, messages: Sequence[tuple[str, bytes]]) -> None:
         """Append (queue, body) messages to their queues."""
+
+    async def _push_prioritized(self, messages: Sequence[tuple[str, bytes, int]]) -> None:
+        """Append (queue, body, priority 1-9) messages, to be taken before those of lower
+        priority; a broker without priorities takes them in order."""
+        await self._push([(queue, body) for queue, body, _ in messages])
 
     @abstractmethod
     async def _push_delayed(self, messages: Sequence[tuple[Signature, bytes]]) -> None:

@@ -37,30 +37,56 @@ class _Lease:
     body: bytes
     owner: int
     expires: float  # time.monotonic()
+    priority: int = 0
+
+
+class _Queue:
+    """One queue's messages by priority lane; taken highest priority first, FIFO within one."""
+
+    def __init__(self) -> None:
+        self._lanes: dict[int, deque[tuple[int, bytes]]] = {}  # priority -> (sequence, body)
+
+    def __len__(self) -> int:
+        return sum(len(lane) for lane in self._lanes.values())
+
+    def append(self, sequence: int, body: bytes, priority: int = 0) -> None:
+        self._lanes.setdefault(priority, deque()).append((sequence, body))
+
+    def appendleft(self, sequence: int, body: bytes, priority: int = 0) -> None:
+        self._lanes.setdefault(priority, deque()).appendleft((sequence, body))
+
+    def popleft(self) -> tuple[int, bytes, int]:
+        priority = max(p for p, lane in self._lanes.items() if lane)
+        sequence, body = self._lanes[priority].popleft()
+        return sequence, body, priority
+
+    def bodies(self) -> list[bytes]:
+        """In the order they would be taken."""
+        return [body for priority in sorted(self._lanes, reverse=True) for _, body in self._lanes[priority]]
 
 
 @dataclass
 class _Store:
     lock: threading.Lock = field(default_factory=threading.Lock)
-    queues: dict[str, deque[tuple[int, bytes]]] = field(default_factory=dict)  # (sequence, body)
+    queues: dict[str, _Queue] = field(default_factory=dict)
     delayed: list[tuple[int, int, str, bytes]] = field(default_factory=list)
     dead: dict[str, list[DeadLetter]] = field(default_factory=dict)
     leases: dict[int, _Lease] = field(default_factory=dict)  # by sequence number
     waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = field(default_factory=list)
     seq: itertools.count[int] = field(default_factory=itertools.count)
 
-    def queue(self, name: str) -> deque[tuple[int, bytes]]:
-        return self.queues.setdefault(name, deque())
+    def queue(self, name: str) -> _Queue:
+        return self.queues.setdefault(name, _Queue())
 
-    def append(self, name: str, body: bytes) -> None:
-        """Put a message at the back of a queue; call with ``lock`` held."""
-        self.queue(name).append((next(self.seq), body))
+    def append(self, name: str, body: bytes, priority: int = 0) -> None:
+        """Put a message at the back of a queue's lane; call with ``lock`` held."""
+        self.queue(name).append(next(self.seq), body, priority)
 
     def give_back(self, sequences: Sequence[int]) -> int:
-        """Return leased messages to the head of their queues, oldest first; call with ``lock`` held."""
+        """Return leased messages to the head of their lanes, oldest first; call with ``lock`` held."""
         returned = [(s, self.leases.pop(s)) for s in sorted(sequences, reverse=True) if s in self.leases]
         for sequence, lease in returned:
-            self.queue(lease.queue).appendleft((sequence, lease.body))
+            self.queue(lease.queue).appendleft(sequence, lease.body, lease.priority)
         return len(returned)
 
     def wake(self) -> None:
@@ -110,6 +136,13 @@ class MemoryBroker(Broker):
                 store.append(queue, body)
             store.wake()
 
+    async def _push_prioritized(self, messages: Sequence[tuple[str, bytes, int]]) -> None:
+        store = self._store
+        with store.lock:
+            for queue, body, priority in messages:
+                store.append(queue, body, priority)
+            store.wake()
+
     async def _push_delayed(self, messages: Sequence[tuple[Signature, bytes]]) -> None:
         store = self._store
         with store.lock:
@@ -123,7 +156,7 @@ class MemoryBroker(Broker):
 
     async def get_pending_tasks(self, queue: str | None = None) -> list[Signature]:
         with self._store.lock:
-            bodies = [body for _, body in self._store.queue(queue or self.config.default_queue)]
+            bodies = self._store.queue(queue or self.config.default_queue).bodies()
         return decode_all(bodies)
 
     async def get_delayed_tasks(self) -> list[Signature]:
@@ -175,8 +208,8 @@ class _MemoryConsumer(Consumer):
                     taken: list[Delivery] = []
                     expires = time.monotonic() + self._lease_seconds
                     while queue and len(taken) < max_count:
-                        sequence, body = queue.popleft()
-                        store.leases[sequence] = _Lease(self.queue, body, self._owner, expires)
+                        sequence, body, priority = queue.popleft()
+                        store.leases[sequence] = _Lease(self.queue, body, self._owner, expires, priority)
                         taken.append(Delivery(body, self.queue, sequence))
                     return taken
                 store.waiters.append((loop, future))

@@ -30,6 +30,26 @@ class Lock(ABC):
                 return True
         return False
 
+    # ------------------------------------------------------------------ task controls
+
+    @abstractmethod
+    async def claim(self, key: str, value: str, seconds: float) -> str | None:
+        """Hold ``key`` with ``value`` for ``seconds`` unless someone holds it: None if taken
+        now, else the holder's value (a unique task: the UUID of the equal task already sent)."""
+
+    @abstractmethod
+    async def release(self, key: str, value: str) -> bool:
+        """Let go of ``key`` if it still holds ``value``; True if it did."""
+
+    @abstractmethod
+    async def take_turn(self, key: str, interval: float, burst: int) -> float:
+        """Book a run under a rate limit: the seconds until its turn (0.0: now).
+
+        At most one run per ``interval`` seconds on average across everyone sharing the lock,
+        with up to ``burst`` at once (the generic cell rate algorithm: one stored time per
+        key). The turn is booked: the caller runs when it comes, and asks for no other.
+        """
+
     async def close(self) -> None:
         """Release connections held by this lock."""
 
@@ -39,3 +59,13 @@ class Lock(ABC):
 
 def now_ns() -> int:
     return time.time_ns()
+
+
+def next_turn(stored: float | None, now: float, interval: float, burst: int) -> tuple[float, float]:
+    """One booking by the generic cell rate algorithm, as every lock stores it.
+
+    ``stored`` is the key's theoretical arrival time (Unix seconds) or None. Returns (seconds
+    until the booked turn, the arrival time to store).
+    """
+    arrival = max(stored or now, now)
+    return max(0.0, arrival - (burst - 1) * interval - now), arrival + interval

@@ -13,6 +13,9 @@ from ..config import Config
 from .base import Lock, now_ns
 
 _TRY_LOCK = LuaScript.load("try_lock")
+_CLAIM = LuaScript.load("claim")
+_UNLOCK = LuaScript.load("unlock")
+_TAKE_TURN = LuaScript.load("take_turn")
 
 
 class RedisLock(Lock):
@@ -28,6 +31,17 @@ class RedisLock(Lock):
         ttl_ms = max(1, (deadline_ns + 1 - now) // 1_000_000)
         taken = await self.connector.run(_TRY_LOCK, [key], [str(deadline_ns), str(now), ttl_ms])
         return bool(int(taken))
+
+    async def claim(self, key: str, value: str, seconds: float) -> str | None:
+        held = await self.connector.run(_CLAIM, [key], [value, max(1, int(seconds * 1000))])
+        return None if not held else bytes(held).decode()
+
+    async def release(self, key: str, value: str) -> bool:
+        return bool(await self.connector.run(_UNLOCK, [key], [value]))
+
+    async def take_turn(self, key: str, interval: float, burst: int) -> float:
+        wait_us = await self.connector.run(_TAKE_TURN, [key], [max(1, int(interval * 1e6)), max(1, burst)])
+        return int(wait_us) / 1e6
 
     async def close(self) -> None:
         await self.connector.close()

@@ -4,10 +4,13 @@
 * a task this worker does not know goes back to the queue for one that knows it, after a delay
   that grows each time it comes back here, and is dead-lettered after
   ``unregistered_task_timeout``;
+* a revoked task is not run: it passes through the middleware as a FAILURE "revoked";
+* a task over its rate limit books the next free turn across the cluster and waits in the
+  broker until then (``requeue`` with a delay), holding no slot; when it comes back it runs;
 * a registered task runs through the middleware (``before_process``, RECEIVED, STARTED, the
-  call, ``before_store``, the final state, ``after_process``), and its message is acked once
-  all of that is written. Those writes are retried while the message stays held, so a task
-  that has run is never run again because the backend was away for a while.
+  call within its time limits, ``before_store``, the final state, ``after_process``), and its
+  message is acked once all of that is written. Those writes are retried while the message
+  stays held, so a task that has run is never run again because the backend was away.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -26,13 +30,16 @@ from .._backoff import Reporter, persist
 from ..backends.base import Backend
 from ..brokers.base import Consumer, Delivery
 from ..config import Config
-from ..errors import ArgumentError, MessageDecodeError, ResultTypeError
+from ..controls import Limits, limits_of
+from ..errors import ArgumentError, MessageDecodeError, ResultTypeError, TaskRevoked, UnsupportedOperation
+from ..locks.base import Lock
 from ..middleware import MiddlewareStack, Outcome
 from ..registry import TaskSpec
 from ..signature import Signature
-from ..state import FAILURE, RECEIVED, STARTED, SUCCESS, RunningTask, TaskState
+from ..state import FAILURE, RECEIVED, STARTED, SUCCESS, TRACEBACK, RunningTask, TaskState
 from ..types import encode_results
-from .threads import TaskThreads
+from .execution import Execution
+from .progress import ProgressWriter
 
 T = TypeVar("T")
 
@@ -45,6 +52,8 @@ UNKNOWN_TASK_FIRST_DELAY = 1.0
 UNKNOWN_TASK_MAX_DELAY = 30.0
 #: Unknown messages remembered (first seen, times seen) per worker.
 UNKNOWN_TASKS_REMEMBERED = 10_000
+#: Frames of a failed task's traceback that its log line shows.
+LOGGED_FRAMES = 3
 
 
 class Slot(Protocol):
@@ -73,20 +82,27 @@ class MessageHandler:
         self,
         config: Config,
         backend: Backend,
+        lock: Callable[[], Lock],
         tasks: Mapping[str, TaskSpec],
         middleware: MiddlewareStack,
-        threads: TaskThreads,
+        execution: Execution,
+        default_limits: Limits,
         error_handler: ErrorHandler | None,
     ) -> None:
         self.config = config
         self.backend = backend
+        self.lock = lock
         self.tasks = tasks
         self.middleware = middleware
-        self.threads = threads
+        self.execution = execution
+        self.default_limits = default_limits
         self.error_handler = error_handler
         self.in_flight: dict[int, RunningTask] = {}  # by id() of the asyncio task processing it
+        #: Task UUID -> stop it if it runs: the worker's view of the revocations (refreshed by it).
+        self.revoked: dict[str, bool] = {}
         self._unknown: OrderedDict[str, _Sighting] = OrderedDict()
         self._unknown_warned: set[str] = set()
+        self._booked: OrderedDict[str, float] = OrderedDict()  # task UUID -> its rate-limited turn
 
     async def handle(self, consumer: Consumer, delivery: Delivery, slot: Slot) -> None:
         """Settle one message: dead letter, requeue for later, or run it and ack it."""
@@ -100,7 +116,16 @@ class MessageHandler:
             slot.release()  # nothing runs: the slot is free for the next message now
             await self._unregistered(consumer, delivery, signature)
             return
-        await self.process(signature, spec, slot)
+        if signature.uuid in self.revoked:
+            await self.process(signature, spec, slot, forced=Outcome(FAILURE, error="revoked", exception=TaskRevoked()))
+        else:
+            wait = await self._turn(signature, spec) if spec.options.rate_limit is not None else 0.0
+            if wait > 0:
+                slot.release()
+                await self.persist(lambda: consumer.requeue(delivery, wait), f"deferring {signature.uuid}")
+                await self.middleware.after_requeue(signature)
+                return
+            await self.process(signature, spec, slot)
         await self.persist(lambda: consumer.ack(delivery), f"acknowledging {signature.name} {signature.uuid}")
         await self.middleware.after_ack(signature)
 
@@ -145,6 +170,25 @@ class MessageHandler:
         await self.persist(lambda: consumer.requeue(delivery, delay), f"requeueing {signature.uuid}")
         await self.middleware.after_requeue(signature)
 
+    async def _turn(self, signature: Signature, spec: TaskSpec) -> float:
+        """Seconds until this task's turn under its rate limit (0: now), booked in the lock
+        shared by the cluster; a task that comes back for the turn it booked here runs."""
+        booked = self._booked.pop(signature.uuid, None)
+        if booked is not None and booked <= time.monotonic() + 0.01:
+            return 0.0
+        rate = spec.options.rate_limit
+        assert rate is not None
+        burst = max(1, int(rate.count / rate.per))  # at most one second's worth at once
+        wait = await self.persist(
+            lambda: self.lock().take_turn(f"machinery_rate_{spec.name}", rate.interval, burst),
+            f"taking a turn for {spec.name} (rate limit)",
+        )
+        if wait > 0:
+            self._booked[signature.uuid] = time.monotonic() + wait
+            while len(self._booked) > UNKNOWN_TASKS_REMEMBERED:
+                self._booked.popitem(last=False)
+        return wait
+
     def _sighting(self, signature: Signature, body: bytes) -> _Sighting:
         """Count one more sighting of this unknown message here (remembered by its UUID)."""
         key = signature.uuid or hashlib.sha1(body).hexdigest()
@@ -157,19 +201,26 @@ class MessageHandler:
 
     # ------------------------------------------------------------------ running a task
 
-    async def process(self, signature: Signature, spec: TaskSpec, slot: Slot | None = None) -> Outcome:
+    async def process(
+        self, signature: Signature, spec: TaskSpec, slot: Slot | None = None, forced: Outcome | None = None
+    ) -> Outcome:
         """Run one task and store its outcome (retrying the writes until they succeed).
 
         ``slot`` is released as soon as the task function returns: the concurrency limit
         bounds running tasks, and the next message can start while this one's outcome is
-        being written.
+        being written. A ``forced`` outcome (a revoked task) is stored without running it.
         """
         middleware = self.middleware
         key = id(asyncio.current_task())
         self.in_flight[key] = RunningTask(signature.uuid, signature.name, datetime.now(timezone.utc))
         try:
             await middleware.before_process(signature)
-            outcome = await self._run(signature, spec, slot)
+            if forced is not None:
+                if slot is not None:
+                    slot.release()
+                outcome = forced
+            else:
+                outcome = await self._run(signature, spec, slot)
             await middleware.before_store(signature, outcome)
             await self._store(signature, outcome)
             await middleware.after_process(signature, outcome)
@@ -191,14 +242,18 @@ class MessageHandler:
         await self.persist(
             lambda: backend.write_states([_state(signature, RECEIVED), _state(signature, STARTED)], True), what
         )
+        limits = limits_of(signature, spec.options, self.default_limits)
+        progress = ProgressWriter(self.backend, signature.uuid) if spec.wants_context else None
         started = time.perf_counter()
         try:
             try:
-                returned = await spec.call(signature, values, self.threads)
+                returned = await self.execution.run(spec, signature, values, limits, progress)
             finally:
                 duration = time.perf_counter() - started
                 if slot is not None:
                     slot.release()
+                if progress is not None:
+                    await progress.flushed()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -212,8 +267,12 @@ class MessageHandler:
         return Outcome(SUCCESS, results=values, duration=duration, task_results=task_results)
 
     async def _store(self, signature: Signature, outcome: Outcome) -> None:
-        """Write the final state (SUCCESS, FAILURE or RETRY), until the backend takes it."""
+        """Write the final state (SUCCESS, FAILURE or RETRY), until the backend takes it; a
+        failure's traceback first, beside it, so that whoever the state wakes finds it."""
         results = outcome.task_results if outcome.state == SUCCESS else None
+        trace = traceback_of(outcome.exception) if outcome.state == FAILURE else None
+        if trace:
+            await self._annotate(signature, TRACEBACK, trace)
         await self.persist(
             lambda: self.backend.set_state(signature, outcome.state, results=results, error=outcome.error),
             f"storing the {outcome.state} of {signature.name} {signature.uuid}",
@@ -222,13 +281,45 @@ class MessageHandler:
             if self.error_handler is not None:
                 self.error_handler(outcome.exception or RuntimeError(outcome.error))
             else:
-                log.logger.error("Task %s %s failed: %s", signature.name, signature.uuid, outcome.error)
+                frames = last_frames(trace) if trace else ""
+                log.logger.error("Task %s %s failed: %s%s", signature.name, signature.uuid, outcome.error, frames)
+
+    async def _annotate(self, signature: Signature, name: str, value: str) -> None:
+        async def write() -> None:
+            try:
+                await self.backend.write_annotation(signature.uuid, name, value)
+            except UnsupportedOperation:
+                return  # this backend keeps nothing beside states
+
+        await self.persist(write, f"storing the {name} of {signature.name} {signature.uuid}")
 
     # ------------------------------------------------------------------ writes that must happen
 
     async def persist(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
         """Run a broker or backend write until it succeeds (the server may come back)."""
         return await persist(operation, what, reporter(self.error_handler))
+
+
+def traceback_of(exc: BaseException | None) -> str | None:
+    """The text of ``exc``'s traceback (one that ran in a pool process carries it), or None
+    for failures that raised nothing worth a traceback (a revocation, a bad argument)."""
+    if exc is None or isinstance(exc, (TaskRevoked, ArgumentError)):
+        return None
+    carried = getattr(exc, "__machinery_traceback__", None)
+    if isinstance(carried, str):
+        return carried
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def last_frames(trace: str) -> str:
+    """The last ``LOGGED_FRAMES`` frames of a traceback's text, for a one-entry log line."""
+    lines = trace.rstrip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    if not frames:
+        return ""
+    start = frames[-LOGGED_FRAMES] if len(frames) >= LOGGED_FRAMES else frames[0]
+    end = len(lines) - 1  # the last line repeats the error itself
+    return "\n" + "\n".join(lines[start:end])
 
 
 def reporter(handler: ErrorHandler | None) -> Reporter | None:

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
@@ -27,12 +28,16 @@ from .._backoff import Backoff, Outage
 from ..backends.base import Backend
 from ..brokers.base import Broker, Consumer, Delivery
 from ..config import Config, redact_url
-from ..errors import UnsupportedOperation
+from ..controls import Limits
+from ..errors import ConfigError, TaskRevoked, UnsupportedOperation
+from ..locks.base import Lock
 from ..middleware import HandlerAdapter, MiddlewareStack
 from ..periodic import Scheduler
 from ..registry import TaskSpec
 from ..signature import Signature
 from ..state import WorkerInfo
+from .execution import Execution
+from .pool import ProcessPool
 from .processing import ErrorHandler, MessageHandler, reporter
 from .threads import TaskThreads
 
@@ -41,6 +46,9 @@ PreConsumeHandler = Callable[["Worker"], bool]
 
 #: Seconds between two looks at the pre-consume handler while it says no.
 PRE_CONSUME_PAUSE = 0.2
+#: Seconds between two looks for new revocations: a revocation reaches every worker within it.
+REVOCATION_POLL = 0.5
+POOLS = ("threads", "processes")
 
 
 class WorkerHost(Protocol):
@@ -55,6 +63,9 @@ class WorkerHost(Protocol):
     @property
     def tasks(self) -> Mapping[str, TaskSpec]: ...
 
+    @property
+    def lock(self) -> Lock: ...
+
     async def aclose_loop_connections(self) -> None: ...
 
 
@@ -68,9 +79,21 @@ class Worker:
         concurrency: int = 0,
         queue: str | None = None,
         periodic: bool = True,
+        *,
+        pool: str = "threads",
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: float | None = None,
     ):
+        if pool not in POOLS:
+            raise ConfigError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
         self.server = server
         self.periodic = periodic  # run the server's periodic scheduler beside consuming
+        self.pool = pool
+        self.default_limits = Limits(soft=soft_time_limit, hard=time_limit)
+        self.max_tasks_per_child = max_tasks_per_child
+        self.max_memory_per_child = max_memory_per_child
         self.consumer_tag = consumer_tag or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.concurrency = concurrency if concurrency > 0 else 2 * (os.cpu_count() or 1)
         self.queue = queue or server.config.default_queue
@@ -87,6 +110,8 @@ class Worker:
         self._slot_freed: asyncio.Event | None = None
         self._executor: TaskThreads | None = None
         self._handler: MessageHandler | None = None
+        self._pool: ProcessPool | None = None
+        self._revocations_version = 0
         self.started = threading.Event()
         self._started_at: datetime | None = None
 
@@ -163,29 +188,38 @@ class Worker:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self._on_signal)
         self._executor = TaskThreads(self.concurrency, thread_name_prefix="machinery-task")
-        server = self.server
-        self._handler = MessageHandler(
-            server.config, server.backend, server.tasks, self._middleware, self._executor, self._error_handler
-        )
-        log.logger.info(
-            "Launching a worker: broker=%s backend=%s queue=%s concurrency=%d tag=%s tasks=%s",
-            redact_url(self.server.config.broker),
-            redact_url(self.server.config.result_backend_url),
-            self.queue,
-            self.concurrency,
-            self.consumer_tag,
-            ", ".join(sorted(self.server.tasks)) or "(none)",
-        )
-        await self._middleware.worker_boot(self)
-        consumer = await self._open_consumer()
-        scheduler = heartbeat = None
-        if consumer is not None:
-            heartbeat = asyncio.ensure_future(self._publish_heartbeats())
-            if self.periodic:
-                # It stops by itself when the worker starts stopping.
-                scheduler = asyncio.ensure_future(self.server.periodic.run(self._stopping))
+        consumer = scheduler = heartbeat = None
         try:
+            await self._start_pool()
+            server = self.server
+            self._handler = MessageHandler(
+                server.config,
+                server.backend,
+                lambda: server.lock,
+                server.tasks,
+                self._middleware,
+                Execution(self._executor, self._pool),
+                self.default_limits,
+                self._error_handler,
+            )
+            log.logger.info(
+                "Launching a worker: broker=%s backend=%s queue=%s concurrency=%d pool=%s tag=%s tasks=%s",
+                redact_url(server.config.broker),
+                redact_url(server.config.result_backend_url),
+                self.queue,
+                self.concurrency,
+                self.pool,
+                self.consumer_tag,
+                ", ".join(sorted(server.tasks)) or "(none)",
+            )
+            await self._middleware.worker_boot(self)
+            consumer = await self._open_consumer()
             if consumer is not None:
+                await self._follow_revocations()  # the revocations made so far, before the first message
+                heartbeat = asyncio.ensure_future(self._keep_up())
+                if self.periodic:
+                    # It stops by itself when the worker starts stopping.
+                    scheduler = asyncio.ensure_future(server.periodic.run(self._stopping))
                 self.started.set()
                 await self._consume(consumer)
                 await self._drain()
@@ -219,6 +253,8 @@ class Worker:
             except Exception as exc:  # the messages stay taken; another worker reclaims them
                 log.logger.warning("could not return taken messages on shutdown: %s", exc)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            await self._pool.close(kill=self._aborting)
         await self._middleware.worker_shutdown(self)
         try:
             await self.server.aclose_loop_connections()
@@ -274,19 +310,70 @@ class Worker:
             running=list(self._handler.in_flight.values()) if self._handler is not None else [],
         )
 
-    async def _publish_heartbeats(self) -> None:
-        """Keep this worker's record in the backend fresh (``heartbeat_timeout``), for
-        ``machinery inspect``, the dashboard, and ``send --wait`` telling whether anyone runs a task."""
-        ttl = self.server.config.heartbeat_timeout
-        while True:
-            try:
-                await self.server.backend.write_worker(self.info(), ttl)
-            except UnsupportedOperation as exc:
-                log.logger.debug("This worker publishes no heartbeat: %s", exc)
-                return
-            except Exception as exc:  # the backend may come back; the record just goes stale meanwhile
-                log.logger.debug("Publishing this worker's heartbeat failed: %s", exc)
-            await asyncio.sleep(ttl / 3)
+    async def _keep_up(self) -> None:
+        """While the worker runs: follow revocations (twice a second) and keep its heartbeat
+        record fresh (every ``heartbeat_timeout / 3``)."""
+        beat_every = self.server.config.heartbeat_timeout / 3
+        heartbeat_due = 0.0
+        publishing = following = True
+        while publishing or following:
+            if following:
+                following = await self._follow_revocations()
+            if publishing and time.monotonic() >= heartbeat_due:
+                publishing = await self._publish_heartbeat()
+                heartbeat_due = time.monotonic() + beat_every
+            await asyncio.sleep(REVOCATION_POLL)
+
+    async def _publish_heartbeat(self) -> bool:
+        """Write this worker's record (for ``machinery inspect``, the dashboard, and ``send
+        --wait`` telling whether anyone runs a task); False where the backend keeps none."""
+        try:
+            await self.server.backend.write_worker(self.info(), self.server.config.heartbeat_timeout)
+        except UnsupportedOperation as exc:
+            log.logger.debug("This worker publishes no heartbeat: %s", exc)
+            return False
+        except Exception as exc:  # the backend may come back; the record just goes stale meanwhile
+            log.logger.debug("Publishing this worker's heartbeat failed: %s", exc)
+        return True
+
+    async def _follow_revocations(self) -> bool:
+        """Learn new revocations; stop the running tasks revoked with ``terminate``. False
+        where the backend records none (nothing to follow)."""
+        assert self._handler is not None
+        try:
+            found = await self.server.backend.revocations(self._revocations_version)
+        except UnsupportedOperation:
+            return False
+        except Exception as exc:  # the backend may come back; the next look will tell
+            log.logger.debug("Reading revocations failed: %s", exc)
+            return True
+        if found is None:
+            return True
+        self._revocations_version, revoked = found
+        previous, self._handler.revoked = self._handler.revoked, revoked
+        for task_uuid, terminate in revoked.items():
+            if terminate and not previous.get(task_uuid) and self._handler.execution.stop(task_uuid, TaskRevoked()):
+                log.logger.warning("Stopped %s: it was revoked", task_uuid)
+        return True
+
+    async def _start_pool(self) -> None:
+        """The process pool, when ``pool="processes"``; with threads, say what limits cannot do."""
+        self._pool = None
+        if self.pool == "processes":
+            self._pool = ProcessPool(self.concurrency, self.max_tasks_per_child, self.max_memory_per_child)
+            await self._pool.start(self.server.tasks)
+            return
+        limited = sorted(
+            name
+            for name, spec in self.server.tasks.items()
+            if not spec.is_async and (spec.options.time_limit or spec.options.soft_time_limit or self.default_limits)
+        )
+        if limited:
+            log.logger.warning(
+                "Time limits on def tasks (%s) need pool='processes' (--pool processes): on threads a soft limit "
+                "cannot be delivered, and at the hard limit the worker records the failure but the thread runs on",
+                ", ".join(limited),
+            )
 
     # ------------------------------------------------------------------ consuming
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .._backoff import persist
 from ..dispatch import Dispatcher
+from ..errors import TaskRevoked
 from ..middleware import HookResult, Middleware, Outcome
 from ..signature import Signature
 from ..state import FAILURE, SUCCESS
@@ -22,8 +23,8 @@ class Callbacks(Middleware):
     def after_process(self, signature: Signature, outcome: Outcome) -> HookResult:
         if outcome.state == SUCCESS and signature.on_success:
             return self._send_on_success(signature, outcome)
-        if outcome.state == FAILURE and signature.on_error:
-            return self._send_on_error(signature, outcome.error)
+        if outcome.state == FAILURE and signature.on_error and not isinstance(outcome.exception, TaskRevoked):
+            return self._send_on_error(signature, outcome.error)  # (a revoked task was cancelled on purpose)
         return None
 
     async def _send_on_success(self, signature: Signature, outcome: Outcome) -> None:

@@ -56,6 +56,7 @@ from ... import log
 from ..._drivers.amqp import (
     AMQP_ERRORS,
     AMQPConnector,
+    AMQPInt32,
     Session,
     amqp_errors,
     bounded,
@@ -396,6 +397,52 @@ class AMQPBackend(Backend):
 
     # ------------------------------------------------------------------ purging
 
+    # ------------------------------------------------------------------ beside the state
+
+    async def write_annotation(self, task_uuid: str, name: str, value: str) -> None:
+        """The latest ``value`` in the queue ``<uuid>.<name>`` (one message: a newer one drops
+        the older), expiring with the results. Go readers never look at it."""
+        session = await self._connector.session()
+        queue = f"{task_uuid}.{name}"
+        ttl = expiry_ms_int32(self.ttl)
+        arguments = {"x-max-length": AMQPInt32(1), "x-expires": ttl, "x-message-ttl": ttl}
+        with amqp_errors(f"declaring {queue!r}"):
+            await session.queue(queue, durable=False, auto_delete=False, arguments=arguments)
+        await session.publish("", queue, message(value.encode(), content_type="text/plain"))
+
+    async def get_annotation(self, task_uuid: str, name: str) -> str | None:
+        bodies = await self._peek(f"{task_uuid}.{name}")
+        return bodies[-1].decode() if bodies else None
+
+    async def revoke(self, task_uuid: str, terminate: bool) -> None:
+        """A message in the revocations queue, expiring with the results."""
+        session = await self._connector.session()
+        with amqp_errors(f"declaring {self._revocations_queue!r}"):
+            await session.queue(self._revocations_queue, durable=True, auto_delete=False, arguments=None)
+        body = f"{task_uuid} {1 if terminate else 0}".encode()
+        await session.publish("", self._revocations_queue, message(body, expiration_ms=self.ttl * 1000))
+
+    async def revocations(self, since: int) -> tuple[int, dict[str, bool]] | None:
+        revoked: dict[str, bool] = {}
+        for body in await self._peek(self._revocations_queue):
+            task_uuid, _, flag = body.decode(errors="replace").partition(" ")
+            revoked[task_uuid] = revoked.get(task_uuid, False) or flag == "1"
+        version = hash(frozenset(revoked.items())) & 0x7FFFFFFF  # what is live, not a count
+        return None if version == since else (version, revoked)
+
+    @property
+    def _revocations_queue(self) -> str:
+        return f"{self._exchange or 'machinery'}.revocations"
+
+    async def _peek(self, name: str) -> list[bytes]:
+        """The bodies in queue ``name``, oldest first, all put back ([] if there is no such queue)."""
+        session = await self._connector.session()
+        async with session.side_channel() as channel:
+            with amqp_errors(f"reading {name!r}"):
+                taken = await peek_queue(channel, name)
+                await give_back(taken)
+        return [incoming.body for incoming in taken]
+
     # ------------------------------------------------------------------ workers
 
     @property
@@ -422,14 +469,8 @@ class AMQPBackend(Backend):
     async def get_workers(self) -> list[WorkerInfo]:
         """The latest heartbeat of each worker in the workers queue, minus the ones that said
         goodbye (the queue is read and every message put back)."""
-        session = await self._connector.session()
-        async with session.side_channel() as channel:
-            with amqp_errors(f"reading {self._workers_queue!r}"):
-                taken = await peek_queue(channel, self._workers_queue)
-                await give_back(taken)
         latest: dict[str, bytes | None] = {}
-        for incoming in taken:
-            body = incoming.body
+        for body in await self._peek(self._workers_queue):
             if body.startswith(_GONE_PREFIX):
                 latest[body[len(_GONE_PREFIX) :].decode(errors="replace")] = None
                 continue
