@@ -148,7 +148,7 @@ class RedisConsumer(Consumer):
         self._taking.add(taking)
         taking.add_done_callback(self._taking.discard)
         bodies = await asyncio.shield(taking)
-        if not bodies:
+        if not bodies and timeout > 0:  # (BLMOVE would read a zero timeout as "forever")
             # Block for the first message (on a connection of its own: a blocking command
             # must not sit in a shared pipeline); more are taken by the next fetch.
             # redis-py types the timeout as int; Redis takes fractions of a second.
