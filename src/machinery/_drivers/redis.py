@@ -99,8 +99,10 @@ class LuaScript:
     sha: str
 
     @classmethod
-    def load(cls, name: str) -> LuaScript:
-        source = (resources.files(__package__) / "redis_lua" / f"{name}.lua").read_text(encoding="utf-8")
+    def load(cls, name: str, *libraries: str) -> LuaScript:
+        """The script ``name``, after the shared functions of each of ``libraries``."""
+        folder = resources.files(__package__) / "redis_lua"
+        source = "\n".join((folder / f"{part}.lua").read_text(encoding="utf-8") for part in (*libraries, name))
         return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
 
 

@@ -56,7 +56,14 @@ WATCH_INTERVAL = 0.002
 WATCH_INTERVAL_QUIET = 0.005
 WATCH_QUIET_AFTER = 1.0
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: What takes a store of each older version to the next one (version 0 is a new file).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "ALTER TABLE messages ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "DROP INDEX IF EXISTS messages_ready",
+    ),
+}
 _SYNCHRONOUS = ("off", "normal", "full", "extra")
 
 _SCHEMA = """
@@ -65,10 +72,11 @@ CREATE TABLE IF NOT EXISTS messages (
     queue         TEXT    NOT NULL,
     body          BLOB    NOT NULL,
     avail_at      INTEGER NOT NULL,           -- Unix ns from when the message may be taken
+    priority      INTEGER NOT NULL DEFAULT 0, -- 0-9, higher taken first
     lease_owner   TEXT,                       -- consumer that took it (kept after expiry)
     lease_expires INTEGER NOT NULL DEFAULT 0  -- Unix ns, free again once this has passed
 );
-CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, avail_at);
+CREATE INDEX IF NOT EXISTS messages_next ON messages (queue, priority DESC, avail_at);
 CREATE INDEX IF NOT EXISTS messages_owner ON messages (lease_owner) WHERE lease_owner IS NOT NULL;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id      INTEGER PRIMARY KEY,
@@ -288,6 +296,9 @@ class SQLiteStore:
                         f"SQLite database {self.path} has schema version {version}, newer than this "
                         f"machinery's {SCHEMA_VERSION}; upgrade machinery or use another file"
                     )
+                for older in range(version, SCHEMA_VERSION) if version else ():
+                    for statement in _MIGRATIONS[older]:
+                        conn.execute(statement)
                 for statement in _SCHEMA.split(";"):  # (no ";" inside the schema's comments)
                     if statement.strip():
                         conn.execute(statement)

@@ -9,6 +9,9 @@ Go and Python workers share one queue. What Go lacks is added beside it, never i
 - Each consumer refreshes a heartbeat in a sorted set. Any consumer that finds a heartbeat
   expired returns that consumer's processing list to the head of the queue (one Lua script,
   so two reapers cannot both return it).
+- A prioritized message (``Priority`` 1-9) is inserted at the head of Go's list, behind those
+  of its priority or higher, so Go's BLPOP and our LMOVE both take the highest first; the list
+  stays a plain Go queue.
 - Due delayed tasks move in batches with one script per round trip, and the mover sleeps
   until the next ETA rather than polling blindly.
 
@@ -41,7 +44,8 @@ _DEFER = LuaScript.load("defer")
 _REAP = LuaScript.load("reap")
 _RELEASE = LuaScript.load("release")
 _BEAT = LuaScript.load("beat")
-_MOVE_DUE = LuaScript.load("move_due")
+_MOVE_DUE = LuaScript.load("move_due", "priority")
+_PUSH_PRIORITIZED = LuaScript.load("push_prioritized", "priority")
 _REQUEUE_DEAD = LuaScript.load("requeue_dead")
 
 
@@ -74,6 +78,13 @@ class RedisBroker(Broker):
             by_queue[queue].append(body)
         pipeline = self.connector.batched()
         await asyncio.gather(*(pipeline.execute("RPUSH", queue, *bodies) for queue, bodies in by_queue.items()))
+
+    async def _push_prioritized(self, messages: Sequence[tuple[str, bytes, int]]) -> None:
+        by_queue: dict[str, list[Any]] = defaultdict(list)
+        for queue, body, priority in messages:
+            by_queue[queue] += (priority, body)
+        connector = self.connector
+        await asyncio.gather(*(connector.run(_PUSH_PRIORITIZED, [queue], args) for queue, args in by_queue.items()))
 
     async def _push_delayed(self, messages: Sequence[tuple[Signature, bytes]]) -> None:
         mapping: dict[bytes, float] = {}

@@ -7,8 +7,9 @@ taken by any consumer. ``ack`` deletes the row, ``requeue`` clears the lease and
 row to the back of its queue, ``dead_letter`` moves it to the ``dead_letters`` table.
 
 Delayed messages are the same rows with an ``avail_at`` in the future; ready messages have
-the time they were published, so ordering by ``(avail_at, id)`` gives FIFO order and releases
-a delayed message at the back of the queue when it falls due, as Go's mover does.
+the time they were published, so ordering by ``(priority DESC, avail_at, id)`` takes higher
+priorities first, FIFO within a priority, and releases a delayed message at the back of its
+priority when it falls due, as Go's mover does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .._drivers.sqlite import SQLiteStore, StoreHandle, now_ns, ns_after, transa
 from ..config import Config
 from ..signature import Signature
 from ..types import unix_ns
-from .base import Broker, Consumer, DeadLetter, Delivery, decode_all
+from .base import MAX_PRIORITY, Broker, Consumer, DeadLetter, Delivery, decode_all
 
 #: Shortest wait between two looks at the queue, so a clock oddity never makes a busy loop.
 MIN_WAIT = 0.001
@@ -53,14 +54,20 @@ class SQLiteBroker(Broker):
 
     async def _push(self, messages: Sequence[tuple[str, bytes]]) -> None:
         store = self.store
-        await store.run(_insert, [(queue, body, None) for queue, body in messages])
+        await store.run(_insert, [(queue, body, None, 0) for queue, body in messages])
+        store.wake_queues()
+
+    async def _push_prioritized(self, messages: Sequence[tuple[str, bytes, int]]) -> None:
+        store = self.store
+        await store.run(_insert, [(queue, body, None, priority) for queue, body, priority in messages])
         store.wake_queues()
 
     async def _push_delayed(self, messages: Sequence[tuple[Signature, bytes]]) -> None:
-        rows: list[tuple[str, bytes, int | None]] = []
+        rows: list[_Row] = []
         for signature, body in messages:
             assert signature.eta is not None
-            rows.append((signature.routing_key, body, unix_ns(signature.eta)))
+            priority = min(signature.priority, MAX_PRIORITY)
+            rows.append((signature.routing_key, body, unix_ns(signature.eta), priority))
         store = self.store
         await store.run(_insert, rows)
         store.wake_queues()  # waiting consumers may need to wake earlier for the new ETA
@@ -208,12 +215,16 @@ class SQLiteConsumer(Consumer):
 # Each runs on the store's database thread and is all-or-nothing (retried when busy).
 
 
-def _insert(conn: sqlite3.Connection, rows: Sequence[tuple[str, bytes, int | None]]) -> None:
+#: A message to insert: queue, body, when it may be taken (None: now) and its priority.
+_Row = tuple[str, bytes, int | None, int]
+
+
+def _insert(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
     with transaction(conn):
         now = now_ns()  # taken inside the transaction, so ready rows are timed in commit order
         conn.executemany(
-            "INSERT INTO messages (queue, body, avail_at) VALUES (?, ?, ?)",
-            [(queue, body, now if avail_at is None else avail_at) for queue, body, avail_at in rows],
+            "INSERT INTO messages (queue, body, avail_at, priority) VALUES (?, ?, ?, ?)",
+            [(queue, body, now if at is None else at, priority) for queue, body, at, priority in rows],
         )
 
 
@@ -244,12 +255,12 @@ def _claim(conn: sqlite3.Connection, queue: str, owner: str, max_count: int, lea
         rows = conn.execute(
             "UPDATE messages SET lease_owner = ?, lease_expires = ? WHERE id IN ("
             " SELECT id FROM messages WHERE queue = ? AND avail_at <= ? AND lease_expires <= ?"
-            " ORDER BY avail_at, id LIMIT ?"
-            ") RETURNING id, avail_at, body",
+            " ORDER BY priority DESC, avail_at, id LIMIT ?"
+            ") RETURNING id, priority, avail_at, body",
             (owner, ns_after(lease), queue, now, now, max_count),
         ).fetchall()
-    rows.sort(key=lambda row: (row[1], row[0]))  # RETURNING has no order
-    return [(row_id, bytes(body)) for row_id, _, body in rows], None
+    rows.sort(key=lambda row: (-row[1], row[2], row[0]))  # RETURNING has no order
+    return [(row_id, bytes(body)) for row_id, _, _, body in rows], None
 
 
 def _ack(conn: sqlite3.Connection, row_id: int, owner: str) -> bool:
@@ -300,7 +311,8 @@ def _renew(conn: sqlite3.Connection, owner: str, lease: float) -> None:
 def _pending(conn: sqlite3.Connection, queue: str) -> list[bytes]:
     now = now_ns()
     rows = conn.execute(
-        "SELECT body FROM messages WHERE queue = ? AND avail_at <= ? AND lease_expires <= ? ORDER BY avail_at, id",
+        "SELECT body FROM messages WHERE queue = ? AND avail_at <= ? AND lease_expires <= ?"
+        " ORDER BY priority DESC, avail_at, id",
         (queue, now, now),
     ).fetchall()
     return [bytes(body) for (body,) in rows]

@@ -11,7 +11,8 @@ The package, by what each part does:
 * ``formatting``: arguments, times, states and tables as the commands show them;
 * ``running``: ``worker``, ``periodic`` and ``demo``;
 * ``sending``: ``send``, with its Go-typed argument parsing and ``--wait``;
-* ``inspection``: ``status``, ``pending``, ``delayed``, ``dead`` and ``requeue-dead``.
+* ``inspection``: ``status``, ``pending``, ``delayed``, ``dead`` and ``requeue-dead``;
+* ``control``: ``revoke``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .app import (
     server_options,
     unreachable_message,
 )
+from .control import revoke
 from .formatting import echo_table, format_arg, format_args, format_seconds, format_time, style_state
 from .inspection import dead, delayed, pending, requeue_dead, status
 from .running import demo, describe_entry, echo_entries, periodic, setup_logging, worker
@@ -75,5 +77,5 @@ def main(ctx: click.Context) -> None:
     ctx.ensure_object(CliState)
 
 
-for _command in (worker, periodic, demo, send, status, pending, delayed, dead, requeue_dead):
+for _command in (worker, periodic, demo, send, status, revoke, pending, delayed, dead, requeue_dead):
     main.add_command(_command)

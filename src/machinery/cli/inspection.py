@@ -81,8 +81,9 @@ def status(ctx: click.Context, task_uuid: str, limit: int) -> None:
     """Show a task's state and result, or a group's members.
 
     For a task: the state, the task name, when it was created, and its results (with their
-    Go types) or its error. For a group (group_...): each member's UUID, task, state and
-    result or error in group order, and whether a chord was triggered on the group.
+    Go types) or its error with the traceback; while it runs, its latest progress. For a group
+    (group_...): each member's UUID, task, state and result or error in group order, and
+    whether a chord was triggered on the group.
     """
     server = get_server(ctx, read_only=True)
     if task_uuid.startswith("group_"):
@@ -111,9 +112,17 @@ def status(ctx: click.Context, task_uuid: str, limit: int) -> None:
         fields.append(("result", "none"))
     if state.error:
         fields.append(("error", click.style(state.error, fg="red")))
+    result = server.result(task_uuid)
+    progress = result.progress()
+    if progress is not None and not state.is_completed():
+        fraction, message = progress
+        fields.append(("progress", f"{fraction:.0%}" + (f" {message}" if message else "")))
     if is_callback:
         fields.append(("workflow", "a chord's callback: sent once every member of its group succeeded"))
     _echo_fields(fields)
+    traceback = result.traceback() if state.is_failure() else None
+    if traceback:
+        click.echo(traceback.rstrip("\n"))
 
 
 def _group_status(server: Server, group_uuid: str, limit: int) -> None:

@@ -12,6 +12,7 @@ import click
 
 from ..config import redact_url as safe_url
 from ..periodic import LOCK_PREFIX, PeriodicEntry
+from ..worker import POOLS
 from .app import CliError, app_spec, get_server, is_connection_error, server_options, unreachable_message
 from .formatting import echo_table, format_args, format_moment, plural, shorten
 
@@ -47,12 +48,17 @@ Examples:
   machinery worker -A examples.tasks:server
   machinery worker -A myapp.tasks:server -c 8 -Q emails --loglevel debug
   machinery worker -A myapp.tasks:server --no-periodic
+  machinery worker -A myapp.tasks:server --pool processes -c 4 --time-limit 300 --max-tasks-per-child 100
   BROKER=redis://localhost:6379/0 machinery worker -A myapp.tasks:server
 
 The worker also fires the app's periodic entries (each tick once across every worker and
 scheduler running them); --no-periodic leaves that to others, e.g. 'machinery periodic'.
 SIGINT or SIGTERM finishes the running tasks and stops; a second one stops at once
-(unfinished tasks go back to the queue)."""
+(unfinished tasks go back to the queue, and a process that still runs a def task on a
+thread exits, so that the task never runs twice at once).
+
+Time limits need --pool processes to stop a def task: on threads, Python cannot stop a
+thread, so the worker stops waiting, records the failure, and the thread runs on."""
 
 
 @click.command(epilog=_WORKER_EPILOG)
@@ -68,14 +74,66 @@ SIGINT or SIGTERM finishes the running tasks and stops; a second one stops at on
     default=True,
     help="Also run the app's periodic scheduler (its registered periodic tasks and workflows).  [default: on]",
 )
+@click.option(
+    "--pool",
+    type=click.Choice(POOLS),
+    default="threads",
+    show_default=True,
+    help="Where def tasks run: threads of this process, or child processes (CPU-bound work, killable on "
+    "a hard time limit). async def tasks always run on the worker's event loop.",
+)
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Hard time limit for tasks that set none: the task is stopped and fails (or retries).",
+)
+@click.option(
+    "--soft-time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Soft time limit for tasks that set none: SoftTimeLimitExceeded is raised inside the task.",
+)
+@click.option(
+    "--max-tasks-per-child",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="With --pool processes: replace a child process after it has run N tasks.",
+)
+@click.option(
+    "--max-memory-per-child",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="MB",
+    help="With --pool processes: replace a child process once its resident memory passes MB after a task.",
+)
 @click.pass_context
 def worker(
-    ctx: click.Context, concurrency: int, queue: str | None, consumer_tag: str, loglevel: str, periodic: bool
+    ctx: click.Context,
+    concurrency: int,
+    queue: str | None,
+    consumer_tag: str,
+    loglevel: str,
+    periodic: bool,
+    pool: str,
+    time_limit: float | None,
+    soft_time_limit: float | None,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: float | None,
 ) -> None:
     """Run a worker that consumes a queue and runs its tasks."""
     setup_logging(loglevel)
     server = get_server(ctx, need_app=True)
-    server.new_worker(consumer_tag, concurrency, queue, periodic=periodic).launch()
+    server.new_worker(
+        consumer_tag,
+        concurrency,
+        queue,
+        periodic=periodic,
+        pool=pool,
+        time_limit=time_limit,
+        soft_time_limit=soft_time_limit,
+        max_tasks_per_child=max_tasks_per_child,
+        max_memory_per_child=max_memory_per_child,
+    ).launch()
 
 
 # --------------------------------------------------------------------------- periodic

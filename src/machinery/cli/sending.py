@@ -15,6 +15,8 @@ from typing import Any
 import click
 
 from .._sync import run_sync
+from ..brokers.base import MAX_PRIORITY
+from ..controls import apply_send_options
 from ..dispatch import ProgressHandler
 from ..errors import TaskFailed, UnsupportedOperation
 from ..server import Server
@@ -125,6 +127,7 @@ Examples:
   machinery send -A myapp.tasks:server email "to@example.com" --eta 30
   machinery send report --eta 2030-01-02T15:04:05Z --retry-count 3 --queue reports
   machinery send add 1 2 --group 10000 --wait
+  machinery send report 2026 --priority 9 --time-limit 600 --unique-for 3600
 
 --group N sends N copies of the task as one group and prints the group's UUID (a progress
 bar shows long sends on a terminal); with --wait it prints how many succeeded and failed.
@@ -140,6 +143,25 @@ member of a group) and 2 on timeout."""
 @click.option("--eta", metavar="WHEN", help="Run no earlier than WHEN: seconds from now, or an ISO-8601 time.")
 @click.option("--retry-count", type=click.IntRange(min=0), default=0, help="Retries on failure.  [default: 0]")
 @click.option("-Q", "--queue", metavar="QUEUE", help="Queue to send to  [default: the config's default_queue]")
+@click.option(
+    "--priority",
+    type=click.IntRange(min=0, max=MAX_PRIORITY),
+    default=0,
+    help=f"0 (lowest) to {MAX_PRIORITY}: higher priorities are taken first.  [default: 0]",
+)
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Hard time limit of this run (over the task's and the worker's).",
+)
+@click.option(
+    "--unique-for",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Send nothing if an equal task (same name and arguments) was sent within SECONDS and has not "
+    "finished; print that task's UUID instead.",
+)
 @click.option(
     "--group",
     "group_size",
@@ -168,6 +190,9 @@ def send(
     eta: str | None,
     retry_count: int,
     queue: str | None,
+    priority: int,
+    time_limit: float | None,
+    unique_for: float | None,
     group_size: int | None,
     send_concurrency: int | None,
     wait: bool,
@@ -181,6 +206,10 @@ def send(
     when = parse_eta(eta) if eta is not None else None
     if send_concurrency is not None and group_size is None:
         raise BadArgument("--send-concurrency applies to --group N only")
+    if unique_for is not None and group_size is not None:
+        raise BadArgument("--unique-for applies to single sends, not to --group N")
+    controls = {"time_limit": time_limit, "unique_for": unique_for}
+    options = {name: value for name, value in controls.items() if value is not None}
     server = get_server(ctx)
     app = app_spec(ctx)
     if app and not server.is_task_registered(name):
@@ -188,9 +217,15 @@ def send(
         click.echo(f"Warning: {name!r} is not registered with {app} (registered: {known})", err=True)
 
     def signature() -> Signature:
-        return Signature(
-            name, [replace(a) for a in task_args], eta=when, retry_count=retry_count, routing_key=queue or ""
+        made = Signature(
+            name,
+            [replace(a) for a in task_args],
+            eta=when,
+            retry_count=retry_count,
+            routing_key=queue or "",
+            priority=priority,
         )
+        return apply_send_options(made, options)
 
     target = queue or server.config.default_queue
     waiting = wait or timeout is not None

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,22 +29,40 @@ from ..registry import ProgressReport, TaskContext, TaskSpec
 from ..signature import Signature
 from .pool import ProcessPool
 from .threads import TaskThreads
+from .tracebacks import carry, coroutine_frames, thread_frames, where_it_waits
 
 
 @dataclass(eq=False)
 class _Run:
-    """One running call: the asyncio task waiting for it, and why it was stopped, if it was."""
+    """One running call: the asyncio task waiting for it, where the task's code runs (its
+    coroutine or its thread, to say where it was if it is stopped), and why it was stopped."""
 
     waiter: asyncio.Task[Any] | None
     reason: BaseException | None = None
     stoppable: bool = True
+    coroutine: Any = None
+    thread_id: int | None = None
 
     def stop(self, reason: BaseException) -> bool:
         if not self.stoppable or self.waiter is None or self.reason is not None:
             return False
+        frames = coroutine_frames(self.coroutine) if self.coroutine is not None else []
+        if self.thread_id is not None:
+            frames = thread_frames(self.thread_id)
+        text = where_it_waits(frames, reason)
+        if text is not None:
+            carry(reason, text)
         self.reason = reason
         self.waiter.cancel()
         return True
+
+    def on_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call ``fn`` on this thread, remembering the thread while it runs."""
+        self.thread_id = threading.get_ident()
+        try:
+            return fn(*args)
+        finally:
+            self.thread_id = None
 
 
 class Execution:
@@ -106,9 +126,9 @@ class Execution:
         args = [TaskContext(signature, report), *values] if spec.wants_context else values
         if not spec.is_async:
             context = contextvars.copy_context()  # the middleware's context, on the thread too
-            call = functools.partial(context.run, spec.fn, *args)
+            call = functools.partial(context.run, run.on_thread, spec.fn, *args)
             return await asyncio.get_running_loop().run_in_executor(self.threads, call)
-        coro = spec.fn(*args)
+        coro = run.coroutine = spec.fn(*args)
         if limits.soft is None:
             return await coro
         work: Interruptible[Any] = Interruptible(coro)

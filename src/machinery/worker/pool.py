@@ -26,7 +26,6 @@ import pickle
 import resource
 import signal
 import sys
-import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -37,6 +36,7 @@ from .. import log
 from ..errors import ConfigError, SoftTimeLimitExceeded, WorkerProcessDied
 from ..registry import ProgressReport, TaskContext, TaskSpec
 from ..signature import Signature
+from .tracebacks import carry, format_failure
 
 #: Seconds a child may take to start and import its tasks before the pool gives up on it.
 START_TIMEOUT = 60.0
@@ -358,10 +358,10 @@ def _portable(ok: bool, payload: Any) -> tuple[bool, Any]:
         except Exception as exc:
             why = f"the task's result cannot be sent back from its process: {exc}"
             return False, RemoteTaskError(type(exc).__name__, why)
-    text = "".join(traceback.format_exception(type(payload), payload, payload.__traceback__))
+    text = format_failure(payload)
     try:
         pickle.loads(pickle.dumps(payload))
     except Exception:
         payload = RemoteTaskError(type(payload).__name__, str(payload) or type(payload).__name__)
-    payload.__machinery_traceback__ = text
+    carry(payload, text)
     return False, payload

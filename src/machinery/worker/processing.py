@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-import traceback
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from ..state import FAILURE, RECEIVED, STARTED, SUCCESS, TRACEBACK, RunningTask,
 from ..types import encode_results
 from .execution import Execution
 from .progress import ProgressWriter
+from .tracebacks import last_frames, traceback_of
 
 T = TypeVar("T")
 
@@ -53,7 +53,6 @@ UNKNOWN_TASK_MAX_DELAY = 30.0
 #: Unknown messages remembered (first seen, times seen) per worker.
 UNKNOWN_TASKS_REMEMBERED = 10_000
 #: Frames of a failed task's traceback that its log line shows.
-LOGGED_FRAMES = 3
 
 
 class Slot(Protocol):
@@ -298,28 +297,6 @@ class MessageHandler:
     async def persist(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
         """Run a broker or backend write until it succeeds (the server may come back)."""
         return await persist(operation, what, reporter(self.error_handler))
-
-
-def traceback_of(exc: BaseException | None) -> str | None:
-    """The text of ``exc``'s traceback (one that ran in a pool process carries it), or None
-    for failures that raised nothing worth a traceback (a revocation, a bad argument)."""
-    if exc is None or isinstance(exc, (TaskRevoked, ArgumentError)):
-        return None
-    carried = getattr(exc, "__machinery_traceback__", None)
-    if isinstance(carried, str):
-        return carried
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-
-
-def last_frames(trace: str) -> str:
-    """The last ``LOGGED_FRAMES`` frames of a traceback's text, for a one-entry log line."""
-    lines = trace.rstrip().splitlines()
-    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
-    if not frames:
-        return ""
-    start = frames[-LOGGED_FRAMES] if len(frames) >= LOGGED_FRAMES else frames[0]
-    end = len(lines) - 1  # the last line repeats the error itself
-    return "\n" + "\n".join(lines[start:end])
 
 
 def reporter(handler: ErrorHandler | None) -> Reporter | None:

@@ -88,6 +88,10 @@ class Worker:
     ):
         if pool not in POOLS:
             raise ConfigError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        if pool != "processes" and (max_tasks_per_child or max_memory_per_child):
+            raise ConfigError(
+                'max_tasks_per_child and max_memory_per_child recycle child processes: they need pool="processes"'
+            )
         self.server = server
         self.periodic = periodic  # run the server's periodic scheduler beside consuming
         self.pool = pool

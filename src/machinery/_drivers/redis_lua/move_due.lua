@@ -1,5 +1,6 @@
 -- Move due delayed tasks from Go's delayed sorted set to the list named by their RoutingKey,
--- as Go's mover republishes them (docs/wire.md §9.3), up to ARGV[2] at a time.
+-- as Go's mover republishes them (docs/wire.md §9.3), up to ARGV[2] at a time; a prioritized
+-- one goes in by its priority (priority.lua is prepended).
 -- KEYS[1]  the delayed set (delayed_tasks), members = message JSON, scores = ETA in Unix ns
 -- ARGV[1]  now, Unix ns
 -- ARGV[2]  the most messages to move
@@ -20,7 +21,12 @@ for _, message in ipairs(due) do
     end
     if type(key) == 'string' and key ~= '' then queue = key end
   end
-  redis.call('RPUSH', queue, message)
+  local priority = priority_of(message)
+  if priority > 0 then
+    push_prioritized(queue, message, priority)
+  else
+    redis.call('RPUSH', queue, message)
+  end
 end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {#due, nxt[2] or false}
