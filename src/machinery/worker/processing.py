@@ -52,6 +52,10 @@ UNKNOWN_TASK_FIRST_DELAY = 1.0
 UNKNOWN_TASK_MAX_DELAY = 30.0
 #: Unknown messages remembered (first seen, times seen) per worker.
 UNKNOWN_TASKS_REMEMBERED = 10_000
+#: A deferred rate-limited task's booking is kept this long for it to come back to (a task
+#: that never does, e.g. revoked, leaves only this small key to expire).
+RATE_BOOKING_KEPT = 7 * 86400.0
+BOOKED = "booked"
 #: Frames of a failed task's traceback that its log line shows.
 
 
@@ -101,7 +105,6 @@ class MessageHandler:
         self.revoked: dict[str, bool] = {}
         self._unknown: OrderedDict[str, _Sighting] = OrderedDict()
         self._unknown_warned: set[str] = set()
-        self._booked: OrderedDict[str, float] = OrderedDict()  # task UUID -> its rate-limited turn
 
     async def handle(self, consumer: Consumer, delivery: Delivery, slot: Slot) -> None:
         """Settle one message: dead letter, requeue for later, or run it and ack it."""
@@ -171,21 +174,20 @@ class MessageHandler:
 
     async def _turn(self, signature: Signature, spec: TaskSpec) -> float:
         """Seconds until this task's turn under its rate limit (0: now), booked in the lock
-        shared by the cluster; a task that comes back for the turn it booked here runs."""
-        booked = self._booked.pop(signature.uuid, None)
-        if booked is not None and booked <= time.monotonic() + 0.01:
-            return 0.0
+        shared by the cluster. A deferred message may come back to any worker: the booking is
+        marked in the lock under the task's UUID, so whoever takes it runs it, with no new turn."""
         rate = spec.options.rate_limit
         assert rate is not None
+        lock = self.lock()
+        marker = f"machinery_rate_booked_{signature.uuid}"
+        what = f"taking a turn for {spec.name} (rate limit)"
+        if await self.persist(lambda: lock.claim(marker, BOOKED, RATE_BOOKING_KEPT), what) is not None:
+            await self.persist(lambda: lock.release(marker, BOOKED), what)
+            return 0.0  # it comes back for the turn it booked
         burst = max(1, int(rate.count / rate.per))  # at most one second's worth at once
-        wait = await self.persist(
-            lambda: self.lock().take_turn(f"machinery_rate_{spec.name}", rate.interval, burst),
-            f"taking a turn for {spec.name} (rate limit)",
-        )
-        if wait > 0:
-            self._booked[signature.uuid] = time.monotonic() + wait
-            while len(self._booked) > UNKNOWN_TASKS_REMEMBERED:
-                self._booked.popitem(last=False)
+        wait = await self.persist(lambda: lock.take_turn(f"machinery_rate_{spec.name}", rate.interval, burst), what)
+        if wait <= 0:
+            await self.persist(lambda: lock.release(marker, BOOKED), what)
         return wait
 
     def _sighting(self, signature: Signature, body: bytes) -> _Sighting:
