@@ -23,6 +23,7 @@ import pytest
 from machinery import Config, RedisConfig, Server, Worker
 from machinery._sync import run_sync
 from machinery.brokers.base import Consumer, Delivery
+from support.cloud import aws_test_env, dynamodb_local, moto_server, pubsub_emulator  # noqa: F401  (fixtures)
 
 REDIS_URL = os.environ.get("MACHINERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("MACHINERY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

@@ -80,22 +80,85 @@ class AMQPConfig:
 
 @dataclass
 class SQSConfig:
-    """Amazon SQS receive settings (Go's ``SQSConfig``)."""
+    """Amazon SQS settings (Go's ``SQSConfig``, plus what Go leaves to code)."""
 
     wait_time_seconds: int = _f(0, "receive_wait_time_seconds", "SQS_WAIT_TIME_SECONDS")
-    visibility_timeout: int | None = _f(None, "receive_visibility_timeout", "SQS_VISIBILITY_TIMEOUT")
+    visibility_timeout: int | None = _f(
+        None,
+        "receive_visibility_timeout",
+        "SQS_VISIBILITY_TIMEOUT",
+        "seconds a received message stays hidden; None: the queue's own setting. The worker extends it "
+        "while a task runs, whatever visibility_heartbeat says",
+    )
     visibility_heartbeat: bool = _f(False, "visibility_hearth_beat", "SQS_VISIBILITY_HEARTBEAT")
+    max_delay_seconds: int = _f(
+        900,
+        "max_delay_seconds",
+        "SQS_MAX_DELAY_SECONDS",
+        "longest DelaySeconds one hop of an ETA uses (SQS allows 900); a later ETA is re-delayed in hops",
+    )
+    endpoint_url: str = _f(
+        "",
+        "endpoint_url",
+        "SQS_ENDPOINT_URL",
+        "empty: the SDK's (AWS_ENDPOINT_URL_SQS, AWS_ENDPOINT_URL), else the broker URL's host",
+    )
+    region: str = _f("", "region", "SQS_REGION", "empty: from the queue URL's host, else the SDK's (AWS_REGION)")
+    create_missing: bool = _f(
+        False, "create_missing", "SQS_CREATE_MISSING", "create queues that do not exist (Go never does)"
+    )
 
 
 @dataclass
 class DynamoDBConfig:
-    """DynamoDB result backend table names (Go's ``DynamoDBConfig``)."""
+    """DynamoDB result backend settings (Go's ``DynamoDBConfig``, plus what Go leaves to code)."""
 
     task_states_table: str = _f("task_states", "task_states_table", "TASK_STATES_TABLE")
     group_metas_table: str = _f("group_metas", "group_metas_table", "GROUP_METAS_TABLE")
+    endpoint_url: str = _f(
+        "",
+        "endpoint_url",
+        "DYNAMODB_ENDPOINT_URL",
+        "empty: the SDK's (AWS_ENDPOINT_URL_DYNAMODB, AWS_ENDPOINT_URL), else the backend URL",
+    )
+    region: str = _f("", "region", "DYNAMODB_REGION", "empty: from the backend URL's host, else the SDK's")
+    create_tables: bool = _f(
+        False,
+        "create_tables",
+        "DYNAMODB_CREATE_TABLES",
+        "create missing tables (on-demand billing) with TTL enabled on their TTL attribute",
+    )
+    poll_interval: float = _f(
+        0.2, "poll_interval", "DYNAMODB_POLL_INTERVAL", "seconds between reads while waiting for a result"
+    )
 
 
-_SECTIONS = {"redis": RedisConfig, "amqp": AMQPConfig, "sqs": SQSConfig, "dynamodb": DynamoDBConfig}
+@dataclass
+class GCPPubSubConfig:
+    """Google Cloud Pub/Sub settings (Go's ``GCPPubSubConfig`` keeps only code values)."""
+
+    create_missing: bool = _f(
+        True, "create_missing", "GCPPUBSUB_CREATE_MISSING", "create missing topics and subscriptions"
+    )
+    ack_deadline: int = _f(
+        60,
+        "ack_deadline",
+        "GCPPUBSUB_ACK_DEADLINE",
+        "seconds a pulled message is held (10-600); the worker extends it while a task runs",
+    )
+    max_extension: int = _f(
+        3600, "max_extension", "GCPPUBSUB_MAX_EXTENSION", "seconds a running task's message is held at most"
+    )
+    endpoint: str = _f("", "endpoint", "GCPPUBSUB_ENDPOINT", "empty: PUBSUB_EMULATOR_HOST, else Google's")
+
+
+_SECTIONS = {
+    "redis": RedisConfig,
+    "amqp": AMQPConfig,
+    "sqs": SQSConfig,
+    "dynamodb": DynamoDBConfig,
+    "gcppubsub": GCPPubSubConfig,
+}
 
 
 @dataclass
@@ -146,6 +209,7 @@ class Config:
     amqp: AMQPConfig = field(default_factory=AMQPConfig)
     sqs: SQSConfig = field(default_factory=SQSConfig)
     dynamodb: DynamoDBConfig = field(default_factory=DynamoDBConfig)
+    gcppubsub: GCPPubSubConfig = field(default_factory=GCPPubSubConfig)
 
     def __post_init__(self) -> None:
         self._reloader: _Reloader | None = None
@@ -198,9 +262,14 @@ class Config:
             ("redis.normal_tasks_poll_period", self.redis.normal_tasks_poll_period),
             ("redis.delayed_tasks_poll_period", self.redis.delayed_tasks_poll_period),
             ("amqp.prefetch_count", self.amqp.prefetch_count),
+            ("sqs.wait_time_seconds", self.sqs.wait_time_seconds),
         ):
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value!r}")
+        if not 1 <= self.sqs.max_delay_seconds <= 900:
+            raise ConfigError(f"sqs.max_delay_seconds must be 1-900 (SQS's limit), got {self.sqs.max_delay_seconds!r}")
+        if not 10 <= self.gcppubsub.ack_deadline <= 600:
+            raise ConfigError(f"gcppubsub.ack_deadline must be 10-600 seconds, got {self.gcppubsub.ack_deadline!r}")
 
     # ------------------------------------------------------------------ loaders
 

@@ -11,6 +11,7 @@ seam packages (``brokers``, ``backends``, ``locks``) build instances from them.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,17 +26,22 @@ BROKERS: dict[str, tuple[str, str]] = {
     **{scheme: ("machinery.brokers.amqp:AMQPBroker", "amqp") for scheme in _AMQP},
     "sqlite": ("machinery.brokers.sqlite:SQLiteBroker", ""),
     "memory": ("machinery.brokers.memory:MemoryBroker", ""),
+    "https": ("machinery.brokers.sqs:SQSBroker", "sqs"),
+    "http": ("machinery.brokers.sqs:SQSBroker", "sqs"),
+    "gcppubsub": ("machinery.brokers.gcppubsub:GCPPubSubBroker", "gcp"),
 }
 BACKENDS: dict[str, tuple[str, str]] = {
     **{scheme: ("machinery.backends.redis:RedisBackend", "redis") for scheme in _REDIS},
     **{scheme: ("machinery.backends.amqp:AMQPBackend", "amqp") for scheme in _AMQP},
     "sqlite": ("machinery.backends.sqlite:SQLiteBackend", ""),
     "memory": ("machinery.backends.memory:MemoryBackend", ""),
+    "https": ("machinery.backends.dynamodb:DynamoDBBackend", "dynamodb"),
 }
 LOCKS: dict[str, tuple[str, str]] = {
     **{scheme: ("machinery.locks.redis:RedisLock", "redis") for scheme in _REDIS},
     "sqlite": ("machinery.locks.sqlite:SQLiteLock", ""),
     "memory": ("machinery.locks.memory:MemoryLock", ""),
+    "https": ("machinery.locks.dynamodb:DynamoDBLock", "dynamodb"),
 }
 _TABLES = {"broker": BROKERS, "result_backend": BACKENDS, "lock": LOCKS}
 
@@ -55,12 +61,30 @@ def check_url(kind: str, url: str, field: str | None = None) -> str:
     table = _TABLES[kind]
     scheme = scheme_of(url)
     if scheme in table:
+        _check_cloud_url(kind, scheme, url, field)
         return scheme
     if kind == "lock":
         return "memory"
     shown = f"scheme {scheme!r}" if scheme else "no scheme"
     supported = ", ".join(f"{s}://" for s in sorted(table))
     raise ConfigError(f"{field or kind} URL {url!r} has {shown}; supported schemes are {supported}")
+
+
+def _check_cloud_url(kind: str, scheme: str, url: str, field: str | None) -> None:
+    """Go's rules for the URLs of the cloud drivers (docs/wire.md §13, §17)."""
+    name = field or kind
+    if kind == "broker" and scheme in ("http", "https"):
+        if not url.startswith("https://sqs") and not os.environ.get("DISABLE_STRICT_SQS_CHECK"):
+            raise ConfigError(
+                f"{name} URL {url!r}: an SQS broker URL starts with https://sqs (the queue URL without the queue "
+                "name); set DISABLE_STRICT_SQS_CHECK=1 to use another http(s):// queue base"
+            )
+    elif kind == "result_backend" and scheme == "https" and not url.startswith("https://dynamodb"):
+        raise ConfigError(f"{name} URL {url!r}: a DynamoDB result backend URL starts with https://dynamodb")
+    elif scheme == "gcppubsub":
+        parts = url[len("gcppubsub://") :].split("/")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"{name} URL {url!r} must be gcppubsub://PROJECT/SUBSCRIPTION")
 
 
 def driver_class(kind: str, url: str) -> Any:
