@@ -1,0 +1,215 @@
+"""What is specific to the SQS broker, on moto's server (results in DynamoDB Local): Go's queue
+URLs and bodies, visibility heartbeats, ETA hops past SQS's 15 minutes, dead letters, FIFO rules,
+and a SIGKILLed worker's messages finishing on another worker."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import INTEROP_DIR, push_raw, running_worker, unique, wait_until
+from helpers import Recorder
+from machinery import Config, ConfigError, Server, SQSConfig, UnsupportedOperation
+from machinery._sync import run_sync
+from machinery.brokers.sqs import SQSBroker, SQSConsumer, dead_queue_name
+from support.harnesses.sqs import SQSHarness
+from support.scenarios import CLOUD_WAIT, doomed_worker, kill, read_started, register, run_seed_scenarios, sig
+
+pytestmark = [pytest.mark.sqs, pytest.mark.dynamodb]
+
+
+@pytest.fixture
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> SQSHarness:
+    harness = SQSHarness(request, tmp_path)
+    harness.setup()
+    return harness
+
+
+@pytest.fixture
+def queue() -> str:
+    return unique("sqs_q")
+
+
+def make_server(harness: SQSHarness, queue: str, **overrides: Any) -> Server:
+    return Server(harness.config(queue, **overrides))
+
+
+@pytest.fixture
+def server(harness: SQSHarness, queue: str) -> Iterator[Server]:
+    server = make_server(harness, queue)
+    yield server
+    run_sync(harness.cleanup(server, queue, []))
+    server.close()
+
+
+def test_seed_scenarios(server: Server) -> None:
+    rec = Recorder()
+    register(server, rec)
+    run_seed_scenarios(server, rec)
+
+
+def test_queue_url_and_body_are_gos(server: Server, harness: SQSHarness, queue: str) -> None:
+    broker = harness.broker_of(server)
+    assert broker.queue_url(queue) == f"{harness.url(queue)}/{queue}"  # broker URL + "/" + name
+    server.send_task(sig("add", 1, 1))
+    (body,) = run_sync(harness.queued_bodies(server, queue))
+    go = json.loads((INTEROP_DIR / "amqp_task_add.json").read_text())
+    ours = json.loads(body)
+    assert list(ours) == list(go)  # the 19 keys, in Go's order: the body is the Signature JSON alone
+    assert ours["Args"] == go["Args"] and ours["Name"] == "add"
+
+
+def test_sigkilled_worker_messages_complete_on_another_worker(
+    server: Server, harness: SQSHarness, queue: str, tmp_path: Path
+) -> None:
+    doomed = doomed_worker(tmp_path, harness.config(queue))
+    try:
+        results = [server.send_task(sig("slow", n)) for n in (1, 2)]
+        read_started(doomed, 2)
+        assert run_sync(harness.taken_count(server, queue)) == 2
+    finally:
+        kill(doomed)
+    done = Recorder()
+
+    @server.task("slow")
+    def slow(n: int) -> int:
+        done.add("slow", n)
+        return n * 10
+
+    # No one extends the dead worker's visibility: SQS hands its messages to this worker.
+    with running_worker(server, concurrency=2):
+        assert sorted(r.get(timeout=CLOUD_WAIT) for r in results) == [10, 20]
+    assert sorted(done.of("slow")) == [(1,), (2,)]
+
+
+def test_task_longer_than_the_visibility_timeout_runs_once(harness: SQSHarness, queue: str) -> None:
+    server = make_server(harness, queue, sqs=SQSConfig(create_missing=True, visibility_timeout=2, wait_time_seconds=1))
+    other = make_server(harness, queue, sqs=SQSConfig(create_missing=True, visibility_timeout=2, wait_time_seconds=1))
+    rec = Recorder()
+    for each in (server, other):
+
+        @each.task("long")
+        def long(n: int) -> int:
+            rec.add("long", n)
+            rec.gate.wait(30)
+            return n
+
+    try:
+        with running_worker(server), running_worker(other):
+            result = server.send_task(sig("long", 7))
+            wait_until(lambda: rec.of("long"), CLOUD_WAIT, "the long task starting")
+            # Three visibility timeouts pass while it runs: the heartbeat keeps it hidden.
+            deadline = time.monotonic() + 6.5
+            while time.monotonic() < deadline:
+                assert len(rec.of("long")) == 1, "the message was redelivered while its task ran"
+                time.sleep(0.1)
+            rec.gate.set()
+            assert result.get(timeout=CLOUD_WAIT) == 7
+        assert rec.of("long") == [(7,)]
+    finally:
+        run_sync(harness.cleanup(server, queue, []))
+
+
+def test_eta_beyond_the_hop_limit_runs_when_due_and_not_before(
+    harness: SQSHarness, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = SQSConfig(create_missing=True, visibility_timeout=4, wait_time_seconds=1, max_delay_seconds=2)
+    server = make_server(harness, queue, sqs=config)
+    rec = Recorder()
+    register(server, rec)
+    hops: list[float] = []
+    delay_again = SQSConsumer._delay_again
+
+    async def counting(self: SQSConsumer, body: bytes, handle: str, left: float) -> None:
+        hops.append(left)
+        await delay_again(self, body, handle, left)
+
+    monkeypatch.setattr(SQSConsumer, "_delay_again", counting)
+    try:
+        with running_worker(server):
+            eta = datetime.now(timezone.utc) + timedelta(seconds=7)
+            result = server.send_task(sig("add", 3, 4, eta=eta))
+            assert result.get(timeout=CLOUD_WAIT) == 7
+        assert rec.times("add")[0] >= eta.timestamp()
+        assert len(hops) >= 2, f"expected the message to be re-delayed in 2 s hops, saw {hops}"
+    finally:
+        run_sync(harness.cleanup(server, queue, []))
+
+
+def test_undecodable_message_goes_to_the_dead_queue_with_its_reason(server: Server, queue: str) -> None:
+    push_raw(server, b"this is not JSON")
+    with running_worker(server):
+        letters = wait_until(lambda: server.dead_letters(), CLOUD_WAIT, "a dead letter")
+    assert [letter.body for letter in letters] == [b"this is not JSON"]
+    assert "not JSON" in letters[0].reason
+    assert server.get_pending_tasks() == []
+    assert dead_queue_name(queue) == f"{queue}-dead" and dead_queue_name("q.fifo") == "q-dead.fifo"
+
+
+def test_inspection(server: Server) -> None:
+    sent = [server.send_task(sig("add", n, n)) for n in range(3)]
+    assert [s.uuid for s in server.get_pending_tasks()] == [r.task_uuid for r in sent]
+    assert len(server.get_pending_tasks()) == 3  # looking does not take them away
+    with pytest.raises(UnsupportedOperation, match="SQS cannot list delayed"):
+        server.get_delayed_tasks()
+
+
+def test_fifo_queues_need_a_group_and_keep_retries(harness: SQSHarness) -> None:
+    queue = unique("sqs_fifo") + ".fifo"
+    server = make_server(harness, queue)
+    rec = Recorder()
+    register(server, rec)
+    try:
+        with pytest.raises(ConfigError, match="BrokerMessageGroupId"):
+            server.send_task(sig("add", 1, 2))
+        with running_worker(server):
+            # The retries re-send the same UUID: deduplicated by body, not UUID, they are not lost.
+            result = server.send_task(sig("flaky", "f", broker_message_group_id="g1"))
+            assert result.get(timeout=CLOUD_WAIT) == "done"
+        assert len(rec.of("flaky")) == 3
+    finally:
+        run_sync(harness.cleanup(server, queue, []))
+
+
+def test_urls_follow_gos_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DISABLE_STRICT_SQS_CHECK", raising=False)
+    backend = "redis://127.0.0.1:6379/0"
+    assert Config(broker="https://sqs.us-east-2.amazonaws.com/123456789012", result_backend=backend)
+    with pytest.raises(ConfigError, match="DISABLE_STRICT_SQS_CHECK"):
+        Config(broker="http://127.0.0.1:4566/123456789012", result_backend=backend)
+    monkeypatch.setenv("DISABLE_STRICT_SQS_CHECK", "1")
+    assert Config(broker="http://127.0.0.1:4566/123456789012", result_backend=backend)
+    broker = SQSBroker(Config(broker="https://sqs.us-east-2.amazonaws.com/1234/", result_backend=backend), "")
+    assert broker.queue_url("tasks") == "https://sqs.us-east-2.amazonaws.com/1234/tasks"
+    assert broker.clients.region == "us-east-2" and broker.clients.endpoint_url is None
+
+
+def test_a_missing_queue_is_one_clear_error(harness: SQSHarness, queue: str) -> None:
+    server = make_server(harness, queue, sqs=SQSConfig(create_missing=False))
+    with pytest.raises(ConfigError, match=f"SQS queue '{queue}' does not exist"):
+        server.send_task(sig("add", 1, 1))
+
+
+def test_an_unreachable_server_is_waited_out(harness: SQSHarness, queue: str) -> None:
+    config = harness.config(queue)
+    config.broker = "http://127.0.0.1:9/123456789012"  # nothing listens on the discard port
+    server = Server(config)
+    errors: list[BaseException] = []
+    worker = server.new_worker()
+    worker.set_error_handler(errors.append)
+    thread = threading.Thread(target=worker.launch, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: errors, CLOUD_WAIT, "the worker reporting the outage")
+        assert thread.is_alive(), "the worker gave up instead of retrying"
+        assert "cannot reach SQS" in str(errors[0])
+    finally:
+        worker.quit()
+        thread.join(30)

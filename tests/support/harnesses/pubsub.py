@@ -1,0 +1,62 @@
+"""The GCP Pub/Sub broker on Google's emulator, with its results in the shared Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import pytest
+
+from machinery import Config, GCPPubSubConfig, Server
+from machinery.brokers.base import Consumer
+from machinery.brokers.gcppubsub import GCPPubSubBroker, PubSubConsumer
+from support.harnesses.base import Harness, make_config
+
+PROJECT = "machinery-test"
+#: Pub/Sub's shortest ack deadline: a dead consumer's messages come back after it.
+TEST_ACK_DEADLINE = 10
+
+
+class PubSubHarness(Harness):
+    name: ClassVar[str] = "gcppubsub"
+    backend: ClassVar[bool] = False
+    lock: ClassVar[bool] = False
+    marks: ClassVar[tuple[str, ...]] = ("gcppubsub", "redis")
+
+    def setup(self) -> None:
+        self.request.getfixturevalue("pubsub_emulator")
+        self.redis_url: str = self.request.getfixturevalue("redis_url")
+
+    def url(self, queue: str) -> str:
+        return f"gcppubsub://{PROJECT}/{queue}-sub"
+
+    def config_overrides(self, queue: str) -> dict[str, Any]:
+        return {"gcppubsub": GCPPubSubConfig(ack_deadline=TEST_ACK_DEADLINE)}
+
+    def config(self, queue: str, **overrides: Any) -> Config:
+        fields: dict[str, Any] = {"result_backend": self.redis_url, "lock": self.redis_url, **overrides}
+        return make_config(queue, broker=self, backend=self, **fields)
+
+    @staticmethod
+    def broker_of(server: Server) -> GCPPubSubBroker:
+        assert isinstance(server.broker, GCPPubSubBroker)
+        return server.broker
+
+    async def queued_bodies(self, server: Server, queue: str) -> list[bytes]:
+        broker = self.broker_of(server)
+        found = await broker._peek(queue, await broker.ensure_subscription(queue))
+        return [bytes(m.message.data) for m in found]
+
+    async def taken_count(self, server: Server, queue: str) -> int:
+        pytest.skip("Pub/Sub reports no count of outstanding messages (only Cloud Monitoring does)")
+
+    def abandon(self, consumer: Consumer) -> None:
+        assert isinstance(consumer, PubSubConsumer)
+        consumer.abandon()
+
+    async def cleanup(self, server: Server, queue: str, ids: Iterable[str]) -> None:
+        await self.broker_of(server).delete_queue(queue)
+        client = server.backend
+        for uuid in ids:
+            await client.purge_state(uuid)
+            await client.purge_group_meta(uuid)

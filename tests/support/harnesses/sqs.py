@@ -1,0 +1,81 @@
+"""The SQS broker on moto's server, with its results in DynamoDB Local (``sqs``), as a user on
+AWS would run it; ``SQSBrokerHarness`` is the broker alone, for pairing with other backends."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from machinery import Config, Server, SQSConfig
+from machinery.brokers.base import Consumer
+from machinery.brokers.sqs import SQSBroker, SQSConsumer
+from support.cloud import ACCOUNT, LocalServer
+from support.harnesses.base import Harness, make_config
+from support.harnesses.dynamodb import DynamoDBHarness
+
+#: Short enough for the redelivery tests to see a dead consumer's messages come back soon.
+TEST_VISIBILITY = 4
+
+
+class SQSBrokerHarness(Harness):
+    """The SQS broker alone; the lock falls to the backend's (or memory)."""
+
+    name: ClassVar[str] = "sqs-broker"
+    backend: ClassVar[bool] = False
+    lock: ClassVar[bool] = False
+    marks: ClassVar[tuple[str, ...]] = ("sqs",)
+
+    def setup(self) -> None:
+        self.server: LocalServer = self.request.getfixturevalue("moto_server")
+        os.environ["DISABLE_STRICT_SQS_CHECK"] = "1"  # moto's queue URLs are http://127.0.0.1:PORT/ACCOUNT/NAME
+
+    def url(self, queue: str) -> str:
+        return f"{self.server.url}/{ACCOUNT}"
+
+    def config_overrides(self, queue: str) -> dict[str, Any]:
+        return {"sqs": SQSConfig(create_missing=True, visibility_timeout=TEST_VISIBILITY, wait_time_seconds=1)}
+
+    @staticmethod
+    def broker_of(server: Server) -> SQSBroker:
+        assert isinstance(server.broker, SQSBroker)
+        return server.broker
+
+    async def queued_bodies(self, server: Server, queue: str) -> list[bytes]:
+        return [body for _, body, _ in await self.broker_of(server)._peek(queue)]
+
+    async def taken_count(self, server: Server, queue: str) -> int:
+        _, in_flight, _ = await self.broker_of(server).queue_counts(queue)
+        return in_flight
+
+    def abandon(self, consumer: Consumer) -> None:
+        assert isinstance(consumer, SQSConsumer)
+        consumer.abandon()
+
+    async def cleanup(self, server: Server, queue: str, ids: Iterable[str]) -> None:
+        await self.broker_of(server).delete_queue(queue)
+
+
+class SQSHarness(SQSBrokerHarness):
+    """SQS for messages, DynamoDB for states, groups and locks."""
+
+    name: ClassVar[str] = "sqs"
+    backend: ClassVar[bool] = True
+    lock: ClassVar[bool] = True
+    marks: ClassVar[tuple[str, ...]] = ("sqs", "dynamodb")
+
+    def setup(self) -> None:
+        super().setup()
+        self.results = DynamoDBHarness(self.request, self.tmp_path)
+        self.results.setup()
+
+    def config(self, queue: str, **overrides: Any) -> Config:
+        return make_config(queue, broker=self, backend=self.results, **overrides)
+
+    async def expiry(self, server: Server, task_uuid: str) -> float | None:
+        return await self.results.expiry(server, task_uuid)
+
+    async def cleanup(self, server: Server, queue: str, ids: Iterable[str]) -> None:
+        ids = list(ids)
+        await super().cleanup(server, queue, ids)
+        await self.results.cleanup(server, queue, ids)
