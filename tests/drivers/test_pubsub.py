@@ -5,6 +5,9 @@ finishing on another worker, ETA held back by ack deadlines, dead letters, missi
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -21,6 +24,7 @@ from support.harnesses.pubsub import TEST_ACK_DEADLINE, PubSubHarness
 from support.scenarios import CLOUD_WAIT, doomed_worker, kill, read_started, register, run_seed_scenarios, sig
 
 pytestmark = [pytest.mark.gcppubsub, pytest.mark.redis]
+MACHINERY = Path(sys.executable).with_name("machinery")
 
 
 @pytest.fixture
@@ -157,3 +161,23 @@ def test_missing_topic_is_one_clear_error(harness: PubSubHarness, queue: str) ->
 def test_url_form() -> None:
     with pytest.raises(ConfigError, match="gcppubsub://PROJECT/SUBSCRIPTION"):
         Config(broker="gcppubsub://only-project", result_backend="redis://127.0.0.1:6379/0")
+
+
+@pytest.mark.slow
+def test_demo_and_cli(harness: PubSubHarness, queue: str, tmp_path: Path) -> None:
+    env = {**os.environ, "BROKER": harness.url(queue), "RESULT_BACKEND": harness.redis_url, "DEFAULT_QUEUE": queue}
+    demo = subprocess.run(
+        [str(MACHINERY), "demo", "--broker", env["BROKER"], "--backend", env["RESULT_BACKEND"]],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "= 48" in demo.stdout and "= 20" in demo.stdout  # the chain and the chord
+    delayed = subprocess.run(
+        [str(MACHINERY), "delayed"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert delayed.returncode != 0 and "not available on this broker" in delayed.stderr + delayed.stdout

@@ -5,6 +5,9 @@ and a SIGKILLed worker's messages finishing on another worker."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,10 +22,12 @@ from helpers import Recorder
 from machinery import Config, ConfigError, Server, SQSConfig, UnsupportedOperation
 from machinery._sync import run_sync
 from machinery.brokers.sqs import SQSBroker, SQSConsumer, dead_queue_name
+from support.harnesses.dynamodb import GROUPS_TABLE, STATES_TABLE
 from support.harnesses.sqs import SQSHarness
 from support.scenarios import CLOUD_WAIT, doomed_worker, kill, read_started, register, run_seed_scenarios, sig
 
 pytestmark = [pytest.mark.sqs, pytest.mark.dynamodb]
+MACHINERY = Path(sys.executable).with_name("machinery")
 
 
 @pytest.fixture
@@ -213,3 +218,40 @@ def test_an_unreachable_server_is_waited_out(harness: SQSHarness, queue: str) ->
     finally:
         worker.quit()
         thread.join(30)
+
+
+def cli_env(harness: SQSHarness, queue: str) -> dict[str, str]:
+    """The environment a user on a local SQS and DynamoDB would set (the SDKs' own endpoint names)."""
+    return {
+        **os.environ,
+        "BROKER": harness.url(queue),
+        "RESULT_BACKEND": harness.results.url(queue),
+        "DEFAULT_QUEUE": queue,
+        "DISABLE_STRICT_SQS_CHECK": "1",
+        "AWS_ENDPOINT_URL_DYNAMODB": harness.results.server.url,
+        "TASK_STATES_TABLE": STATES_TABLE,
+        "GROUP_METAS_TABLE": GROUPS_TABLE,
+        "DYNAMODB_CREATE_TABLES": "1",
+        "SQS_CREATE_MISSING": "1",
+    }
+
+
+@pytest.mark.slow
+def test_demo_and_cli(harness: SQSHarness, queue: str, tmp_path: Path) -> None:
+    env = cli_env(harness, queue)
+    demo = subprocess.run(
+        [str(MACHINERY), "demo", "--broker", env["BROKER"], "--backend", env["RESULT_BACKEND"]],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "= 48" in demo.stdout and "= 20" in demo.stdout  # the chain and the chord
+    delayed = subprocess.run(
+        [str(MACHINERY), "delayed"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert delayed.returncode != 0 and "not available on this broker" in delayed.stderr + delayed.stdout
+    assert "Traceback" not in delayed.stderr

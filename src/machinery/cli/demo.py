@@ -16,7 +16,9 @@ RECEIVED and STARTED together, so a poller would never see RECEIVED.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import os
 import logging
 import sys
 import tempfile
@@ -373,7 +375,9 @@ class _Outcome:
         return not self.error and self.value == self.step.expected
 
 
-def run_demo(broker: str | None = None, steps: Sequence[DemoStep] = STEPS, verbose: bool = False) -> bool:
+def run_demo(
+    broker: str | None = None, steps: Sequence[DemoStep] = STEPS, verbose: bool = False, backend: str | None = None
+) -> bool:
     """Run a worker and the ``steps`` against ``broker`` (a temporary SQLite file by default).
 
     Prints as it goes; returns True when every step returned what it should. Raises
@@ -382,22 +386,34 @@ def run_demo(broker: str | None = None, steps: Sequence[DemoStep] = STEPS, verbo
     _calls.clear()
     with tempfile.TemporaryDirectory(prefix="machinery-demo-") as tmp, _quiet(verbose):
         url = broker or f"sqlite:///{Path(tmp) / 'machinery.db'}"
-        return asyncio.run(_demo(url, steps))
+        return asyncio.run(_demo(url, steps, backend or ""))
 
 
-async def _demo(url: str, steps: Sequence[DemoStep]) -> bool:
+async def _demo(url: str, steps: Sequence[DemoStep], backend: str = "") -> bool:
     queue = f"machinery_demo_{uuid.uuid4().hex[:8]}"
     states = StateLog()
     # Its own queue and, on RabbitMQ, its own binding key: with a direct exchange the binding
     # key decides which queues get a task, and the default one is every app's. Results expire
     # soon, and what they cannot take away is deleted at the end.
-    config = Config(broker=url, default_queue=queue, results_expire_in=120, amqp=AMQPConfig(binding_key=queue))
+    # The cloud sections come from the environment (endpoints, regions, table names); the demo
+    # may create its own SQS queue and Pub/Sub topic, as it deletes them at the end.
+    env = Config.from_env({k: v for k, v in os.environ.items() if k not in _DEMO_FIELDS_ENV})
+    config = Config(
+        broker=url,
+        result_backend=backend,
+        default_queue=queue,
+        results_expire_in=120,
+        amqp=AMQPConfig(binding_key=queue),
+        sqs=dataclasses.replace(env.sqs, create_missing=True),
+        dynamodb=env.dynamodb,
+        gcppubsub=dataclasses.replace(env.gcppubsub, create_missing=True),
+    )
     server = Server(config, middleware=[states])
     try:
         server.register_tasks(TASKS)
         await server.backend.get_state("machinery-demo-probe")  # fail now, clearly, if unreachable
         out = _Printer(steps, list(server.tasks))
-        out.header(url, queue)
+        out.header(url, queue, backend)
         # The periodic step runs a scheduler of its own, only as long as it needs one.
         worker = server.new_worker("machinery-demo", concurrency=4, periodic=False)
         errors: list[BaseException] = []
@@ -426,6 +442,10 @@ async def _demo(url: str, steps: Sequence[DemoStep]) -> bool:
     finally:
         await _clean_up(server, queue, states)
         await server.aclose()
+
+
+#: Settings the demo chooses itself, whatever the environment says.
+_DEMO_FIELDS_ENV = frozenset({"BROKER", "RESULT_BACKEND", "LOCK", "DEFAULT_QUEUE", "RESULTS_EXPIRE_IN"})
 
 
 async def _clean_up(server: Server, queue: str, states: StateLog) -> None:
@@ -517,9 +537,13 @@ class _Printer:
         self.name_width = max((len(n) for n in task_names), default=0)
         self.arrow, self.dots = ("→", "⋯") if _fits_output("→⋯") else ("->", "...")
 
-    def header(self, url: str, queue: str) -> None:
+    def header(self, url: str, queue: str, backend: str = "") -> None:
         click.echo(click.style("machinery demo", bold=True) + ": a worker, a scheduler and a client in this process")
-        click.echo(f"  broker and backend  {url}")
+        if backend:
+            click.echo(f"  broker              {url}")
+            click.echo(f"  backend             {backend}")
+        else:
+            click.echo(f"  broker and backend  {url}")
         click.echo(f"  queue               {queue}")
 
     def sending(self) -> None:

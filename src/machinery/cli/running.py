@@ -222,15 +222,18 @@ def describe_entry(entry: PeriodicEntry) -> str:
 _DEMO_EPILOG = """\b
 Examples:
   machinery demo
-  machinery demo --broker redis://localhost:6379/0"""
+  machinery demo --broker redis://localhost:6379/0
+  machinery demo --broker https://sqs.us-east-2.amazonaws.com/123456789012 --backend https://dynamodb.us-east-2.amazonaws.com
+  machinery demo --broker gcppubsub://my-project/demo --backend redis://localhost:6379/0"""
 
 
 @click.command(epilog=_DEMO_EPILOG)
 @click.option(
     "--broker", metavar="URL", help="Broker and backend URL  [default: a SQLite file in a temporary directory]"
 )
+@click.option("--backend", metavar="URL", help="Result backend URL  [default: the broker's]")
 @click.option("-v", "--verbose", is_flag=True, help="Also show the worker's log on stderr.")
-def demo(broker: str | None, verbose: bool) -> None:
+def demo(broker: str | None, backend: str | None, verbose: bool) -> None:
     """Run a worker, example tasks, workflows and a periodic task.
 
     In this process: single tasks (with an ETA, retries, RetryTaskLater), the chain
@@ -244,7 +247,7 @@ def demo(broker: str | None, verbose: bool) -> None:
     if verbose:
         setup_logging("info")
     try:
-        ok = run_demo(broker, verbose=verbose)
+        ok = run_demo(broker, verbose=verbose, backend=backend)
     except Exception as exc:
         if broker is not None and is_connection_error(exc):
             raise CliError(unreachable_message(broker, broker, exc)) from None
