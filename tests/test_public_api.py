@@ -20,6 +20,7 @@ PUBLIC_NAMES = [
     "ConfigError",
     "DynamoDBConfig",
     "FAILURE",
+    "GCPPubSubConfig",
     "Group",
     "GroupMeta",
     "MachineryError",

@@ -225,7 +225,7 @@ def test_annotations_revocations_and_workers(backend: DynamoDBBackend) -> None:
         state = await backend.get_state(uuid)
         assert state is not None and state.state == PENDING  # beside the state, not in it
 
-        version, revoked = await backend.revocations(-1) or (0, {})
+        version, _revoked = await backend.revocations(-1) or (0, {})
         await backend.revoke(uuid, terminate=True)
         found = await backend.revocations(version)
         assert found is not None and found[1][uuid] is True

@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import logging
+import os
 import sys
 import tempfile
 import time
