@@ -34,7 +34,7 @@ from botocore.exceptions import ClientError
 from .. import log
 from .._drivers.aws import AWSClients, endpoint_for, error_code
 from ..config import Config, redact_url
-from ..errors import ConfigError, MessageDecodeError, UnsupportedOperation
+from ..errors import ConfigError, MachineryError, MessageDecodeError, UnsupportedOperation
 from ..signature import Signature
 from .base import Broker, Consumer, DeadLetter, Delivery, decode_all
 
@@ -263,6 +263,10 @@ class SQSConsumer(Consumer):
         #: Receipt handles taken and not yet settled: the heartbeat keeps them hidden.
         self.held: set[str] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        #: Acks of one loop tick, sent together by DeleteMessageBatch (tasks of one receive
+        #: tend to finish together).
+        self._acks: list[tuple[str, asyncio.Future[None]]] = []
+        self._flushing: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if not self.visibility:  # the queue's own setting
@@ -311,9 +315,29 @@ class SQSConsumer(Consumer):
         self.held.discard(handle)
 
     async def ack(self, delivery: Delivery) -> None:
-        async with self.broker.clients.call(f"deleting a message from {self.queue!r}") as sqs:
-            await _delete(sqs, self.url, [delivery.receipt])
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks.append((delivery.receipt, done))
+        if self._flushing is None:
+            self._flushing = asyncio.ensure_future(self._flush_acks())
+        await done
         self.held.discard(delivery.receipt)
+
+    async def _flush_acks(self) -> None:
+        await asyncio.sleep(0)  # let the acks of this tick join
+        while self._acks:
+            batch, self._acks = self._acks[:BATCH], self._acks[BATCH:]
+            try:
+                async with self.broker.clients.call(f"deleting messages from {self.queue!r}") as sqs:
+                    await _delete(sqs, self.url, [handle for handle, _ in batch])
+            except Exception as exc:  # each ack fails alone and is retried by the worker
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+        self._flushing = None
 
     async def requeue(self, delivery: Delivery, delay: float = 0.0) -> None:
         # Hidden for ``delay`` seconds, then any worker may take it; the body stays as it was.
@@ -415,7 +439,11 @@ async def _delete(sqs: Any, url: str, handles: Sequence[str]) -> None:
             await sqs.delete_message(QueueUrl=url, ReceiptHandle=chunk[0])
             continue
         entries = [{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(chunk)]
-        await sqs.delete_message_batch(QueueUrl=url, Entries=entries)
+        response = await sqs.delete_message_batch(QueueUrl=url, Entries=entries)
+        failed = [f for f in response.get("Failed") or [] if f.get("Code") != "ReceiptHandleIsInvalid"]
+        if failed:
+            reasons = "; ".join(f"{f.get('Code')}: {f.get('Message')}" for f in failed)
+            raise MachineryError(f"SQS did not delete {len(failed)} message(s): {reasons}")
 
 
 async def _change_visibility(sqs: Any, url: str, handles: Sequence[str], seconds: int) -> None:
