@@ -4,6 +4,7 @@ and a SIGKILLed worker's messages finishing on another worker."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -255,3 +256,46 @@ def test_demo_and_cli(harness: SQSHarness, queue: str, tmp_path: Path) -> None:
     )
     assert delayed.returncode != 0 and "not available on this broker" in delayed.stderr + delayed.stdout
     assert "Traceback" not in delayed.stderr
+
+
+def test_missing_credentials_are_one_clear_error(
+    harness: SQSHarness, queue: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup off loopback
+    server = make_server(harness, queue)
+    with pytest.raises(ConfigError, match="no AWS credentials"):
+        server.send_task(sig("add", 1, 1))
+
+
+def test_acks_of_one_moment_share_one_delete_batch(
+    server: Server, harness: SQSHarness, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import machinery.brokers.sqs as sqs_module
+
+    batches: list[int] = []
+    delete = sqs_module._delete
+
+    async def counting(sqs: Any, url: str, handles: Any) -> None:
+        batches.append(len(handles))
+        await delete(sqs, url, handles)
+
+    monkeypatch.setattr(sqs_module, "_delete", counting)
+    for n in range(5):
+        server.send_task(sig("add", n, n))
+
+    async def take_and_ack() -> int:
+        consumer = await server.broker.open_consumer(queue, "batch-test")
+        taken: list[Any] = []
+        while len(taken) < 5:
+            taken += await consumer.fetch(5 - len(taken), timeout=1)
+        await asyncio.gather(*(consumer.ack(d) for d in taken))  # five tasks finishing together
+        await consumer.close()
+        return len(taken)
+
+    assert run_sync(take_and_ack()) == 5
+    assert batches == [5]
+    assert run_sync(harness.queued_bodies(server, queue)) == []

@@ -42,6 +42,8 @@ from .base import Broker, Consumer, DeadLetter, Delivery, decode_all
 BATCH = 10
 MAX_WAIT = 20
 MAX_VISIBILITY = 43_200
+#: Seconds acks wait for others to share their DeleteMessageBatch.
+ACK_GATHER = 0.02
 #: A message due within this many seconds is run now rather than delayed once more.
 DUE_SLACK = 0.5
 _MISSING_QUEUE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
@@ -263,8 +265,8 @@ class SQSConsumer(Consumer):
         #: Receipt handles taken and not yet settled: the heartbeat keeps them hidden.
         self.held: set[str] = set()
         self._heartbeat: asyncio.Task[None] | None = None
-        #: Acks of one loop tick, sent together by DeleteMessageBatch (tasks of one receive
-        #: tend to finish together).
+        #: Acks of one moment, sent together by DeleteMessageBatch (tasks of one receive tend
+        #: to finish together).
         self._acks: list[tuple[str, asyncio.Future[None]]] = []
         self._flushing: asyncio.Task[None] | None = None
 
@@ -323,7 +325,10 @@ class SQSConsumer(Consumer):
         self.held.discard(delivery.receipt)
 
     async def _flush_acks(self) -> None:
-        await asyncio.sleep(0)  # let the acks of this tick join
+        # Let the acks of the next moments join: a task's result is already stored (its waiter
+        # has it), so this delays only the deletion, by less than a request to SQS takes.
+        if len(self._acks) < BATCH:
+            await asyncio.sleep(ACK_GATHER)
         while self._acks:
             batch, self._acks = self._acks[:BATCH], self._acks[BATCH:]
             try:
