@@ -40,7 +40,6 @@ from .base import Broker, Consumer, DeadLetter, Delivery, decode_all
 #: Pub/Sub's longest ack deadline, and how many messages one acknowledge call takes.
 MAX_DEADLINE = 600
 ACK_BATCH = 1000
-DUE_SLACK = 0.5
 PEEK_DEADLINE = 30
 
 
@@ -244,7 +243,7 @@ class PubSubConsumer(Consumer):
             for m in received:
                 body = bytes(m.message.data)
                 left = _seconds_to_eta(body)
-                if left > DUE_SLACK:
+                if left > 0:  # never run early: a fraction of a second left is one more (short) delay
                     early.append((m.ack_id, left))
                     continue
                 self.held[m.ack_id] = time.monotonic()

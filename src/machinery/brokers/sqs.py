@@ -44,8 +44,6 @@ MAX_WAIT = 20
 MAX_VISIBILITY = 43_200
 #: Seconds acks wait for others to share their DeleteMessageBatch.
 ACK_GATHER = 0.02
-#: A message due within this many seconds is run now rather than delayed once more.
-DUE_SLACK = 0.5
 _MISSING_QUEUE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
 _REASON = "MachineryDeadReason"
 _DEAD_TIME = "MachineryDeadTime"
@@ -298,7 +296,7 @@ class SQSConsumer(Consumer):
             self.held.add(handle)
             body = _body(message)
             left = _seconds_to_eta(body)
-            if left > DUE_SLACK:
+            if left > 0:  # never run early: a fraction of a second left is one more (short) delay
                 await self._delay_again(body, handle, left)
                 continue
             deliveries.append(Delivery(body, self.queue, handle))
