@@ -135,6 +135,7 @@ async def test_group_metadata_and_completion(backend_deployment: Deployment) -> 
     assert not await backend.trigger_chord(group_uuid, 3)
     meta = await backend.get_group_meta(group_uuid)
     assert meta is not None and meta.chord_triggered
+    d.track(f"group_{d.queue}_none")
     assert await backend.trigger_chord(f"group_{d.queue}_none", 1) is False
     await backend.purge_group_meta(group_uuid)
     await server.aclose()

@@ -197,6 +197,8 @@ async def test_a_dead_consumers_messages_are_reclaimed(broker_deployment: Deploy
     alive = await server.broker.open_consumer(d.queue, "alive", prefetch=1)
     (retaken,) = await take(alive, 1)  # within the heartbeat timeout and a generous margin
     assert retaken.body == taken.body
+    await dead.ack(taken)  # too late: no longer the dead one's, nothing happens
+    assert await d.ataken_count(server=server) == 1
     await alive.ack(retaken)
     await alive.close()
     assert await d.aqueued_bodies(server=server) == [] and await d.ataken_count(server=server) == 0

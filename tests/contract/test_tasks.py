@@ -478,3 +478,20 @@ def test_concurrency_bound(deployment: Deployment, server: Server) -> None:
         assert [r.get(timeout=WAIT) for r in results] == list(range(6))
     assert most[0] == 2
     assert deployment.taken_count() == 0
+
+
+# --------------------------------------------------------------------------- periodic tasks
+
+
+def test_the_worker_runs_a_periodic_task(server: Server) -> None:
+    ticks: list[tuple[int, int]] = []
+
+    @server.task
+    def add(a: int, b: int) -> int:
+        ticks.append((a, b))
+        return a + b
+
+    server.register_periodic_task("@every 1s", unique("tick"), Signature("add", [7, 7]))
+    with running_worker(server, concurrency=2):  # the worker runs the scheduler beside consuming
+        wait_until(lambda: len(ticks) >= 2, what="two ticks")
+    assert set(ticks) == {(7, 7)}

@@ -35,39 +35,9 @@ from machinery._sync import run_sync
 from machinery.workflow import chords as workflow_module
 from support.deployment import Deployment
 from support.interop import INTEROP_DIR
-from support.recording import Recorder, register_seed_tasks
+from support.recording import Recorder, register_workflow_tasks
 from support.waiting import WAIT, wait_until
 from support.workers import running_worker
-
-
-def register_workflow_tasks(server: Server) -> Recorder:
-    rec = Recorder()
-
-    register_seed_tasks(server, rec)
-
-    @server.task
-    def fail(message: str, *previous: int) -> int:
-        rec.add("fail", message, *previous)
-        raise ValueError(message)
-
-    @server.task
-    def gated(value: int) -> int:
-        # Blocks until the test opens the gate: a member that is provably still running.
-        assert rec.gate.wait(WAIT), "gate never opened"
-        rec.add("gated", value)
-        return value
-
-    @server.task
-    def gated_fail(message: str) -> int:
-        assert rec.gate.wait(WAIT), "gate never opened"
-        rec.add("gated_fail", message)
-        raise ValueError(message)
-
-    @server.task
-    def on_error(error: str, *extra: int) -> None:
-        rec.add("on_error", error, *extra)
-
-    return rec
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import pytest
 from .deployment import Deployment, make_deployment
 from .harnesses import DEPLOYMENTS, HARNESSES
 from .processes import Processes
+from .servers import private_redis  # noqa: F401  (a fixture for every test directory)
 from .services import require_amqp, require_redis
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from machinery import Middleware, Outcome, Server, Signature
 
+from .waiting import WAIT
+
 
 class Recorder:
     """Thread-safe record of what tasks saw and when, shared by the test and the worker thread.
@@ -126,3 +128,35 @@ def register_seed_tasks(server: Server, rec: Recorder) -> None:
         for a in args:
             product *= a
         return product
+
+
+def register_workflow_tasks(server: Server) -> Recorder:
+    """The seed's tasks and those of the workflow tests (failing, gated on ``rec.gate``); returns
+    the Recorder they all write to."""
+    rec = Recorder()
+
+    register_seed_tasks(server, rec)
+
+    @server.task
+    def fail(message: str, *previous: int) -> int:
+        rec.add("fail", message, *previous)
+        raise ValueError(message)
+
+    @server.task
+    def gated(value: int) -> int:
+        # Blocks until the test opens the gate: a member that is provably still running.
+        assert rec.gate.wait(WAIT), "gate never opened"
+        rec.add("gated", value)
+        return value
+
+    @server.task
+    def gated_fail(message: str) -> int:
+        assert rec.gate.wait(WAIT), "gate never opened"
+        rec.add("gated_fail", message)
+        raise ValueError(message)
+
+    @server.task
+    def on_error(error: str, *extra: int) -> None:
+        rec.add("on_error", error, *extra)
+
+    return rec

@@ -16,17 +16,17 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
-from conftest import running_worker, wait_until
 from machinery import Arg, Chord, Config, Group, Server, Signature, Worker
 from machinery._sync import run_sync
 from machinery.cli import BadArgument, main, parse_arg, parse_eta
+from support.cli import assert_one_line_error, invoke, subprocess_env
+from support.waiting import wait_until
+from support.workers import running_worker
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MACHINERY = Path(sys.executable).with_name("machinery")
-# Variables that would point a command at another broker than the test's.
-CONFIG_VARS = ("BROKER", "RESULT_BACKEND", "LOCK", "DEFAULT_QUEUE", "MULTIPLE_BROKER_SEPARATOR")
 
 # The tasks of the module the CLI loads; ``tasks_server`` registers the same ones in-process.
 TASK_DEFINITIONS = """
@@ -55,29 +55,6 @@ PERIODIC_LINES = """
 server.register_periodic_task("@every 1s", "every_second", add.signature(1, 2))
 server.register_periodic_chain("@hourly", "hourly_chain", add.signature(1, 1), add.signature(5, 5))
 """
-
-
-def invoke(args: list[str], env: Mapping[str, str] | None = None) -> Result:
-    """Run the CLI in-process with only ``env`` configuring it."""
-    clean: dict[str, str | None] = dict.fromkeys(CONFIG_VARS)
-    clean.update(env or {})
-    return CliRunner().invoke(main, args, env=clean, prog_name="machinery")
-
-
-def assert_one_line_error(result: Result, *fragments: str) -> None:
-    assert result.exit_code != 0, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-def subprocess_env(**overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
-    env.update(overrides)
-    return env
 
 
 def sqlite_url(tmp_path: Path) -> str:

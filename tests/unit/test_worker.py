@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from conftest import WAIT, config_for, count_requeues, push_raw, running_worker, wait_until, waiting_bodies
 from machinery import (
     FAILURE,
     PENDING,
@@ -39,6 +38,9 @@ from machinery import (
 )
 from machinery._sync import run_sync
 from machinery.retry import fibonacci_next
+from support.configs import config_for, count_requeues, push_raw, waiting_bodies
+from support.waiting import WAIT, wait_until
+from support.workers import running_worker
 
 
 @pytest.fixture
