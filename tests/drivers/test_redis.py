@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -320,16 +321,19 @@ def test_worker_survives_a_redis_restart_and_loses_nothing(private_redis: Privat
         )
     )
 
+    redis_down = threading.Event()
+
     @server.task("slow_add")
     def slow_add(a: int, b: int) -> int:
-        time.sleep(1.5)
+        redis_down.wait(WAIT)
         return a + b
 
     with running_worker(server, concurrency=2):
         result = server.send_task(Signature("slow_add", [2, 3]))
-        wait_until(lambda: result.state().state == "STARTED", 10, "task STARTED")
-        private_redis.stop()  # the task finishes while Redis is down: its outcome must wait, not vanish
-        time.sleep(2.0)
+        wait_until(lambda: result.state().state == "STARTED", what="task STARTED")
+        private_redis.stop()
+        redis_down.set()  # the task finishes while Redis is down: its outcome must wait, not vanish
+        time.sleep(2.0)  # the length of the outage, not an expectation of speed
         private_redis.start()
         assert result.get(timeout=30) == 5
         # and the worker consumes again by itself

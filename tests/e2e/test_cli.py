@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -417,11 +416,8 @@ def test_the_examples_run_against_a_worker(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_runs_the_main_job(tmp_path: Path) -> None:
-    started = time.monotonic()
     done = run_script(["demo"], subprocess_env(), tmp_path)
-    elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stdout + done.stderr
-    assert elapsed < 20
     out = done.stdout
     assert "\x1b[" not in out, "piped output must carry no colour codes"
     assert done.stderr == ""
@@ -526,12 +522,12 @@ def test_periodic_process_fires_its_entries_and_stops_on_sigterm(tmp_path: Path,
         )
     try:
         # Nothing consumes the queue: every tick's task waits there.
-        deadline = time.monotonic() + 30
-        sent: list[Signature] = []
-        while len(sent) < 2 and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.1)
+        def two_sent() -> list[Signature]:
+            assert process.poll() is None, err_path.read_text()
             sent = server.get_pending_tasks("cli_periodic")
-        assert len(sent) >= 2, err_path.read_text()
+            return sent if len(sent) >= 2 else []
+
+        sent = wait_until(two_sent, what="two ticks sent")
         process.send_signal(signal.SIGTERM)
         returncode = process.wait(20)
     finally:

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from machinery import RECEIVED, SUCCESS, Config, Server, Signature, TaskResult, TaskState
+from machinery import RECEIVED, SUCCESS, Arg, Config, Server, Signature, TaskResult, TaskState
 
 from .recording import FileRecord
 
@@ -43,7 +43,11 @@ READY = "READY"
 def config_json(config: Config) -> str:
     """``config`` as one JSON text (sections as objects) that ``config_from_json`` reads back."""
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    return json.dumps({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in fields.items()})
+    encoded = {
+        k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+        for k, v in fields.items()
+    }
+    return json.dumps(encoded)
 
 
 def config_from_json(text: str) -> Config:
@@ -141,7 +145,7 @@ async def consume(server: Server, args: argparse.Namespace) -> None:
 def send(server: Server, args: argparse.Namespace) -> None:
     ready()
     for i in range(args.count):
-        result = server.send_task(Signature("add", [args.base, i]))
+        result = server.send_task(Signature("add", [Arg("int64", args.base), Arg("int64", i)]))
         print(json.dumps([result.task_uuid, args.base + i]), flush=True)
 
 

@@ -44,7 +44,7 @@ async def await_until(predicate: Callable[[], T | Awaitable[T]], timeout: float 
         if inspect.isawaitable(value):
             value = await value
         if value:
-            return value  # type: ignore[return-value]
+            return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what} did not happen within {timeout} s")
         await asyncio.sleep(POLL)

@@ -33,7 +33,8 @@ class RedisHarness(Harness):
         return server.broker
 
     async def queued_bodies(self, server: Server, queue: str) -> list[bytes]:
-        return list(await self._broker(server).connector.client().lrange(queue, 0, -1))
+        bodies = await self._broker(server).connector.client().lrange(queue, 0, -1)
+        return [body if isinstance(body, bytes) else body.encode() for body in bodies]
 
     async def _processing_lists(self, server: Server, queue: str) -> list[bytes]:
         client = self._broker(server).connector.client()
