@@ -3,11 +3,17 @@ nameless messages, unknown tasks; and a fuzz run of arbitrary bodies (issue 8)."
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
-from machinery import Server, Signature
+from machinery import SUCCESS, Server, Signature
 from support.deployment import Deployment
 from support.waiting import WAIT, wait_until
 from support.workers import running_worker
@@ -117,3 +123,97 @@ def test_a_malformed_body_is_dead_lettered_with_its_reason(deployment: Deploymen
     assert letter.reason
     assert deployment.queued_bodies() == [] and deployment.taken_count() == 0
     assert server.dead_letters() == [letter]  # inspecting leaves them in place
+
+
+# --------------------------------------------------------------------------- fuzz (issue 8 item 4)
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+#: Objects shaped like a task message, with arbitrary values where a worker could trip.
+MESSAGES = st.fixed_dictionaries(
+    {"Name": st.sampled_from(["add", "", "nosuchtask"]) | st.none() | st.text(max_size=10)},
+    optional={
+        "Args": JSON
+        | st.lists(
+            st.fixed_dictionaries(
+                {
+                    "Type": st.sampled_from(["int64", "string", "float64", "[]uint8"]) | st.text(max_size=8),
+                    "Value": JSON,
+                }
+            ),
+            max_size=3,
+        ),
+        "Headers": JSON,
+        "RetryCount": st.integers(min_value=-3, max_value=1),
+        "Immutable": JSON,
+        "OnSuccess": JSON,
+        "GroupTaskCount": JSON,
+    },
+)
+#: Well-formed messages whose arguments a task may still choke on.
+TASKS = st.fixed_dictionaries(
+    {
+        "Name": st.sampled_from(["add", "nosuchtask"]),
+        "Args": st.lists(
+            st.fixed_dictionaries({"Type": st.sampled_from(["int64", "string", "float64", "bool"]), "Value": JSON}),
+            max_size=3,
+        ),
+    }
+)
+BODIES = st.one_of(st.binary(max_size=64), JSON.map(lambda v: json.dumps(v).encode()), MESSAGES, TASKS)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    derandomize=True,  # the same examples on every run and in CI
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(body=BODIES)
+def test_arbitrary_bodies_end_completed_failed_or_dead_lettered(
+    fuzz_worker: tuple[Deployment, Server], body: bytes | dict[str, Any]
+) -> None:
+    deployment, server = fuzz_worker
+    task_uuid = ""
+    if isinstance(body, dict):  # a task-like message: give it a UUID of its own to find its state by
+        task_uuid = f"task_{deployment.queue}_{uuid.uuid4().hex[:8]}"
+        deployment.track(task_uuid)
+        body = json.dumps({**body, "UUID": task_uuid, "RoutingKey": deployment.queue}).encode()
+    letters_before = sum(1 for letter in server.dead_letters() if letter.body == body)
+    deployment.push_raw(body)
+
+    def outcome() -> str:
+        dead = [letter for letter in server.dead_letters() if letter.body == body]
+        state = server.result(task_uuid).state() if task_uuid else None
+        completed = state is not None and state.is_completed()
+        if len(dead) > letters_before:
+            assert not completed, f"{body!r} was both dead-lettered and completed"
+            assert dead[-1].reason, f"{body!r} was dead-lettered without a reason"
+            return "dead letter"
+        if completed:
+            assert state is not None
+            assert state.state == SUCCESS or state.error, f"{body!r} failed without an error"
+            return state.state
+        return ""
+
+    event(wait_until(outcome, what=f"{body!r} settled (completed, FAILURE or dead letter)"))
+    # ... and the worker goes on serving good tasks meanwhile.
+    assert server.send_task(Signature("add", [1, 2])).get(timeout=WAIT) == 3
+
+
+@pytest.fixture
+def fuzz_worker(deployment: Deployment) -> Iterator[tuple[Deployment, Server]]:
+    # Unknown task names are dead-lettered after half a second, so that they too end settled.
+    server = deployment.server(unregistered_task_timeout=0.5)
+
+    @server.task
+    def add(*args: int) -> int:
+        return sum(args)
+
+    with running_worker(server, concurrency=2):
+        yield deployment, server
+    assert deployment.taken_count() == 0  # nothing left taken behind
