@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from conftest import unique
 from machinery import Config, ConfigError, DynamoDBConfig, GroupMeta, Server, TaskResult, TaskState
 from machinery._drivers.dynamodb import from_go_text, go_text, s
 from machinery._sync import run_sync
@@ -21,6 +20,7 @@ from machinery.backends.dynamodb import DynamoDBBackend
 from machinery.locks.dynamodb import DynamoDBLock
 from machinery.state import FAILURE, PENDING, STARTED, SUCCESS, WorkerInfo
 from machinery.types import decode_results
+from support.fixtures import unique
 from support.harnesses.dynamodb import GROUPS_TABLE, STATES_TABLE, DynamoDBHarness
 
 pytestmark = pytest.mark.dynamodb

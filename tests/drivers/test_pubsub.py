@@ -16,12 +16,16 @@ from typing import Any
 
 import pytest
 
-from conftest import INTEROP_DIR, push_raw, running_worker, unique, wait_until
-from helpers import Recorder
 from machinery import Config, ConfigError, GCPPubSubConfig, Server, UnsupportedOperation
 from machinery._sync import run_sync
+from support.configs import push_raw
+from support.fixtures import unique
 from support.harnesses.pubsub import TEST_ACK_DEADLINE, PubSubHarness
+from support.interop import INTEROP_DIR
+from support.recording import Recorder
 from support.scenarios import CLOUD_WAIT, doomed_worker, kill, read_started, register, run_seed_scenarios, sig
+from support.waiting import wait_until
+from support.workers import running_worker
 
 pytestmark = [pytest.mark.gcppubsub, pytest.mark.redis]
 MACHINERY = Path(sys.executable).with_name("machinery")

@@ -18,14 +18,18 @@ from typing import Any
 
 import pytest
 
-from conftest import INTEROP_DIR, push_raw, running_worker, unique, wait_until
-from helpers import Recorder
 from machinery import Config, ConfigError, Server, SQSConfig, UnsupportedOperation
 from machinery._sync import run_sync
 from machinery.brokers.sqs import SQSBroker, SQSConsumer, dead_queue_name
+from support.configs import push_raw
+from support.fixtures import unique
 from support.harnesses.dynamodb import GROUPS_TABLE, STATES_TABLE
 from support.harnesses.sqs import SQSHarness
+from support.interop import INTEROP_DIR
+from support.recording import Recorder
 from support.scenarios import CLOUD_WAIT, doomed_worker, kill, read_started, register, run_seed_scenarios, sig
+from support.waiting import wait_until
+from support.workers import running_worker
 
 pytestmark = [pytest.mark.sqs, pytest.mark.dynamodb]
 MACHINERY = Path(sys.executable).with_name("machinery")

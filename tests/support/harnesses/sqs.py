@@ -10,9 +10,10 @@ from typing import Any, ClassVar
 from machinery import Config, Server, SQSConfig
 from machinery.brokers.base import Consumer
 from machinery.brokers.sqs import SQSBroker, SQSConsumer
-from support.cloud import ACCOUNT, LocalServer
-from support.harnesses.base import Harness, make_config
-from support.harnesses.dynamodb import DynamoDBHarness
+
+from ..cloud import ACCOUNT, LocalServer
+from .base import Harness, make_config
+from .dynamodb import DynamoDBHarness
 
 #: Short enough for the redelivery tests to see a dead consumer's messages come back soon.
 TEST_VISIBILITY = 4
@@ -21,10 +22,11 @@ TEST_VISIBILITY = 4
 class SQSBrokerHarness(Harness):
     """The SQS broker alone; the lock falls to the backend's (or memory)."""
 
-    name: ClassVar[str] = "sqs-broker"
+    name: ClassVar[str] = "sqs"
     backend: ClassVar[bool] = False
     lock: ClassVar[bool] = False
-    marks: ClassVar[tuple[str, ...]] = ("sqs",)
+    marks: ClassVar[tuple[str, ...]] = ("sqs", "dynamodb")
+    companion: ClassVar[str] = "dynamodb"
 
     def setup(self) -> None:
         self.server: LocalServer = self.request.getfixturevalue("moto_server")
@@ -59,7 +61,7 @@ class SQSBrokerHarness(Harness):
 class SQSHarness(SQSBrokerHarness):
     """SQS for messages, DynamoDB for states, groups and locks."""
 
-    name: ClassVar[str] = "sqs"
+    name: ClassVar[str] = "sqs+dynamodb"
     backend: ClassVar[bool] = True
     lock: ClassVar[bool] = True
     marks: ClassVar[tuple[str, ...]] = ("sqs", "dynamodb")
