@@ -45,8 +45,9 @@ from ..signature import Chain, Chord, Group, Signature
 from ..state import COMPLETED_STATES, FAILURE, PENDING, RECEIVED, RETRY, STARTED, SUCCESS
 from ..worker import Worker
 
-RESULTS_TIMEOUT = 15.0
-"""Seconds the demo waits for all its results."""
+RESULTS_TIMEOUT = 60.0
+"""Seconds the demo waits for all its results (a cloud broker's round trips, or a busy local
+stand-in, take far longer than Redis's; a working run ends as soon as its results are in)."""
 WORKER_START_TIMEOUT = 10.0
 GAP_SHOWN = 0.1
 """Waits between two states at least this long (seconds) are shown in the state chain."""
