@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from .amqp import AMQPHarness
 from .base import Harness
+from .dynamodb import DynamoDBHarness
 from .memory import MemoryHarness
+from .pubsub import PubSubHarness
 from .redis import RedisHarness
 from .sqlite import SQLiteHarness
+from .sqs import SQSBrokerHarness
 
 #: Every driver of the suite by name.
 HARNESSES: dict[str, type[Harness]] = {
@@ -21,6 +24,9 @@ HARNESSES: dict[str, type[Harness]] = {
         SQLiteHarness,
         RedisHarness,
         AMQPHarness,
+        SQSBrokerHarness,  # paired with DynamoDB: ("sqs", "dynamodb")
+        DynamoDBHarness,
+        PubSubHarness,  # paired with Redis: ("gcppubsub", "redis")
     )
 }
 
