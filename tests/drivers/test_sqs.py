@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from machinery import Config, ConfigError, Server, SQSConfig, UnsupportedOperation
+from machinery import Config, ConfigError, Server, SQSConfig, TaskFailed, UnsupportedOperation
 from machinery._sync import run_sync
 from machinery.brokers.sqs import SQSBroker, SQSConsumer, dead_queue_name
 from support.configs import push_raw
@@ -315,3 +315,27 @@ def test_acks_of_one_moment_share_one_delete_batch(
     assert run_sync(take_and_ack()) == 5
     assert batches == [5]
     assert run_sync(harness.queued_bodies(server, queue)) == []
+
+
+def test_stop_task_deletion_on_error_leaves_a_failed_message_for_redrive(harness: SQSHarness, queue: str) -> None:
+    # Go's StopTaskDeletionOnError: the final failure is stored, but the message is not deleted:
+    # it comes back after its visibility timeout (here 2 s) and runs again, each receive counted
+    # toward the queue's redrive policy. A plain failure is deleted (the first send shows it).
+    server = make_server(harness, queue, sqs=SQSConfig(create_missing=True, visibility_timeout=2, wait_time_seconds=1))
+    rec = Recorder()
+    register(server, rec)
+    try:
+        with running_worker(server):
+            plain = server.send_task(sig("fail", "plain"))
+            with pytest.raises(TaskFailed, match="plain"):
+                plain.get(timeout=CLOUD_WAIT)
+            kept = server.send_task(sig("fail", "kept", stop_task_deletion_on_error=True))
+            with pytest.raises(TaskFailed, match="kept"):
+                kept.get(timeout=CLOUD_WAIT)
+            wait_until(lambda: len(rec.of("fail")) >= 3, CLOUD_WAIT, "the kept message running again")
+        assert rec.of("fail").count(("plain",)) == 1, "a plain failure came back"
+        assert all(args in {("plain",), ("kept",)} for args in rec.of("fail"))
+        visible, in_flight, _delayed = run_sync(harness.broker_of(server).queue_counts(queue))
+        assert visible + in_flight == 1, "the kept message left the queue"
+    finally:
+        run_sync(harness.cleanup(server, queue, []))

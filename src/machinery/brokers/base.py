@@ -85,6 +85,13 @@ class Consumer(ABC):
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move the message to the dead-letter place of its queue with ``reason``."""
 
+    async def leave_for_redrive(self, delivery: Delivery) -> bool:
+        """A task sent with ``stop_task_deletion_on_error`` failed for good: leave its message
+        undeleted, to come back after the queue's own timeout until the queue's redrive policy
+        moves it (Go's ``ErrStopTaskDeletion``). True when the broker did so; a broker with no
+        such policy returns False and the message is acked as usual (Go ignores the flag there)."""
+        return False
+
     @abstractmethod
     async def close(self) -> None:
         """Stop consuming; any message still taken goes back to the queue."""

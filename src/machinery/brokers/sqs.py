@@ -369,6 +369,12 @@ class SQSConsumer(Consumer):
             await _delete(sqs, self.url, [delivery.receipt])
         self.held.discard(delivery.receipt)
 
+    async def leave_for_redrive(self, delivery: Delivery) -> bool:
+        # Not deleted and no longer kept hidden: it is received again once its visibility
+        # timeout runs out, and the queue's RedrivePolicy counts each receive, as with Go.
+        self.held.discard(delivery.receipt)
+        return True
+
     async def close(self) -> None:
         self.abandon()
         if self.held:

@@ -107,7 +107,8 @@ class MessageHandler:
         self._unknown_warned: set[str] = set()
 
     async def handle(self, consumer: Consumer, delivery: Delivery, slot: Slot) -> None:
-        """Settle one message: dead letter, requeue for later, or run it and ack it."""
+        """Settle one message: dead letter, requeue for later, or run it and ack it (or, after a
+        final failure with ``stop_task_deletion_on_error``, leave it to the queue's redrive)."""
         try:
             signature = decode_message(delivery.body)
         except MessageDecodeError as exc:
@@ -127,7 +128,11 @@ class MessageHandler:
                 await self.persist(lambda: consumer.requeue(delivery, wait), f"deferring {signature.uuid}")
                 await self.middleware.after_requeue(signature)
                 return
-            await self.process(signature, spec, slot)
+            outcome = await self.process(signature, spec, slot)
+            if outcome.state == FAILURE and signature.stop_task_deletion_on_error:
+                left = await self.persist(lambda: consumer.leave_for_redrive(delivery), f"keeping {signature.uuid}")
+                if left:
+                    return
         await self.persist(lambda: consumer.ack(delivery), f"acknowledging {signature.name} {signature.uuid}")
         await self.middleware.after_ack(signature)
 
