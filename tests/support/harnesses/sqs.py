@@ -27,6 +27,16 @@ class SQSBrokerHarness(Harness):
     lock: ClassVar[bool] = False
     marks: ClassVar[tuple[str, ...]] = ("sqs", "dynamodb")
     companion: ClassVar[str] = "dynamodb"
+    gaps: ClassVar[dict[str, str]] = {
+        "delayed_inspection": "SQS cannot read a delayed message before its delay ends "
+        "(get_delayed_tasks raises UnsupportedOperation)",
+        "priorities": "SQS queues have no priorities: messages of any priority are taken in arrival order",
+        "requeue_to_the_back": "a standard SQS queue keeps no order: a message made visible again is "
+        "received whenever SQS picks it, not after those behind it",
+        "stale_ack": "SQS deletes a message by any of its receipt handles, the dead consumer's old one "
+        "too (AWS: the request succeeds and the message may or may not be deleted); the live "
+        "consumer's run of it still stores its state",
+    }
 
     def setup(self) -> None:
         self.server: LocalServer = self.request.getfixturevalue("moto_server")
