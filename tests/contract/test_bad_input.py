@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
 
-from machinery import SUCCESS, Server, Signature
+from machinery import SUCCESS, Server, Signature, UnsupportedOperation
 from support.deployment import Deployment
 from support.waiting import WAIT, wait_until
 from support.workers import running_worker
@@ -106,7 +106,16 @@ def test_an_unknown_task_is_dead_lettered_after_the_configured_time(
 
 @pytest.mark.parametrize(
     "body",
-    [b"not json", b"", b"{not json", b"\xff\xfe\x00binary", b"[1, 2, 3]", b"null", b'"a string"', b"42"],
+    [
+        b"not json",
+        pytest.param(b"", marks=pytest.mark.known_gap("non_text_bodies")),
+        b"{not json",
+        pytest.param(b"\xff\xfe\x00binary", marks=pytest.mark.known_gap("non_text_bodies")),
+        b"[1, 2, 3]",
+        b"null",
+        b'"a string"',
+        b"42",
+    ],
     ids=["text", "empty", "broken-json", "binary", "array", "null", "string", "number"],
 )
 def test_a_malformed_body_is_dead_lettered_with_its_reason(deployment: Deployment, server: Server, body: bytes) -> None:
@@ -184,7 +193,12 @@ def test_arbitrary_bodies_end_completed_failed_or_dead_lettered(
         deployment.track(task_uuid)
         body = json.dumps({**body, "UUID": task_uuid, "RoutingKey": deployment.queue}).encode()
     letters_before = sum(1 for letter in server.dead_letters() if letter.body == body)
-    deployment.push_raw(body)
+    try:
+        deployment.push_raw(body)
+    except UnsupportedOperation:
+        if "non_text_bodies" not in deployment.broker.gaps:
+            raise
+        reject()  # a body this broker cannot carry (and no client can send it)
 
     def outcome() -> str:
         dead = [letter for letter in server.dead_letters() if letter.body == body]

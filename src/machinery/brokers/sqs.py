@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import hashlib
 import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -48,6 +49,8 @@ _MISSING_QUEUE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoe
 _REASON = "MachineryDeadReason"
 _DEAD_TIME = "MachineryDeadTime"
 _FROM_QUEUE = "MachineryDeadQueue"
+#: What an SQS body may not hold: it is XML text (#x9, #xA, #xD, #x20-#xD7FF, #xE000-#xFFFD, above).
+_NOT_SQS_TEXT = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def is_fifo(queue: str) -> bool:
@@ -142,8 +145,7 @@ class SQSBroker(Broker):
                     raise ConfigError(f"SQS refused {len(failed)} message(s) for {queue!r}: {reasons}")
 
     def _entry(self, queue: str, entry_id: str, body: bytes, delay: float) -> dict[str, Any]:
-        text = body.decode("utf-8", errors="surrogateescape") if isinstance(body, bytes) else str(body)
-        entry: dict[str, Any] = {"Id": entry_id, "MessageBody": text}
+        entry: dict[str, Any] = {"Id": entry_id, "MessageBody": sqs_text(body, queue)}
         if is_fifo(queue):
             entry["MessageGroupId"] = _group_id(body, queue)
             entry["MessageDeduplicationId"] = hashlib.sha256(body).hexdigest()
@@ -405,6 +407,27 @@ class SQSConsumer(Consumer):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def sqs_text(body: bytes, queue: str) -> str:
+    """``body`` as the text SQS carries; UnsupportedOperation when SQS cannot carry it (empty,
+    bytes that are not UTF-8, or characters XML forbids): the signatures machinery and Go send are
+    JSON and always can."""
+    if not body:
+        raise UnsupportedOperation(f"SQS cannot carry an empty message body (for {queue!r}): SQS needs one character")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnsupportedOperation(
+            f"SQS cannot carry this message body for {queue!r}: SQS bodies are text and it is not UTF-8 ({exc})"
+        ) from None
+    bad = _NOT_SQS_TEXT.search(text)
+    if bad is not None:
+        raise UnsupportedOperation(
+            f"SQS cannot carry this message body for {queue!r}: it holds {bad.group()!r} at {bad.start()}, "
+            "a character SQS bodies may not contain"
+        )
+    return text
 
 
 def _body(message: dict[str, Any]) -> bytes:
