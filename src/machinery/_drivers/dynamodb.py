@@ -140,7 +140,7 @@ def exact_results(results: Sequence[TaskResult]) -> dict[str, Any]:
 
 
 def state_item(state: TaskState, ttl: int) -> dict[str, Any]:
-    """The whole item Go's ``initTaskState`` puts (plus the exact results when there are any)."""
+    """The whole item Go's ``initTaskState`` puts (plus the exact results, when not None)."""
     item = {
         "TaskUUID": s(state.task_uuid),
         "TaskName": s(state.task_name),
@@ -150,7 +150,7 @@ def state_item(state: TaskState, ttl: int) -> dict[str, Any]:
         "CreatedAt": s(format_time(state.created_at)),
         "TTL": n(ttl),
     }
-    if state.results:
+    if state.results is not None:
         item[EXACT_RESULTS] = exact_results(state.results)
     return item
 

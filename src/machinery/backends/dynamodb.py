@@ -81,8 +81,10 @@ class DynamoDBBackend(Backend):
             clauses.append("#T = :t")
             names["#T"], values[":t"] = "TTL", items.n(ttl)
             if state.results:
-                clauses += ["#R = :r", "#X = :x"]
+                clauses.append("#R = :r")
                 names["#R"], values[":r"] = "Results", items.results_value(state.results)
+            if state.results is not None:  # [] too: Go leaves Results NULL, ours says "no results"
+                clauses.append("#X = :x")
                 names["#X"], values[":x"] = items.EXACT_RESULTS, items.exact_results(state.results)
             if state.task_name:  # a message sent without PENDING (by hand) still gets its name
                 clauses.append("#N = if_not_exists(#N, :n)")
