@@ -10,7 +10,8 @@ Modes:
   periodic --spec SPEC --name NAME
       A periodic-only scheduler sending ``NAME`` on SPEC; prints ``FIRED <unix s>`` per tick it sent.
   consume --idle SECONDS
-      Takes and acks messages until none came for SECONDS; prints the bodies taken as one JSON list.
+      Takes and acks messages until none came for SECONDS after the first (waited for up to
+      ``WAIT``); prints the bodies taken as one JSON list.
   send --base B --count N
       Sends ``add(B, i)`` for i < N; prints ``[uuid, B + i]`` per task, one JSON line each.
   race --group G --key K --at UNIX_S
@@ -36,6 +37,7 @@ from typing import Any
 from machinery import RECEIVED, SUCCESS, Arg, Config, Server, Signature, TaskResult, TaskState
 
 from .recording import FileRecord
+from .waiting import WAIT
 
 READY = "READY"
 
@@ -130,10 +132,15 @@ async def consume(server: Server, args: argparse.Namespace) -> None:
     consumer = await server.broker.open_consumer(server.config.default_queue, f"proc{os.getpid()}")
     ready()
     taken: list[str] = []
+    # ``--idle`` counts from the first message: the test publishes after READY, and on a slow
+    # service the first one may take longer than that to arrive.
+    first_deadline = time.monotonic() + WAIT
     while True:
         deliveries = await consumer.fetch(3, args.idle)
         if not deliveries:
-            break
+            if taken or time.monotonic() > first_deadline:
+                break
+            continue
         for delivery in deliveries:
             taken.append(delivery.body.decode())
             await consumer.ack(delivery)
