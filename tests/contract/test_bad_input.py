@@ -108,7 +108,7 @@ def test_an_unknown_task_is_dead_lettered_after_the_configured_time(
     "body",
     [
         b"not json",
-        pytest.param(b"", marks=pytest.mark.known_gap("non_text_bodies")),
+        pytest.param(b"", marks=pytest.mark.known_gap("empty_bodies")),
         b"{not json",
         pytest.param(b"\xff\xfe\x00binary", marks=pytest.mark.known_gap("non_text_bodies")),
         b"[1, 2, 3]",
@@ -196,7 +196,7 @@ def test_arbitrary_bodies_end_completed_failed_or_dead_lettered(
     try:
         deployment.push_raw(body)
     except UnsupportedOperation:
-        if "non_text_bodies" not in deployment.broker.gaps:
+        if not {"non_text_bodies", "empty_bodies"} & set(deployment.broker.gaps):
             raise
         reject()  # a body this broker cannot carry (and no client can send it)
 

@@ -122,6 +122,10 @@ class GCPPubSubBroker(Broker):
         await asyncio.gather(*(self._publish(queue, bodies) for queue, bodies in by_topic.items()))
 
     async def _publish(self, queue: str, bodies: list[bytes], attributes: dict[str, str] | None = None) -> None:
+        if not all(bodies):  # Pub/Sub's answer would be a bare INVALID_ARGUMENT for the whole batch
+            raise UnsupportedOperation(
+                f"Pub/Sub cannot carry an empty message body (for {queue!r}): a message needs data or attributes"
+            )
         # The default queue's subscription must exist before publishing, or Pub/Sub drops the messages.
         if queue == self.config.default_queue or self.config.gcppubsub.create_missing:
             await self.ensure_subscription(queue)

@@ -29,6 +29,8 @@ class PubSubHarness(Harness):
         "(get_delayed_tasks raises UnsupportedOperation)",
         "priorities": "Pub/Sub has no priorities: messages of any priority are delivered alike",
         "requeue_to_the_back": "Pub/Sub keeps no order without ordering keys, which Go's broker does not set",
+        "empty_bodies": "Pub/Sub refuses a message with neither data nor attributes (UnsupportedOperation); "
+        "every signature is JSON",
         "ordering": "Pub/Sub keeps no order without ordering keys, which Go's broker does not set: "
         "messages returned by a closing consumer come back in any order",
     }

@@ -36,6 +36,7 @@ class SQSBrokerHarness(Harness):
         "stale_ack": "SQS deletes a message by any of its receipt handles, the dead consumer's old one "
         "too (AWS: the request succeeds and the message may or may not be deleted); the live "
         "consumer's run of it still stores its state",
+        "empty_bodies": "an SQS body needs at least one character (UnsupportedOperation); every signature is JSON",
         "non_text_bodies": "an SQS body is non-empty XML text: an empty body, bytes that are not UTF-8 or "
         "characters such as NUL cannot be sent (UnsupportedOperation); every signature, Go's too, is JSON",
     }
