@@ -131,6 +131,10 @@ class RedisConnector:
         self._config = config
         self._loops: PerLoop[_LoopClient] = PerLoop(lambda: _LoopClient(self._create()))
 
+    def same_server(self, other: object) -> bool:
+        """Whether ``other`` is a connector to this same Redis server and database."""
+        return isinstance(other, RedisConnector) and other.address == self.address
+
     def batched(self) -> AutoPipeline:
         """The running loop's auto-pipeline: commands issued in one loop tick share a round trip."""
         return self._loops.get().pipeline

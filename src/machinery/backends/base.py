@@ -55,8 +55,7 @@ class Backend(ABC):
 
     async def set_pending(self, signatures: Sequence[Signature]) -> None:
         """Write PENDING for signatures about to be published (one round trip where possible)."""
-        now = utcnow()
-        await self.write_states([TaskState(s.uuid, PENDING, s.name, created_at=now) for s in signatures], False)
+        await self.write_states(pending_states(signatures), False)
 
     async def set_state(
         self, signature: Signature, state: str, results: list[TaskResult] | None = None, error: str = ""
@@ -279,6 +278,12 @@ class _Wait:
                 raise TimeoutError(f"task {self._uuid} did not complete within {self._timeout:g} s")
             pause = min(pause, left)
         return pause
+
+
+def pending_states(signatures: Sequence[Signature]) -> list[TaskState]:
+    """The PENDING state of each signature about to be published (Go's SetStatePending)."""
+    now = utcnow()
+    return [TaskState(s.uuid, PENDING, s.name, created_at=now) for s in signatures]
 
 
 def decode_workers(records: Sequence[bytes | str]) -> list[WorkerInfo]:
