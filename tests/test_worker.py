@@ -932,11 +932,13 @@ def test_sync_task_sending_and_waiting_from_the_worker_pool(server: Server) -> N
         assert outer.send(4).get(timeout=WAIT) == 41
 
 
-def test_sync_call_from_machinerys_own_loop_raises_instead_of_deadlocking(
+def test_sync_call_from_a_sync_handler_answers_instead_of_deadlocking(
     server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
+    seen: list[object] = []
+
     def handler(signature: Signature) -> None:
-        server.result("task_other").state()  # sync call on the loop that runs send_task
+        seen.append(server.result("task_other").state())  # sync call while this thread's loop runs send_task
 
     server.set_pre_publish_handler(handler)
     errors: list[BaseException] = []
@@ -948,6 +950,36 @@ def test_sync_call_from_machinerys_own_loop_raises_instead_of_deadlocking(
             errors.append(exc)
 
     thread = threading.Thread(target=send, daemon=True)  # so that a deadlock fails the test, not the run
+    thread.start()
+    thread.join(WAIT)
+    assert not thread.is_alive(), "send_task deadlocked"
+    # The thread's own loop is busy, so the nested call ran on the background loop and answered.
+    assert errors == [] and seen == [None]
+    server.set_pre_publish_handler(None)
+
+
+def test_sync_call_from_machinerys_own_loop_raises_instead_of_deadlocking(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    def handler(signature: Signature) -> None:
+        server.result("task_other").state()  # sync call on the loop that runs send_task
+
+    server.set_pre_publish_handler(handler)
+
+    async def send_from_async_code() -> None:
+        # A sync call from a running loop goes to the background loop, which runs the handler.
+        await asyncio.to_thread(lambda: None)
+        server.send_task(Signature("anything"))
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(send_from_async_code())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)  # so that a deadlock fails the test, not the run
     thread.start()
     thread.join(WAIT)
     assert not thread.is_alive(), "send_task deadlocked machinery's loop"
