@@ -29,6 +29,9 @@ class Backend(ABC):
     Every method is a coroutine; the sync face is ``AsyncResult``'s and the Server's.
     """
 
+    #: False for the results-off backend: nothing written can be read back, so whatever needs
+    #: the members' states (a chord) is refused when sent.
+    stores_results: ClassVar[bool] = True
     #: How often ``await_state`` re-reads the store when no notification can reach it.
     poll_interval: float = 0.05
     #: Appended to the "no state" message of ``TaskNotFoundError``: other reasons this store has.
