@@ -32,6 +32,11 @@ class Backend(ABC):
     #: False for the results-off backend: nothing written can be read back, so whatever needs
     #: the members' states (a chord) is refused when sent.
     stores_results: ClassVar[bool] = True
+    #: True where one ``write_states`` call is stored all at once (one script, one transaction,
+    #: one lock), so that no reader can see a state of it that a later one replaces; the worker
+    #: then writes STARTED without the RECEIVED that nobody could observe. False (the safe
+    #: default) where states are a stream a reader sees one by one (RabbitMQ's state queues).
+    writes_batches_atomically: ClassVar[bool] = False
     #: How often ``await_state`` re-reads the store when no notification can reach it.
     poll_interval: float = 0.05
     #: Appended to the "no state" message of ``TaskNotFoundError``: other reasons this store has.

@@ -20,6 +20,7 @@ class NullBackend(Backend):
     """Stores nothing; every read says results are off."""
 
     stores_results = False
+    writes_batches_atomically = True
 
     def _disabled(self, what: str) -> ResultsDisabledError:
         return ResultsDisabledError(

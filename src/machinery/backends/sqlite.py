@@ -29,6 +29,8 @@ _CHUNK = 500
 class SQLiteBackend(Backend):
     """Task states and group metadata in a SQLite file shared by every process on the machine."""
 
+    writes_batches_atomically = True  # one transaction
+
     #: A safety net only: completions wake ``await_state`` through notifications (see module doc).
     poll_interval = 1.0
 
