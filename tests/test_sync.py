@@ -50,17 +50,25 @@ async def _thread_ident() -> int:
 
 
 def test_sync_calls_run_on_the_calling_thread_without_a_hop() -> None:
-    assert run_sync(_thread_ident()) == threading.get_ident()
+    assert run_sync(_thread_ident(), here=True) == threading.get_ident()
     seen: list[int] = []
-    thread = threading.Thread(target=lambda: seen.append(run_sync(_thread_ident())))
+    thread = threading.Thread(target=lambda: seen.append(run_sync(_thread_ident(), here=True)))
     thread.start()
     thread.join(10)
     assert seen == [thread.ident]
 
 
+def test_drivers_that_need_a_running_loop_get_the_background_loop() -> None:
+    # RabbitMQ's connections answer heartbeats and reconnect between calls: never on a loop
+    # that sleeps until the next call.
+    assert run_sync(_thread_ident()) != threading.get_ident()
+    assert Server(Config(broker="memory://here", result_backend="memory://here"))._sync_here
+    assert not Server(Config(broker="amqp://guest:guest@127.0.0.1:5672/", result_backend="null"))._sync_here
+
+
 def test_sync_call_from_inside_a_running_loop_goes_to_the_background_loop() -> None:
     async def main() -> int:
-        return run_sync(_thread_ident())  # must not block or re-enter this loop
+        return run_sync(_thread_ident(), here=True)  # must not block or re-enter this loop
 
     assert asyncio.run(main()) != threading.get_ident()
 
@@ -71,7 +79,7 @@ def _send_and_collect_in_child(url: str, queue: str, out: multiprocessing.Queue)
 
 
 def test_a_forked_child_leaves_the_parents_loop_working(tmp_path: Path) -> None:
-    run_sync(_double(1))  # this thread's loop exists before the fork
+    run_sync(_double(1), here=True)  # this thread's loop exists before the fork
     context = multiprocessing.get_context("fork")
     out = context.Queue()
     child = context.Process(target=_send_and_collect_in_child, args=("memory://fork2", "fork_q", out))

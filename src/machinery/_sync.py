@@ -1,9 +1,10 @@
 """The sync face: run the async implementation to completion from plain code.
 
-A sync call from a thread with no running loop (a script, Django, Flask, a thread pool) runs
-on an event loop of that thread's own, kept for its later calls: no hop to another thread and
-back, which costs more than a Redis round trip. A sync call from a thread whose loop is
-running (async code calling the sync face) cannot block that loop, so it runs on one private
+Where the drivers allow it (``idle_loop_ok``: Redis, SQLite, memory), a sync call from a thread
+with no running loop (a script, Django, Flask, a thread pool) runs on an event loop of that
+thread's own, kept for its later calls: no hop to another thread and back, which costs more
+than a Redis round trip. Every other sync call, and any from a thread whose loop is running
+(async code calling the sync face, which must not block that loop), runs on one private
 background loop in a daemon thread (the portal), which never touches the caller's loop.
 """
 
@@ -58,13 +59,19 @@ def _thread_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-    """Run ``coro`` to completion and return its result: on this thread's own loop, or on the
-    background loop when this thread is running a loop already."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return _run_here(coro, timeout)
+def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None, *, here: bool = False) -> T:
+    """Run ``coro`` to completion and return its result.
+
+    With ``here``, on this thread's own loop (unless this thread is running a loop already):
+    for drivers whose connections need nothing from their loop between calls, since that loop
+    sleeps until the next call. Otherwise on the background loop, which always runs (RabbitMQ
+    heartbeats and reconnections happen there while the application does something else).
+    """
+    if here:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return _run_here(coro, timeout)
     return _run_on_portal(coro, timeout)
 
 

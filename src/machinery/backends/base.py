@@ -37,6 +37,10 @@ class Backend(ABC):
     #: then writes STARTED without the RECEIVED that nobody could observe. False (the safe
     #: default) where states are a stream a reader sees one by one (RabbitMQ's state queues).
     writes_batches_atomically: ClassVar[bool] = False
+    #: True where this driver's connections need nothing from their event loop between calls
+    #: (no heartbeats to answer, no reconnection running in the background): sync calls may then
+    #: run on a loop of the calling thread that sleeps between them (``_sync.run_sync``).
+    idle_loop_ok: ClassVar[bool] = False
     #: How often ``await_state`` re-reads the store when no notification can reach it.
     poll_interval: float = 0.05
     #: Appended to the "no state" message of ``TaskNotFoundError``: other reasons this store has.

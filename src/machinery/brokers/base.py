@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 
@@ -100,6 +100,11 @@ class Broker(ABC):
     and so on). ``url`` is the broker setting this instance serves (several URLs when
     ``multiple_broker_separator`` is set).
     """
+
+    #: True where this driver's connections need nothing from their event loop between calls
+    #: (no heartbeats to answer, no reconnection running in the background): sync calls may then
+    #: run on a loop of the calling thread that sleeps between them (``_sync.run_sync``).
+    idle_loop_ok: ClassVar[bool] = False
 
     def __init__(self, config: Config, url: str) -> None:
         self.config = config

@@ -70,6 +70,8 @@ def dead_key(queue: str) -> str:
 class RedisBroker(Broker):
     """Go Machinery's Redis queues with processing lists, heartbeats and a batched delayed mover."""
 
+    idle_loop_ok = True  # nothing to keep up between calls
+
     def __init__(self, config: Config, url: str) -> None:
         super().__init__(config, url)
         self.connector = RedisConnector(config.broker_urls()[0], config.redis)
