@@ -36,7 +36,9 @@ def run(python: str, side: str, *args: str, src: str | None = None) -> dict[str,
     env = dict(os.environ)
     if src:  # another checkout's machinery (the baseline), ahead of the installed one
         env["PYTHONPATH"] = src
-    out = subprocess.run([python, str(HERE / side), *args], check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [python, str(HERE / side), *args], check=True, capture_output=True, text=True, env=env, timeout=900
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 

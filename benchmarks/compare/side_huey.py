@@ -48,12 +48,12 @@ def make_huey(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def start_workers(args: argparse.Namespace, workers: int, kind: str) -> subprocess.Popen[bytes]:
     command = [sys.executable, __file__, "worker", "--storage", args.storage, "--queue", args.queue]
     command += ["--redis", args.redis, "--sqlite", args.sqlite, "--workers", str(workers), "--kind", kind]
-    return subprocess.Popen(command)
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL)  # never holding the report's pipe
 
 
 def stop_worker(worker: subprocess.Popen[bytes]) -> float:
     rss = peak_rss_mb(worker.pid)
-    worker.send_signal(signal.SIGINT)
+    worker.send_signal(signal.SIGTERM)  # huey's immediate shutdown (SIGINT waits for its workers)
     worker.wait(60)
     return rss
 

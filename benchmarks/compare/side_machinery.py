@@ -54,7 +54,9 @@ def make_server(args: argparse.Namespace) -> Server:
 def start_workers(args: argparse.Namespace, count: int, concurrency: int) -> list[subprocess.Popen[bytes]]:
     command = [sys.executable, __file__, "worker", "--broker", args.broker, "--queue", args.queue]
     command += ["--backend", args.backend, "--concurrency", str(concurrency)]
-    return [subprocess.Popen(command) for _ in range(count)]
+    return [
+        subprocess.Popen(command, stdout=subprocess.DEVNULL) for _ in range(count)
+    ]  # never holding the report's pipe
 
 
 def stop_workers(workers: list[subprocess.Popen[bytes]]) -> list[float]:
