@@ -69,6 +69,7 @@ def main() -> None:
 
     def note(row: str, system: str, value: float) -> None:
         results.setdefault(row, {}).setdefault(system, []).append(value)
+        print(f"  {row}: {system} {value:,.2f}", file=sys.stderr, flush=True)  # kept if a later step fails
 
     def queue() -> str:
         return f"cmp_{uuid.uuid4().hex[:8]}"
