@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import WAIT, config_for, running_worker, wait_until
 from machinery import Chord, Config, Group, ResultsDisabledError, Server, Signature
 from machinery.backends.null import NullBackend
 from machinery.errors import UnsupportedOperation
 from machinery.locks.memory import MemoryLock
+from support.configs import config_for
+from support.waiting import WAIT, wait_until
+from support.workers import running_worker
 
 
 @pytest.mark.parametrize("url", ["null", "null://", "NULL"])
