@@ -45,6 +45,11 @@ class UnsupportedOperation(MachineryError, NotImplementedError):
     RabbitMQ); the message says why. Never a wrong answer instead."""
 
 
+class ResultsDisabledError(UnsupportedOperation):
+    """The result backend is ``null``: no task state is stored, so there is none to read or
+    wait for. Configure a real ``result_backend`` to read results."""
+
+
 class TaskNotFoundError(MachineryError, LookupError):
     """No state was ever stored for this task UUID: it was never sent to this result backend,
     or its result expired (results live ``results_expire_in`` seconds)."""

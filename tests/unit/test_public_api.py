@@ -32,6 +32,7 @@ PUBLIC_NAMES = [
     "RedisConfig",
     "ResultConsumedError",
     "ResultTypeError",
+    "ResultsDisabledError",
     "RetryTaskLater",
     "SQSConfig",
     "STARTED",

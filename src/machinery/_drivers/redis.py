@@ -131,6 +131,10 @@ class RedisConnector:
         self._config = config
         self._loops: PerLoop[_LoopClient] = PerLoop(lambda: _LoopClient(self._create()))
 
+    def same_server(self, other: object) -> bool:
+        """Whether ``other`` is a connector to this same Redis server and database."""
+        return isinstance(other, RedisConnector) and other.address == self.address
+
     def batched(self) -> AutoPipeline:
         """The running loop's auto-pipeline: commands issued in one loop tick share a round trip."""
         return self._loops.get().pipeline
@@ -198,7 +202,12 @@ class AutoPipeline:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._pending:
-            loop.call_soon(self._flush_soon)
+            # The task's first step runs on the next loop turn, after the commands issued in
+            # this one have joined the batch (one loop turn fewer than a call_soon that then
+            # starts a task).
+            flush = loop.create_task(self._flush_pending())
+            self._flushing.add(flush)  # keep a reference until done, or the task may be collected
+            flush.add_done_callback(self._flushing.discard)
         self._pending.append(_Queued(args, future, script))
         return future
 
@@ -206,12 +215,9 @@ class AutoPipeline:
         """Queue a Lua script call by its SHA; the script is loaded if Redis lacks it."""
         return self.execute("EVALSHA", script.sha, len(keys), *keys, *args, script=script)
 
-    def _flush_soon(self) -> None:
+    async def _flush_pending(self) -> None:
         batch, self._pending = self._pending, []
-        if batch:
-            flush = asyncio.ensure_future(self._flush(batch))
-            self._flushing.add(flush)  # keep a reference until done, or the task may be collected
-            flush.add_done_callback(self._flushing.discard)
+        await self._flush(batch)
 
     async def _flush(self, batch: list[_Queued]) -> None:
         try:

@@ -29,6 +29,18 @@ class Backend(ABC):
     Every method is a coroutine; the sync face is ``AsyncResult``'s and the Server's.
     """
 
+    #: False for the results-off backend: nothing written can be read back, so whatever needs
+    #: the members' states (a chord) is refused when sent.
+    stores_results: ClassVar[bool] = True
+    #: True where one ``write_states`` call is stored all at once (one script, one transaction,
+    #: one lock), so that no reader can see a state of it that a later one replaces; the worker
+    #: then writes STARTED without the RECEIVED that nobody could observe. False (the safe
+    #: default) where states are a stream a reader sees one by one (RabbitMQ's state queues).
+    writes_batches_atomically: ClassVar[bool] = False
+    #: True where this driver's connections need nothing from their event loop between calls
+    #: (no heartbeats to answer, no reconnection running in the background): sync calls may then
+    #: run on a loop of the calling thread that sleeps between them (``_sync.run_sync``).
+    idle_loop_ok: ClassVar[bool] = False
     #: How often ``await_state`` re-reads the store when no notification can reach it.
     poll_interval: float = 0.05
     #: Appended to the "no state" message of ``TaskNotFoundError``: other reasons this store has.
@@ -55,8 +67,7 @@ class Backend(ABC):
 
     async def set_pending(self, signatures: Sequence[Signature]) -> None:
         """Write PENDING for signatures about to be published (one round trip where possible)."""
-        now = utcnow()
-        await self.write_states([TaskState(s.uuid, PENDING, s.name, created_at=now) for s in signatures], False)
+        await self.write_states(pending_states(signatures), False)
 
     async def set_state(
         self, signature: Signature, state: str, results: list[TaskResult] | None = None, error: str = ""
@@ -279,6 +290,12 @@ class _Wait:
                 raise TimeoutError(f"task {self._uuid} did not complete within {self._timeout:g} s")
             pause = min(pause, left)
         return pause
+
+
+def pending_states(signatures: Sequence[Signature]) -> list[TaskState]:
+    """The PENDING state of each signature about to be published (Go's SetStatePending)."""
+    now = utcnow()
+    return [TaskState(s.uuid, PENDING, s.name, created_at=now) for s in signatures]
 
 
 def decode_workers(records: Sequence[bytes | str]) -> list[WorkerInfo]:

@@ -57,6 +57,9 @@ WORKERS_INFO_KEY = "machinery:workers:info"
 class RedisBackend(Backend):
     """Task states and group metadata in Redis, in Go's keys and JSON."""
 
+    idle_loop_ok = True  # nothing to keep up between calls
+
+    writes_batches_atomically = True  # one script
     #: Re-read interval for states written by workers that do not publish (Go's).
     poll_interval = 0.5
     connection_errors = (*Backend.connection_errors, *REDIS_CONNECTION_ERRORS)

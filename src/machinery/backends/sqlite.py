@@ -29,6 +29,10 @@ _CHUNK = 500
 class SQLiteBackend(Backend):
     """Task states and group metadata in a SQLite file shared by every process on the machine."""
 
+    idle_loop_ok = True  # nothing to keep up between calls
+
+    writes_batches_atomically = True  # one transaction
+
     #: A safety net only: completions wake ``await_state`` through notifications (see module doc).
     poll_interval = 1.0
 

@@ -121,6 +121,8 @@ def _resolve(future: asyncio.Future[None]) -> None:
 class MemoryBroker(Broker):
     """Queues in this process's memory; ``memory://`` URLs with the same name share them."""
 
+    idle_loop_ok = True  # nothing to keep up between calls
+
     _stores: ClassVar[dict[str, _Store]] = {}
     _stores_lock: ClassVar[threading.Lock] = threading.Lock()
 

@@ -26,14 +26,19 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import log
 from .._drivers.redis import LuaScript, RedisConnector
+from ..backends.base import pending_states
 from ..config import Config
 from ..signature import Signature
+from ..state import TaskState
 from ..types import unix_ns
 from .base import Broker, Consumer, DeadLetter, Delivery, decode_all
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
 
 DELAYED_BATCH = 500
 RELEASED_HEARTBEAT_GRACE = 2.0
@@ -47,6 +52,7 @@ _BEAT = LuaScript.load("beat")
 _MOVE_DUE = LuaScript.load("move_due", "priority")
 _PUSH_PRIORITIZED = LuaScript.load("push_prioritized", "priority")
 _REQUEUE_DEAD = LuaScript.load("requeue_dead")
+_SEND = LuaScript.load("send")
 
 
 def processing_prefix(queue: str) -> str:
@@ -64,6 +70,8 @@ def dead_key(queue: str) -> str:
 class RedisBroker(Broker):
     """Go Machinery's Redis queues with processing lists, heartbeats and a batched delayed mover."""
 
+    idle_loop_ok = True  # nothing to keep up between calls
+
     def __init__(self, config: Config, url: str) -> None:
         super().__init__(config, url)
         self.connector = RedisConnector(config.broker_urls()[0], config.redis)
@@ -78,6 +86,32 @@ class RedisBroker(Broker):
             by_queue[queue].append(body)
         pipeline = self.connector.batched()
         await asyncio.gather(*(pipeline.execute("RPUSH", queue, *bodies) for queue, bodies in by_queue.items()))
+
+    async def publish_with_pending(self, signatures: Sequence[Signature], backend: Backend) -> None:
+        """PENDING and the push in one script when the backend is this same Redis (its states
+        are Go's plain ``SET``s, and the script is atomic, so Go's order holds); otherwise, or
+        for delayed or prioritized messages, as every broker does."""
+        if not self.connector.same_server(getattr(backend, "connector", None)):
+            await super().publish_with_pending(signatures, backend)
+            return
+        ready, prioritized, delayed = self._sort(signatures)
+        if prioritized or delayed:
+            await super().publish_with_pending(signatures, backend)
+            return
+        await self._push_with_pending(ready, pending_states(signatures), backend.ttl)
+
+    async def _push_with_pending(
+        self, messages: Sequence[tuple[str, bytes]], states: Sequence[TaskState], ttl: int
+    ) -> None:
+        by_queue: dict[str, list[bytes]] = defaultdict(list)
+        for queue, body in messages:
+            by_queue[queue].append(body)
+        keys: list[Any] = [state.task_uuid for state in states]
+        args: list[Any] = [ttl, len(states), *(state.encode() for state in states)]
+        for queue, bodies in by_queue.items():
+            keys.append(queue)
+            args += (len(bodies), *bodies)
+        await self.connector.run(_SEND, keys, args)
 
     async def _push_prioritized(self, messages: Sequence[tuple[str, bytes, int]]) -> None:
         by_queue: dict[str, list[Any]] = defaultdict(list)

@@ -43,6 +43,8 @@ _Claimed = tuple[list[tuple[int, bytes]], int | None]
 class SQLiteBroker(Broker):
     """Queues in a SQLite file (``sqlite:///machinery.db``) shared by every process on the machine."""
 
+    idle_loop_ok = True  # nothing to keep up between calls
+
     def __init__(self, config: Config, url: str) -> None:
         super().__init__(config, url)
         self._handle = StoreHandle(url)

@@ -240,9 +240,13 @@ class MessageHandler:
                 slot.release()
             await self.persist(lambda: backend.write_states([_state(signature, RECEIVED)], True), what)
             return Outcome(FAILURE, error=str(exc), exception=exc)
-        await self.persist(
-            lambda: backend.write_states([_state(signature, RECEIVED), _state(signature, STARTED)], True), what
-        )
+        # Go writes RECEIVED, then STARTED. Where both would be stored at once, no reader could
+        # ever see RECEIVED, so only STARTED is written (half the work of this step).
+        if backend.writes_batches_atomically:
+            starting = [_state(signature, STARTED)]
+        else:
+            starting = [_state(signature, RECEIVED), _state(signature, STARTED)]
+        await self.persist(lambda: backend.write_states(starting, True), what)
         limits = limits_of(signature, spec.options, self.default_limits)
         progress = ProgressWriter(self.backend, signature.uuid) if spec.wants_context else None
         started = time.perf_counter()
