@@ -17,11 +17,13 @@ from collections.abc import Sequence
 
 from .._drivers.sqlite import SQLiteStore, StoreHandle, now_ns, ns_after, transaction
 from ..config import Config
-from ..state import COMPLETED_STATES, GroupMeta, TaskState, WorkerInfo
+from ..state import COMPLETED_STATES, RECEIVED, STARTED, GroupMeta, TaskState, WorkerInfo
 from .base import Backend, decode_workers
 
 #: Seconds between two sweeps of expired rows by one backend object.
 PURGE_INTERVAL = 60.0
+#: States that only say a worker began: flushed to disk by the next final state.
+_STARTING = frozenset((RECEIVED, STARTED))
 #: Most host parameters put in one ``IN (...)`` list.
 _CHUNK = 500
 
@@ -61,7 +63,11 @@ class SQLiteBackend(Backend):
         if not states:
             return
         store = self.store
-        completed = await store.run(_write_states, list(states), keep_created, self.ttl, self._purge_due())
+        # A worker's STARTED (or RECEIVED) is not flushed by itself: lost on a power failure, it
+        # goes with the lease written before it (also unflushed), and the task runs again. The
+        # final state, flushed, takes both to disk first (the WAL is written in order).
+        run = store.run_unflushed if all(s.state in _STARTING for s in states) else store.run
+        completed = await run(_write_states, list(states), keep_created, self.ttl, self._purge_due())
         for task_uuid, body in completed:
             store.waiters.notify(task_uuid, body)
 
@@ -136,27 +142,34 @@ def _write_states(
     conn: sqlite3.Connection, states: list[TaskState], keep_created: bool, ttl: int, purge: bool
 ) -> list[tuple[str, bytes]]:
     """Write the states; return (uuid, stored JSON) of the completed ones, for their waiters."""
-    completed: list[tuple[str, bytes]] = []
     with transaction(conn):
-        now = now_ns()
-        if purge:
-            _purge(conn, now)
-        expires = ns_after(ttl)
-        for state in states:
-            if keep_created:
-                row = conn.execute(
-                    "SELECT body FROM task_states WHERE uuid = ? AND expires_at > ?", (state.task_uuid, now)
-                ).fetchone()
-                if row is not None:
-                    state.created_at = TaskState.decode(row[0]).created_at
-            body = state.encode()
-            # REPLACE gives the row a new seq, which is how the watcher finds recent writes.
-            conn.execute(
-                "REPLACE INTO task_states (uuid, state, body, expires_at) VALUES (?, ?, ?, ?)",
-                (state.task_uuid, state.state, body.decode(), expires),
-            )
-            if state.state in COMPLETED_STATES:
-                completed.append((state.task_uuid, body))
+        return store_states(conn, states, keep_created, ttl, purge)
+
+
+def store_states(
+    conn: sqlite3.Connection, states: Sequence[TaskState], keep_created: bool, ttl: int, purge: bool
+) -> list[tuple[str, bytes]]:
+    """``_write_states`` inside a transaction the caller holds (the broker's send uses it)."""
+    completed: list[tuple[str, bytes]] = []
+    now = now_ns()
+    if purge:
+        _purge(conn, now)
+    expires = ns_after(ttl)
+    for state in states:
+        if keep_created:
+            row = conn.execute(
+                "SELECT body FROM task_states WHERE uuid = ? AND expires_at > ?", (state.task_uuid, now)
+            ).fetchone()
+            if row is not None:
+                state.created_at = TaskState.decode(row[0]).created_at
+        body = state.encode()
+        # REPLACE gives the row a new seq, which is how the watcher finds recent writes.
+        conn.execute(
+            "REPLACE INTO task_states (uuid, state, body, expires_at) VALUES (?, ?, ?, ?)",
+            (state.task_uuid, state.state, body.decode(), expires),
+        )
+        if state.state in COMPLETED_STATES:
+            completed.append((state.task_uuid, body))
     return completed
 
 

@@ -25,8 +25,11 @@ from typing import Any
 
 from .. import log
 from .._drivers.sqlite import SQLiteStore, StoreHandle, now_ns, ns_after, transaction
+from ..backends.base import Backend, pending_states
+from ..backends.sqlite import store_states
 from ..config import Config
 from ..signature import Signature
+from ..state import TaskState
 from ..types import unix_ns
 from .base import MAX_PRIORITY, Broker, Consumer, DeadLetter, Delivery, decode_all
 
@@ -65,14 +68,24 @@ class SQLiteBroker(Broker):
         store.wake_queues()
 
     async def _push_delayed(self, messages: Sequence[tuple[Signature, bytes]]) -> None:
-        rows: list[_Row] = []
-        for signature, body in messages:
-            assert signature.eta is not None
-            priority = min(signature.priority, MAX_PRIORITY)
-            rows.append((signature.routing_key, body, unix_ns(signature.eta), priority))
         store = self.store
-        await store.run(_insert, rows)
+        await store.run(_insert, _delayed_rows(messages))
         store.wake_queues()  # waiting consumers may need to wake earlier for the new ETA
+
+    async def publish_with_pending(self, signatures: Sequence[Signature], backend: Backend) -> None:
+        """PENDING and the messages in one transaction (one commit, one fsync) when the backend
+        is this same database file: no consumer, in any process, can see the messages before
+        their PENDING is stored, which is Go's order. Otherwise as every broker does."""
+        store = self.store
+        if getattr(backend, "store", None) is not store:
+            await super().publish_with_pending(signatures, backend)
+            return
+        ready, prioritized, delayed = self._sort(signatures)
+        rows: list[_Row] = [(queue, body, None, 0) for queue, body in ready]
+        rows += [(queue, body, None, priority) for queue, body, priority in prioritized]
+        rows += _delayed_rows(delayed)
+        await store.run(_insert_with_pending, rows, pending_states(signatures), backend.ttl)
+        store.wake_queues()
 
     async def open_consumer(self, queue: str, consumer_tag: str, prefetch: int | None = None) -> Consumer:
         handle = StoreHandle(self.url)
@@ -132,7 +145,9 @@ class SQLiteConsumer(Consumer):
         while True:
             woken, unregister = store.queue_waiter(loop)
             try:
-                claim = store.submit(_claim, self.queue, self.owner, max_count, self._lease_seconds())
+                # A lease lost on a power failure only makes the message free again (and the
+                # STARTED written after it, unflushed as well, goes with it): not flushed.
+                claim = store.submit(store.unflushed, _claim, self.queue, self.owner, max_count, self._lease_seconds())
                 try:
                     rows, next_due = await asyncio.wrap_future(claim)
                 except asyncio.CancelledError:
@@ -161,7 +176,9 @@ class SQLiteConsumer(Consumer):
                 self._store.submit(_release, self.owner, ids)
 
     async def ack(self, delivery: Delivery) -> None:
-        if not await self._store.run(_ack, delivery.receipt, self.owner):
+        # Not flushed by itself: an acknowledgement lost on a power failure runs the task again
+        # (at-least-once), and the final state written before it is flushed already.
+        if not await self._store.run_unflushed(_ack, delivery.receipt, self.owner):
             log.logger.warning(
                 "Acknowledged message %s of %r was no longer leased by this worker (lease expired); "
                 "another worker may run it again",
@@ -223,11 +240,29 @@ _Row = tuple[str, bytes, int | None, int]
 
 def _insert(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
     with transaction(conn):
-        now = now_ns()  # taken inside the transaction, so ready rows are timed in commit order
-        conn.executemany(
-            "INSERT INTO messages (queue, body, avail_at, priority) VALUES (?, ?, ?, ?)",
-            [(queue, body, now if at is None else at, priority) for queue, body, at, priority in rows],
-        )
+        _insert_rows(conn, rows)
+
+
+def _insert_rows(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
+    now = now_ns()  # taken inside the transaction, so ready rows are timed in commit order
+    conn.executemany(
+        "INSERT INTO messages (queue, body, avail_at, priority) VALUES (?, ?, ?, ?)",
+        [(queue, body, now if at is None else at, priority) for queue, body, at, priority in rows],
+    )
+
+
+def _insert_with_pending(conn: sqlite3.Connection, rows: Sequence[_Row], states: Sequence[TaskState], ttl: int) -> None:
+    with transaction(conn):
+        store_states(conn, states, False, ttl, False)  # the backend's own writes purge expired rows
+        _insert_rows(conn, rows)
+
+
+def _delayed_rows(messages: Sequence[tuple[Signature, bytes]]) -> list[_Row]:
+    rows: list[_Row] = []
+    for signature, body in messages:
+        assert signature.eta is not None
+        rows.append((signature.routing_key, body, unix_ns(signature.eta), min(signature.priority, MAX_PRIORITY)))
+    return rows
 
 
 def _claim(conn: sqlite3.Connection, queue: str, owner: str, max_count: int, lease: float) -> _Claimed:
