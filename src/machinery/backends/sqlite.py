@@ -11,6 +11,9 @@ processes' commits (``PRAGMA data_version``) and looks up which watched tasks co
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -44,6 +47,9 @@ class SQLiteBackend(Backend):
         # Every backend object on this file in this process wakes the same waiters.
         self._waiters = self._handle.store.waiters
         self._next_purge = 0.0
+        #: Per event loop (the sync face runs one per thread): the writes of this loop tick,
+        #: stored together in one transaction (one commit) at the end of the tick.
+        self._batches: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
 
     @property
     def store(self) -> SQLiteStore:
@@ -62,14 +68,53 @@ class SQLiteBackend(Backend):
     async def write_states(self, states: Sequence[TaskState], keep_created: bool) -> None:
         if not states:
             return
-        store = self.store
-        # A worker's STARTED (or RECEIVED) is not flushed by itself: lost on a power failure, it
-        # goes with the lease written before it (also unflushed), and the task runs again. The
-        # final state, flushed, takes both to disk first (the WAL is written in order).
-        run = store.run_unflushed if all(s.state in _STARTING for s in states) else store.run
-        completed = await run(_write_states, list(states), keep_created, self.ttl, self._purge_due())
+        loop = asyncio.get_running_loop()
+        batch = self._batches.get(loop)
+        if batch is None:
+            batch = self._batches[loop] = []
+            loop.call_soon(self._flush, loop)
+        future: asyncio.Future[list[tuple[str, bytes]]] = loop.create_future()
+        batch.append((list(states), keep_created, future))
+        # The caller returns only once the transaction holding its states has committed.
+        completed = await future
+        waiters = self.store.waiters
         for task_uuid, body in completed:
-            store.waiters.notify(task_uuid, body)
+            waiters.notify(task_uuid, body)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """End of the loop tick: store every write of the tick in one transaction."""
+        batch = self._batches.pop(loop)
+        groups = [(states, keep_created) for states, keep_created, _ in batch]
+        store = self.store
+        try:
+            # A worker's STARTED (or RECEIVED) is not flushed by itself: lost on a power failure,
+            # it goes with the lease written before it (also unflushed), and the task runs again.
+            # The final state, flushed, takes both to disk first (the WAL is written in order).
+            if all(state.state in _STARTING for states, _ in groups for state in states):
+                done = store.submit(store.unflushed, _write_groups, groups, self.ttl, self._purge_due())
+            else:
+                done = store.submit(_write_groups, groups, self.ttl, self._purge_due())
+        except BaseException as exc:  # the store is closed: every caller gets the error
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+
+        def settle(result: concurrent.futures.Future[list[list[tuple[str, bytes]]]]) -> None:
+            error = result.exception()
+            for index, (_, _, future) in enumerate(batch):
+                if future.done():  # its caller was cancelled; the write happened all the same
+                    continue
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result.result()[index])
+
+        def settle_in_loop(result: concurrent.futures.Future[list[list[tuple[str, bytes]]]]) -> None:
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits any more
+                loop.call_soon_threadsafe(settle, result)
+
+        done.add_done_callback(settle_in_loop)
 
     async def get_state(self, task_uuid: str) -> TaskState | None:
         raw = await self.store.run(_get_state, task_uuid)
@@ -138,18 +183,27 @@ class SQLiteBackend(Backend):
 # Each runs on the store's database thread and is all-or-nothing (retried when busy).
 
 
-def _write_states(
-    conn: sqlite3.Connection, states: list[TaskState], keep_created: bool, ttl: int, purge: bool
-) -> list[tuple[str, bytes]]:
-    """Write the states; return (uuid, stored JSON) of the completed ones, for their waiters."""
+#: One caller's write waiting for the end of the tick: its states, keep_created, its future.
+_Pending = tuple[list[TaskState], bool, "asyncio.Future[list[tuple[str, bytes]]]"]
+
+
+def _write_groups(
+    conn: sqlite3.Connection, groups: list[tuple[list[TaskState], bool]], ttl: int, purge: bool
+) -> list[list[tuple[str, bytes]]]:
+    """Write each caller's states, in order, in one transaction; per caller, return (uuid,
+    stored JSON) of the completed ones, for their waiters."""
     with transaction(conn):
-        return store_states(conn, states, keep_created, ttl, purge)
+        return [
+            store_states(conn, states, keep_created, ttl, purge and i == 0)
+            for i, (states, keep_created) in enumerate(groups)
+        ]
 
 
 def store_states(
     conn: sqlite3.Connection, states: Sequence[TaskState], keep_created: bool, ttl: int, purge: bool
 ) -> list[tuple[str, bytes]]:
-    """``_write_states`` inside a transaction the caller holds (the broker's send uses it)."""
+    """Write the states inside a transaction the caller holds; return (uuid, stored JSON) of
+    the completed ones, for their waiters."""
     completed: list[tuple[str, bytes]] = []
     now = now_ns()
     if purge:
