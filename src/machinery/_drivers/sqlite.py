@@ -258,16 +258,6 @@ class SQLiteStore:
         """
         return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
-    async def run_unflushed(
-        self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
-    ) -> T:
-        """``run``, but the commit is not flushed to disk on its own (``synchronous=NORMAL`` for
-        it): the next flushed commit, or the next checkpoint, takes it to disk (WAL frames are
-        written in order). Only for writes whose loss on a power failure repeats work without
-        losing any: a lease or an acknowledgement, which at-least-once allows to be redone.
-        Atomicity and what other connections see are unchanged."""
-        return await self.run(self.unflushed, fn, *args, **kwargs)
-
     def unflushed(
         self,
         conn: sqlite3.Connection,
@@ -276,7 +266,11 @@ class SQLiteStore:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        """The job behind ``run_unflushed``, for ``submit``: ``fn`` with its commit not flushed."""
+        """``fn(conn, ...)`` with its commit not flushed to disk on its own (``synchronous=NORMAL``
+        for it): the next flushed commit, or the next checkpoint, takes it to disk (WAL frames
+        are written in order). Pass it to ``submit`` only for writes whose loss on a power
+        failure repeats work without losing any: a lease, an acknowledgement, a STARTED, which
+        at-least-once allows to be redone. Atomicity and what other connections see are unchanged."""
         if self.synchronous not in ("full", "extra") or self.path == MEMORY:
             return fn(conn, *args, **kwargs)
         conn.execute("PRAGMA synchronous = NORMAL")

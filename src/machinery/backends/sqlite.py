@@ -11,14 +11,13 @@ processes' commits (``PRAGMA data_version``) and looks up which watched tasks co
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import contextlib
 import sqlite3
 import time
 from collections.abc import Sequence
 
 from .._drivers.sqlite import SQLiteStore, StoreHandle, now_ns, ns_after, transaction
+from .._drivers.sqlite_batch import TickBatcher
 from ..config import Config
 from ..state import COMPLETED_STATES, RECEIVED, STARTED, GroupMeta, TaskState, WorkerInfo
 from .base import Backend, decode_workers
@@ -47,9 +46,10 @@ class SQLiteBackend(Backend):
         # Every backend object on this file in this process wakes the same waiters.
         self._waiters = self._handle.store.waiters
         self._next_purge = 0.0
-        #: Per event loop (the sync face runs one per thread): the writes of this loop tick,
-        #: stored together in one transaction (one commit) at the end of the tick.
-        self._batches: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+        #: The state writes of one loop tick, stored in one transaction (one commit).
+        self._writes: TickBatcher[tuple[list[TaskState], bool], list[tuple[str, bytes]]] = TickBatcher(
+            self._submit_writes
+        )
 
     @property
     def store(self) -> SQLiteStore:
@@ -68,53 +68,23 @@ class SQLiteBackend(Backend):
     async def write_states(self, states: Sequence[TaskState], keep_created: bool) -> None:
         if not states:
             return
-        loop = asyncio.get_running_loop()
-        batch = self._batches.get(loop)
-        if batch is None:
-            batch = self._batches[loop] = []
-            loop.call_soon(self._flush, loop)
-        future: asyncio.Future[list[tuple[str, bytes]]] = loop.create_future()
-        batch.append((list(states), keep_created, future))
         # The caller returns only once the transaction holding its states has committed.
-        completed = await future
+        completed = await self._writes.add((list(states), keep_created))
         waiters = self.store.waiters
         for task_uuid, body in completed:
             waiters.notify(task_uuid, body)
 
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        """End of the loop tick: store every write of the tick in one transaction."""
-        batch = self._batches.pop(loop)
-        groups = [(states, keep_created) for states, keep_created, _ in batch]
+    def _submit_writes(
+        self, groups: list[tuple[list[TaskState], bool]]
+    ) -> concurrent.futures.Future[list[list[tuple[str, bytes]]]]:
+        """One tick's writes, as one job on the database thread."""
         store = self.store
-        try:
-            # A worker's STARTED (or RECEIVED) is not flushed by itself: lost on a power failure,
-            # it goes with the lease written before it (also unflushed), and the task runs again.
-            # The final state, flushed, takes both to disk first (the WAL is written in order).
-            if all(state.state in _STARTING for states, _ in groups for state in states):
-                done = store.submit(store.unflushed, _write_groups, groups, self.ttl, self._purge_due())
-            else:
-                done = store.submit(_write_groups, groups, self.ttl, self._purge_due())
-        except BaseException as exc:  # the store is closed: every caller gets the error
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-
-        def settle(result: concurrent.futures.Future[list[list[tuple[str, bytes]]]]) -> None:
-            error = result.exception()
-            for index, (_, _, future) in enumerate(batch):
-                if future.done():  # its caller was cancelled; the write happened all the same
-                    continue
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(result.result()[index])
-
-        def settle_in_loop(result: concurrent.futures.Future[list[list[tuple[str, bytes]]]]) -> None:
-            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits any more
-                loop.call_soon_threadsafe(settle, result)
-
-        done.add_done_callback(settle_in_loop)
+        # A worker's STARTED (or RECEIVED) is not flushed by itself: lost on a power failure,
+        # it goes with the lease written before it (also unflushed), and the task runs again.
+        # The final state, flushed, takes both to disk first (the WAL is written in order).
+        if all(state.state in _STARTING for states, _ in groups for state in states):
+            return store.submit(store.unflushed, _write_groups, groups, self.ttl, self._purge_due())
+        return store.submit(_write_groups, groups, self.ttl, self._purge_due())
 
     async def get_state(self, task_uuid: str) -> TaskState | None:
         raw = await self.store.run(_get_state, task_uuid)
@@ -181,10 +151,6 @@ class SQLiteBackend(Backend):
 
 # ---------------------------------------------------------------------------------- statements
 # Each runs on the store's database thread and is all-or-nothing (retried when busy).
-
-
-#: One caller's write waiting for the end of the tick: its states, keep_created, its future.
-_Pending = tuple[list[TaskState], bool, "asyncio.Future[list[tuple[str, bytes]]]"]
 
 
 def _write_groups(

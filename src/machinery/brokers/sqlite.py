@@ -25,6 +25,7 @@ from typing import Any
 
 from .. import log
 from .._drivers.sqlite import SQLiteStore, StoreHandle, now_ns, ns_after, transaction
+from .._drivers.sqlite_batch import TickBatcher
 from ..backends.base import Backend, pending_states
 from ..backends.sqlite import store_states
 from ..config import Config
@@ -131,6 +132,8 @@ class SQLiteConsumer(Consumer):
         self._store = handle.store
         self._config = config
         self._closed = False
+        #: The acks of one loop tick, in one transaction (one commit).
+        self._acks: TickBatcher[int, bool] = TickBatcher(self._submit_acks)
         self._renewer = asyncio.ensure_future(self._renew_forever())
 
     def _lease_seconds(self) -> float:
@@ -176,15 +179,19 @@ class SQLiteConsumer(Consumer):
                 self._store.submit(_release, self.owner, ids)
 
     async def ack(self, delivery: Delivery) -> None:
-        # Not flushed by itself: an acknowledgement lost on a power failure runs the task again
-        # (at-least-once), and the final state written before it is flushed already.
-        if not await self._store.run_unflushed(_ack, delivery.receipt, self.owner):
+        if not await self._acks.add(delivery.receipt):
             log.logger.warning(
                 "Acknowledged message %s of %r was no longer leased by this worker (lease expired); "
                 "another worker may run it again",
                 delivery.receipt,
                 self.queue,
             )
+
+    def _submit_acks(self, row_ids: list[int]) -> concurrent.futures.Future[list[bool]]:
+        # Not flushed by itself: an acknowledgement lost on a power failure runs the task again
+        # (at-least-once), and the final state written before it is flushed already.
+        store = self._store
+        return store.submit(store.unflushed, _ack_many, row_ids, self.owner)
 
     async def requeue(self, delivery: Delivery, delay: float = 0.0) -> None:
         if await self._store.run(_requeue, delivery.receipt, self.owner, max(0.0, delay)):
@@ -300,10 +307,13 @@ def _claim(conn: sqlite3.Connection, queue: str, owner: str, max_count: int, lea
     return [(row_id, bytes(body)) for row_id, _, _, body in rows], None
 
 
-def _ack(conn: sqlite3.Connection, row_id: int, owner: str) -> bool:
+def _ack_many(conn: sqlite3.Connection, row_ids: list[int], owner: str) -> list[bool]:
     # A lease that expired stays ours until another consumer takes the row.
-    cursor = conn.execute("DELETE FROM messages WHERE id = ? AND lease_owner = ?", (row_id, owner))
-    return cursor.rowcount > 0
+    with transaction(conn):
+        return [
+            conn.execute("DELETE FROM messages WHERE id = ? AND lease_owner = ?", (row_id, owner)).rowcount > 0
+            for row_id in row_ids
+        ]
 
 
 def _requeue(conn: sqlite3.Connection, row_id: int, owner: str, delay: float) -> bool:
