@@ -75,15 +75,17 @@ class WakeChannel:
         self._listener, self.name = sock, name
         return True
 
-    def wait(self, timeout: float) -> None:
-        """Block until a wake-up arrives or ``timeout`` seconds pass; consume what has arrived."""
+    def wait(self, timeout: float) -> bool:
+        """Block until a wake-up arrives (True) or ``timeout`` seconds pass (False); consume
+        what has arrived."""
         sock = self._listener
         if sock is None:
             time.sleep(timeout)
-            return
+            return False
         readable, _, _ = select.select([sock], [], [], timeout)
         if readable:
             self.drain()
+        return bool(readable)
 
     def drain(self) -> None:
         """Discard the wake-ups received so far (the caller is about to look anyway)."""
