@@ -4,9 +4,10 @@ Task states are stored as the JSON the Redis backend stores (``TaskState.encode(
 task UUID, with an expiry of ``results_expire_in`` seconds refreshed on every write. Expired
 rows are invisible at once and deleted lazily. Group metadata has its own table and expiry.
 
-``await_state`` wakes within a few milliseconds of a completion written by any process: this
-process's writes notify its waiters directly, and the store's watcher notices other
-processes' commits (``PRAGMA data_version``) and looks up which watched tasks completed.
+``await_state`` wakes at once on a completion written by any process: this process's writes
+notify its waiters directly, and the store's watcher, poked by the writing process (see
+``_drivers.sqlite_wake``; a ``PRAGMA data_version`` poll is the safety net), looks up which
+watched tasks completed. The state writes of one loop tick share one transaction.
 """
 
 from __future__ import annotations
