@@ -151,7 +151,7 @@ def pid_of(tag: str) -> int:
 def grow(tag: str, megabytes: int) -> int:
     """Keeps ``megabytes`` of touched memory alive in its process; returns the process id."""
     record("run", tag)
-    _ballast.append(bytearray(b"x" * (megabytes * 1024 * 1024)))
+    _ballast.append(b"x" * (megabytes * 1024 * 1024))  # written, so resident
     return os.getpid()
 
 
