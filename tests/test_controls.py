@@ -10,6 +10,7 @@ limit test checks an upper bound that only a broken limit can exceed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from machinery import (
     Signature,
     TaskFailed,
 )
+from machinery._sync import run_sync
 from machinery.state import TaskState
 from support import control_tasks
 from support.control_tasks import events
@@ -73,7 +75,6 @@ def settings(kind: str, tmp_path: Path, queue: str) -> dict[str, str]:
     }
     if kind == "amqp":
         env |= {
-            "AMQP_EXCHANGE": f"{queue}_ex",
             "AMQP_BINDING_KEY": queue,
             "AMQP_QUEUE_DECLARE_ARGS": "x-max-priority:9",
         }
@@ -139,6 +140,9 @@ class App:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        if self.kind in ("redis", "amqp"):  # what the test left in the shared server
+            with contextlib.suppress(Exception):  # cleaning up must not hide the test's outcome
+                run_sync(self.server.broker.delete_queue(self.queue))
         self.server.close()
 
 
@@ -236,8 +240,11 @@ def test_a_def_task_in_the_pool_catches_its_soft_limit(make_app: Callable[[str],
     with running_worker(app.server, concurrency=1, periodic=False, pool="processes"):
         assert app.send("soft_limited", "s").get(timeout=WAIT) == "cleaned up"
         assert app.send("soft", "per-send", soft_time_limit=1).get(timeout=WAIT) == "cleaned up"
+        # async def tasks run on the worker's loop even with a process pool.
+        assert app.send("soft_async_limited", "on-loop").get(timeout=WAIT) == "cleaned up"
     assert [e.event for e in app.events("s")] == ["start", "cleanup"]
     assert {e.pid for e in app.events("s")} != {os.getpid()}
+    assert {e.pid for e in app.events("on-loop")} == {os.getpid()}
 
 
 def test_limits_resolve_send_then_task_then_worker(make_app: Callable[[str], App]) -> None:
@@ -265,6 +272,8 @@ def test_hard_limits_on_threads_warn_at_start_and_record_the_failure(
         )
         # What the docs say: the thread cannot be killed, it runs to its end.
         wait_until(lambda: app.events("t", "end"), WAIT, "the thread to run on to its end")
+        # And a soft limit cannot be delivered to a thread: the task runs on undisturbed.
+        assert app.send("sleepy", "soft-on-thread", 2, soft_time_limit=1).get(timeout=WAIT) == "soft-on-thread"
     assert app.server.result(result.task_uuid).state().state == FAILURE
 
 
@@ -441,6 +450,22 @@ def test_a_running_task_revoked_without_terminate_finishes(make_app: Callable[[s
     assert [e.event for e in app.events("r")] == ["start", "end"]
 
 
+@pytest.mark.parametrize("kind", IN_PROCESS)
+def test_a_revocation_expires_with_the_results(make_app: Callable[[str], App], kind: str) -> None:
+    app = make_app(kind)
+    app.server.config.results_expire_in = 1
+    never_sent = f"task_{uuid.uuid4()}"
+    app.server.revoke(never_sent, terminate=True)
+
+    def revocations() -> dict[str, bool]:
+        found = run_sync(app.server.backend.revocations(0))
+        assert found is not None
+        return found[1]
+
+    assert revocations()[never_sent] is True
+    wait_until(lambda: never_sent not in revocations(), WAIT, "the revocation to expire")
+
+
 # --------------------------------------------------------------------------- rate limits
 
 
@@ -536,6 +561,25 @@ def test_higher_priorities_are_taken_first(make_app: Callable[[str], App], kind:
     order = [e.tag for e in app.events(event="run")]
     expected = [f"p{i}-{p}" for i, p in sorted(enumerate(priorities), key=lambda ip: (-ip[1], ip[0]))]
     assert order == expected
+
+
+def test_redis_keeps_prioritized_messages_at_the_head_of_gos_list(make_app: Callable[[str], App]) -> None:
+    """What a Go worker sees: one plain list of Go Signatures, the prioritized ones first
+    (highest, then oldest), which Go's BLPOP takes from the head in that order."""
+    import redis
+
+    app = make_app("redis")
+    priorities = [0, 3, 9, 0, 3]
+    for i, p in enumerate(priorities):
+        app.send("quick", f"p{i}-{p}", priority=p)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert client.type(app.queue) == b"list"
+        bodies = [json.loads(raw) for raw in client.lrange(app.queue, 0, -1)]
+    finally:
+        client.close()
+    assert [b["Args"][0]["Value"] for b in bodies] == ["p2-9", "p1-3", "p4-3", "p0-0", "p3-0"]
+    assert [b.get("Priority", 0) for b in bodies] == [9, 3, 3, 0, 0]
 
 
 # --------------------------------------------------------------------------- tracebacks and Go's view

@@ -168,6 +168,8 @@ def test_send_priority_time_limit_and_unique_for(cli: Cli) -> None:
     first = cli.send("quick", "once", "--unique-for", "600")
     assert cli.send("quick", "once", "--unique-for", "600") == first  # the same task, nothing sent
     limited = cli.send("hang_async", "limited", "--time-limit", "1")
+    refused = cli.run("send", "-A", APP, "quick", "g", "--group", "3", "--unique-for", "600", check=False)
+    assert refused.returncode != 0 and "--unique-for applies to single sends" in refused.stderr
     cli.worker("-c", "1")
     for task in (low, high, middle, first):
         cli.wait_for(task, "SUCCESS")
