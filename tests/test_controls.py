@@ -201,6 +201,7 @@ def test_a_hung_async_task_is_cancelled_at_its_hard_limit(make_app: Callable[[st
         assert failure(result) == "time limit of 1 s exceeded"
     assert [e.event for e in app.events("a")] == ["start", "cancelled"]
     assert app.server.result(result.task_uuid).state().state == FAILURE
+    assert "in hang_async" in (result.traceback() or "")  # where it was waiting
 
 
 @pytest.mark.parametrize("kind", IN_PROCESS)
@@ -270,6 +271,7 @@ def test_hard_limits_on_threads_warn_at_start_and_record_the_failure(
         assert failure(result) == (
             "time limit of 1 s exceeded; its thread cannot be stopped and runs on (use pool='processes')"
         )
+        assert "in sleepy" in (result.traceback() or "")  # where the thread was
         # What the docs say: the thread cannot be killed, it runs to its end.
         wait_until(lambda: app.events("t", "end"), WAIT, "the thread to run on to its end")
         # And a soft limit cannot be delivered to a thread: the task runs on undisturbed.
@@ -515,6 +517,27 @@ def test_a_unique_task_sent_from_ten_threads_runs_once(make_app: Callable[[str],
         assert again.task_uuid != uuids[0]
         assert again.get(timeout=WAIT) == "u"
     assert len(app.events("u", "run")) == 2
+
+
+def test_a_unique_task_stays_unique_while_it_waits_to_retry(make_app: Callable[[str], App]) -> None:
+    app = make_app("sqlite")
+    with running_worker(app.server, concurrency=2, periodic=False):
+        # The retry waits 8 s (Fibonacci after 5), then runs 1 s: a wide window to send in.
+        first = app.send("hang_async", "retrying", unique_for=600, time_limit=1, retry_count=1, retry_timeout=5)
+        wait_until(lambda: app.events("retrying", "cancelled"), WAIT, "the first run stopped")
+        assert app.send("hang_async", "retrying", unique_for=600).task_uuid == first.task_uuid
+        assert failure(first) == "time limit of 1 s exceeded"
+
+
+def test_group_members_are_never_made_unique(make_app: Callable[[str], App]) -> None:
+    from machinery import Group
+
+    app = make_app("sqlite")
+    group = Group(_signature("quick", ["member"], unique_for=600), _signature("quick", ["member"], unique_for=600))
+    with running_worker(app.server, concurrency=2, periodic=False):
+        results = app.server.send_group(group)
+        assert [r.get(timeout=WAIT) for r in results] == ["member", "member"]
+    assert len(app.events("member", "run")) == 2
 
 
 def test_a_unique_key_makes_different_arguments_equal(make_app: Callable[[str], App]) -> None:
