@@ -551,12 +551,14 @@ def test_a_unique_key_makes_different_arguments_equal(make_app: Callable[[str], 
 # --------------------------------------------------------------------------- progress
 
 
-@pytest.mark.parametrize(("kind", "pool"), [("sqlite", "threads"), ("redis", "threads"), ("redis", "processes")])
+@pytest.mark.parametrize(
+    ("kind", "pool"), [("sqlite", "threads"), ("redis", "threads"), ("redis", "processes"), ("amqp", "threads")]
+)
 def test_progress_is_read_from_another_process_while_the_task_runs(
     make_app: Callable[[str], App], kind: str, pool: str
 ) -> None:
     app = make_app(kind)
-    app.start_worker("--pool", pool, "--concurrency", "1")
+    app.wait_started(app.start_worker("--pool", pool, "--concurrency", "1"))
     result = app.send("report", "p")
     assert result.progress() is None or result.state().state == PENDING
     assert wait_until(result.progress, WAIT, "the progress report") == (0.5, "half way")
@@ -608,7 +610,9 @@ def test_redis_keeps_prioritized_messages_at_the_head_of_gos_list(make_app: Call
 # --------------------------------------------------------------------------- tracebacks and Go's view
 
 
-@pytest.mark.parametrize(("kind", "pool"), [("memory", "threads"), ("sqlite", "threads"), ("redis", "processes")])
+@pytest.mark.parametrize(
+    ("kind", "pool"), [("memory", "threads"), ("sqlite", "threads"), ("redis", "processes"), ("amqp", "threads")]
+)
 def test_a_failure_stores_the_traceback_of_the_tasks_frames(
     make_app: Callable[[str], App], kind: str, pool: str, caplog: pytest.LogCaptureFixture
 ) -> None:
