@@ -369,18 +369,25 @@ def test_a_task_defined_in_a_function_cannot_go_to_the_pool() -> None:
 # --------------------------------------------------------------------------- a real abort
 
 
-@pytest.mark.parametrize("pool", ["threads", "processes"])
-@pytest.mark.parametrize("kind", CROSS_PROCESS)
+@pytest.mark.parametrize(
+    ("kind", "pool", "signum"),
+    [
+        ("sqlite", "threads", signal.SIGTERM),
+        ("sqlite", "processes", signal.SIGINT),
+        ("redis", "threads", signal.SIGINT),
+        ("redis", "processes", signal.SIGTERM),
+    ],
+)
 def test_a_second_signal_aborts_and_the_task_never_runs_twice_at_once(
-    make_app: Callable[[str], App], kind: str, pool: str
+    make_app: Callable[[str], App], kind: str, pool: str, signum: signal.Signals
 ) -> None:
     app = make_app(kind)
     result = app.send("slow", "once")
     first = app.start_worker("--pool", pool, "--concurrency", "1")
     (start,) = wait_until(lambda: app.events("once", "start"), WAIT, "the slow task running")
-    first.send_signal(signal.SIGTERM)
+    first.send_signal(signum)
     wait_until(lambda: "Signal received" in app.log(first), WAIT, "the first signal seen")
-    first.send_signal(signal.SIGTERM)
+    first.send_signal(signum)
     first.wait(WAIT)  # it would run on for 20 s if the abort waited for the task
     assert "Worker quit abruptly" in app.log(first)
     assert not alive(start.pid)  # the thread's process, or the pool child, is gone
