@@ -13,6 +13,7 @@ machinery, so the same script measures a checkout from before the controls:
 
     git archive 3b96be7 src | tar -x -C /tmp/machinery-before
     PYTHONPATH=/tmp/machinery-before/src python benchmarks/bench_controls.py --cases none,def_threads
+    PYTHONPATH=/tmp/machinery-before/src python benchmarks/bench_controls.py --cases none,def_threads --calls
 
 Each case runs ``repeat`` times, interleaved with the others; the median and the range are
 printed. The drain counts from the first task's start to the last task's end. The CPU time
@@ -134,6 +135,21 @@ def summary(values: list[float], unit: str) -> str:
     return f"{statistics.median(values):>7,.0f} {unit} ({min(values):,.0f} - {max(values):,.0f})"
 
 
+async def count_calls(broker: str, cases: list[str], count: int, concurrency: int) -> None:
+    import cProfile
+    import pstats
+
+    print(f"{'case':<16} Python calls per task (send + drain, event loop thread)")
+    for case in cases:
+        await run_case(broker, case, min(count, 1000), concurrency)  # warm: imports, first connections
+        profile = cProfile.Profile()
+        profile.enable()
+        await run_case(broker, case, count, concurrency)
+        profile.disable()
+        calls = sum(nc for (_, nc, _, _, _) in pstats.Stats(profile).stats.values())
+        print(f"{case:<16} {calls / count:8.1f}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--broker", default="memory", help="memory (the default) or a broker URL")
@@ -141,6 +157,12 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--cases", default=",".join(ALL_CASES))
+    parser.add_argument(
+        "--calls",
+        action="store_true",
+        help="instead, count the Python function calls per task (send and drain, on the event loop's thread) "
+        "under cProfile: a figure that does not move with the machine's load",
+    )
     args = parser.parse_args()
     cases = args.cases.split(",")
     unknown = set(cases) - set(ALL_CASES)
@@ -149,6 +171,9 @@ async def main() -> None:
     import machinery
 
     print(f"machinery from {machinery.__file__}; broker {args.broker}; {args.tasks} tasks x {args.repeat} runs")
+    if args.calls:
+        await count_calls(args.broker, cases, args.tasks, args.concurrency)
+        return
     figures: dict[str, list[list[float]]] = {c: [[], [], [], []] for c in cases}
     for _ in range(args.repeat):
         for case in cases:  # interleaved, so that a noisy neighbour spreads over every case

@@ -482,9 +482,10 @@ def test_a_revocation_expires_with_the_results(make_app: Callable[[str], App], k
 @pytest.mark.parametrize("kind", CROSS_PROCESS)
 def test_a_rate_limit_holds_across_two_worker_processes(make_app: Callable[[str], App], kind: str) -> None:
     app = make_app(kind)
+    workers = [app.start_worker("--concurrency", "4", **{control_tasks.RATE_ENV: "5/s"}) for _ in range(2)]
+    for worker in workers:  # both consume before the first task is sent
+        app.wait_started(worker)
     results = [app.send("rate_limited", f"n{i}") for i in range(50)]
-    for _ in range(2):
-        app.start_worker("--concurrency", "4", **{control_tasks.RATE_ENV: "5/s"})
     assert [r.get(timeout=WAIT) for r in results] == [f"n{i}" for i in range(50)]
     runs = sorted(e.time for e in app.events(event="run"))
     assert len(runs) == 50 and len({e.pid for e in app.events(event="run")}) == 2  # both workers ran some
