@@ -254,9 +254,11 @@ def test_limits_resolve_send_then_task_then_worker(make_app: Callable[[str], App
         worker_default = app.send("hang_async", "worker-default")
         send_longer = app.send("sleepy_async", "send-longer", 2, time_limit=30)  # beats the worker's 1 s
         send_shorter = app.send("hang_async_limited", "send-shorter", time_limit=2)  # beats the task's 1 s
+        task_longer = app.send("sleepy_async_patient", "task-longer", 2)  # the task's 30 s beat the worker's 1 s
         assert failure(worker_default) == "time limit of 1 s exceeded"
         assert send_longer.get(timeout=WAIT) == "send-longer"
         assert failure(send_shorter) == "time limit of 2 s exceeded"
+        assert task_longer.get(timeout=WAIT) == "task-longer"
 
 
 def test_hard_limits_on_threads_warn_at_start_and_record_the_failure(
@@ -446,6 +448,19 @@ def test_a_running_task_revoked_with_terminate_is_stopped(
         assert [e.event for e in app.events("x")] == ["start", "cancelled"]
     assert app.send("quick", "next").get(timeout=WAIT) == "next"
     assert not app.events("x", "end")
+
+
+def test_a_def_task_on_a_thread_revoked_with_terminate_fails_and_its_thread_runs_on(
+    make_app: Callable[[str], App],
+) -> None:
+    app = make_app("sqlite")
+    app.start_worker("--concurrency", "1")
+    result = app.send("sleepy", "t", 3)
+    wait_until(lambda: app.events("t", "start"), WAIT, "the task running")
+    app.server.revoke(result.task_uuid, terminate=True)
+    assert failure(result) == "revoked"
+    wait_until(lambda: app.events("t", "end"), WAIT, "the thread to run on to its end")
+    assert app.server.result(result.task_uuid).state().state == FAILURE
 
 
 @pytest.mark.parametrize("kind", CROSS_PROCESS)

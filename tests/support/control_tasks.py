@@ -188,6 +188,7 @@ def register(server: Server) -> None:
     server.register_task("report", report)
     server.register_task("hang_limited", hang, time_limit=1)
     server.register_task("hang_async_limited", hang_async, time_limit=1)
+    server.register_task("sleepy_async_patient", sleepy_async, time_limit=30)
     server.register_task("soft_limited", soft, soft_time_limit=1, time_limit=60)
     server.register_task("soft_async_limited", soft_async, soft_time_limit=1, time_limit=60)
     server.register_task("rate_limited", quick, rate_limit=os.environ.get(RATE_ENV, "5/s"))
