@@ -116,6 +116,7 @@ class ProcessPool:
         self._modules: list[str] = []
         self._ids = itertools.count()
         self._closing = False
+        self._started = False
 
     @property
     def busy(self) -> int:
@@ -134,6 +135,7 @@ class ProcessPool:
         self._idle = asyncio.Queue()
         children = [self._spawn() for _ in range(self.size)]
         await asyncio.wait_for(asyncio.gather(*(child.ready for child in children)), START_TIMEOUT)
+        self._started = True
         log.logger.info("Process pool started: %d children (pids %s)", self.size, ", ".join(map(str, self.pids)))
 
     def _spawn(self) -> _Child:
@@ -276,8 +278,16 @@ class ProcessPool:
                 pass
         if not child.ready.done():
             child.ready.set_exception(WorkerProcessDied(f"a pool process could not start ({child.process.exitcode})"))
-        if child.ready.exception() is not None:
-            return  # a child that never started is not replaced: the pool fails to start
+        if child.ready.cancelled() or child.ready.exception() is not None:
+            # A child that never started is not replaced (the next would fail the same way):
+            # at start the pool fails with the reason; later, it runs with one child fewer.
+            if self._started:
+                log.logger.error(
+                    "A new pool child could not start (%s); the pool has %d children left",
+                    child.ready.exception() if not child.ready.cancelled() else "cancelled",
+                    len(self._children),
+                )
+            return
         if not self._closing:
             log.logger.warning("Pool child %s ended; starting another", child.process.pid)
             self._spawn()
