@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import running_worker, wait_until
 from machinery import FAILURE, Config, ConfigError, Server
 from support import control_tasks
 from support.control_app import IN_PROCESS, WAIT, App, alive, apps, failure
+from support.waiting import wait_until
+from support.workers import running_worker
 
 
 @pytest.fixture

@@ -20,12 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import INTEROP_DIR, REDIS_URL, running_worker, wait_until
 from machinery import FAILURE, PENDING, STARTED, SUCCESS
 from machinery._sync import run_sync
 from machinery.state import TaskState
 from support import control_tasks
 from support.control_app import CROSS_PROCESS, IN_PROCESS, WAIT, App, alive, apps, failure, signature
+from support.interop import INTEROP_DIR
+from support.services import REDIS_URL
+from support.waiting import wait_until
+from support.workers import running_worker
 
 GO_STATES = {"PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE"}
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
 from support import control_tasks
 from support.control_tasks import events
+from support.waiting import wait_until
 
 TESTS = Path(__file__).resolve().parents[1]
 WAIT = 60.0  # an upper bound for anything to happen; never an expectation of speed

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AMQP_URL, REDIS_URL, require_service, wait_until
 from machinery import AsyncResult, Config, Server, Signature, TaskFailed
 from machinery._sync import run_sync
 from support import control_tasks
 from support.control_tasks import events
+from support.services import AMQP_URL, REDIS_URL, require_service
+from support.waiting import wait_until
 
 TESTS = Path(__file__).resolve().parents[1]
 WAIT = 60.0  # an upper bound for anything to happen; never an expectation of speed

@@ -24,7 +24,7 @@ SLOW_ENV = "CONTROL_SLOW_SECONDS"
 RATE_ENV = "CONTROL_RATE_LIMIT"
 #: Longer than any test waits: a task that "hangs" never ends by itself within a test.
 HANG_SECONDS = 90.0
-_ballast: list[bytearray] = []  # what ``grow`` keeps alive in its process
+_ballast: list[bytes] = []  # what ``grow`` keeps alive in its process
 
 
 @dataclass(frozen=True)
