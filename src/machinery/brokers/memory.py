@@ -177,6 +177,26 @@ class MemoryBroker(Broker):
             self._store.wake()
         return len(letters)
 
+    async def queue_depth(self, queue: str | None = None) -> int:
+        with self._store.lock:
+            return len(self._store.queue(queue or self.config.default_queue))
+
+    async def dead_count(self, queue: str | None = None) -> int:
+        with self._store.lock:
+            return len(self._store.dead.get(queue or self.config.default_queue, []))
+
+    async def purge(self, queue: str | None = None) -> int:
+        with self._store.lock:
+            removed = self._store.queues.pop(queue or self.config.default_queue, None)
+        return len(removed) if removed is not None else 0
+
+    async def purge_dead(self, queue: str | None = None) -> int:
+        with self._store.lock:
+            return len(self._store.dead.pop(queue or self.config.default_queue, []))
+
+    async def ping(self) -> None:
+        """Always answers: the store is this process's memory."""
+
     async def delete_queue(self, queue: str) -> None:
         with self._store.lock:
             self._store.queues.pop(queue, None)
