@@ -47,8 +47,8 @@ __all__ = ["TracingMiddleware"]
 #: (never exported) once this many newer ones wait.
 _OPEN_SENDS = 10_000
 
-_processing: contextvars.ContextVar[tuple[Span, contextvars.Token[otel_context.Context]] | None] = contextvars.ContextVar(
-    "machinery_tracing_processing", default=None
+_processing: contextvars.ContextVar[tuple[Span, contextvars.Token[otel_context.Context]] | None] = (
+    contextvars.ContextVar("machinery_tracing_processing", default=None)
 )
 
 
