@@ -35,6 +35,7 @@ from .app import (
     unreachable_message,
 )
 from .control import revoke
+from .dashboard import dashboard
 from .formatting import echo_table, format_arg, format_args, format_seconds, format_time, style_state
 from .inspection import dead, delayed, pending, requeue_dead, status
 from .operations import inspect, ping, purge
@@ -94,5 +95,6 @@ for _command in (
     inspect,
     purge,
     ping,
+    dashboard,
 ):
     main.add_command(_command)
