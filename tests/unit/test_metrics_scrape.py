@@ -68,9 +68,11 @@ def test_counters_histograms_and_gauges_are_served(server: Server, metrics_url: 
             server.send_task(Signature("explode")).get(timeout=10)
         push_raw(server, b"not a task")
         samples = wait_until(
-            lambda: (s := scrape(metrics_url)).get(("machinery_dead_letters_total", (("queue", queue),)))
-            and s.get(("machinery_queue_depth", (("queue", queue),))) == 0
-            and s,
+            lambda: (
+                (s := scrape(metrics_url)).get(("machinery_dead_letters_total", (("queue", queue),)))
+                and s.get(("machinery_queue_depth", (("queue", queue),))) == 0
+                and s
+            ),
             what="the dead letter counted and the emptied queue sampled",
         )
         assert samples[("machinery_worker_up", (("queue", queue),))] == 1
