@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import IN_CI, push_raw, wait_until
 from helpers import stop_processes
-
 from machinery import Config, Server, Signature
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -118,7 +118,11 @@ def test_the_dashboard_shows_workers_queues_tasks_and_requeues_a_dead_letter(
 
             # A task that failed before the dashboard saw it: its page shows the error and the
             # traceback, and from then on it is among the recent failures.
-            wait_until(lambda: (s := client.result(failed.task_uuid).state()) is not None and s.state == "FAILURE", timeout=30, what="the failure")
+            wait_until(
+                lambda: (s := client.result(failed.task_uuid).state()) is not None and s.state == "FAILURE",
+                timeout=30,
+                what="the failure",
+            )
             page.goto(f"{url}tasks/{failed.task_uuid}")
             assert page.inner_text("td.state") == "FAILURE"
             assert "it broke" in page.inner_text("#task pre")

@@ -30,6 +30,7 @@ class ReceivedSpan:
     status_message: str
     attributes: dict[str, Any]
     events: list[str]
+    links: list[tuple[str, str]]  # (trace id, span id)
     service: str
     resource: dict[str, Any] = field(default_factory=dict)
 
@@ -102,6 +103,7 @@ class OtlpReceiver:
                             status_message=span.status.message,
                             attributes={a.key: _value(a.value) for a in span.attributes},
                             events=[e.name for e in span.events],
+                            links=[(link.trace_id.hex(), link.span_id.hex()) for link in span.links],
                             service=str(resource.get("service.name", "")),
                             resource=resource,
                         )

@@ -6,10 +6,10 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from conftest import push_raw, running_worker, unique, wait_until
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import push_raw, running_worker, unique, wait_until
 from machinery import Config, Server, Signature
 from machinery.metrics import SENT_AT_HEADER, MetricsMiddleware, asgi_app, serve
 

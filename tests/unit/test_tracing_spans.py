@@ -9,15 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from conftest import running_worker, unique, wait_until
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from support.otlp import OtlpReceiver, ReceivedSpan
 
+from conftest import running_worker, unique, wait_until
 from machinery import Chain, Chord, Config, Group, Server, Signature
 from machinery.tracing import TracingMiddleware
+from support.otlp import OtlpReceiver, ReceivedSpan
 
 PRODUCER, CONSUMER, ERROR = 4, 5, 2
 
@@ -80,6 +80,7 @@ def test_send_and_process_spans_are_parent_and_child_with_attributes(
     assert send.trace_id == process.trace_id == format(request.get_span_context().trace_id, "032x")
     assert send.parent_span_id == format(request.get_span_context().span_id, "016x")
     assert process.parent_span_id == send.span_id
+    assert process.links == [(send.trace_id, send.span_id)]
     assert send.attributes["messaging.destination.name"] == server.config.default_queue
     assert process.attributes["messaging.system"] == "machinery"
     assert process.attributes["messaging.destination.name"] == server.config.default_queue
