@@ -174,7 +174,8 @@ class Dashboard:
         if uuid.startswith("group_"):
             meta: GroupMeta | None = await backend.get_group_meta(uuid)
             members = list(zip(meta.task_uuids, await backend.get_states(meta.task_uuids), strict=True)) if meta else []
-            return {"uuid": uuid, "group": meta, "members": members}
+            unfinished = [m for m, st in members if st is None or not st.is_completed()]
+            return {"uuid": uuid, "group": meta, "members": members, "unfinished": unfinished}
         state = await backend.get_state(uuid)
         if state is not None:
             self.watch.remember(uuid)
