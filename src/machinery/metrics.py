@@ -25,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from . import log
@@ -38,7 +40,7 @@ from .state import FAILURE, RETRY, SUCCESS
 try:
     import prometheus_client
     from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-    from prometheus_client.multiprocess import MultiProcessCollector
+    from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise MissingExtra(f"machinery.metrics needs prometheus-client: pip install 'machinery[metrics]' ({exc})") from exc
 
@@ -50,53 +52,88 @@ _STATES = {SUCCESS: "succeeded", FAILURE: "failed", RETRY: "retried"}
 _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
+@dataclass(frozen=True)
+class _Metrics:
+    """The metrics registered in one registry (prometheus_client refuses a name twice)."""
+
+    tasks: Counter
+    duration: Histogram
+    latency: Histogram
+    in_flight: Gauge
+    dead_letters: Counter
+    depth: Gauge
+    up: Gauge
+
+
+_registered: dict[int, tuple[CollectorRegistry, _Metrics]] = {}
+_registering = threading.Lock()
+
+
+def _metrics_in(registry: CollectorRegistry) -> _Metrics:
+    with _registering:
+        held = _registered.get(id(registry))
+        if held is not None and held[0] is registry:
+            return held[1]
+        made = _Metrics(
+            tasks=Counter(
+                "machinery_tasks", "Tasks by task name, queue and state", ("task", "queue", "state"), registry=registry
+            ),
+            duration=Histogram(
+                "machinery_task_duration_seconds",
+                "Seconds the task function ran",
+                ("task", "queue"),
+                buckets=_DURATION_BUCKETS,
+                registry=registry,
+            ),
+            latency=Histogram(
+                "machinery_queue_latency_seconds",
+                "Seconds from publish (or the ETA) to the start of processing",
+                ("task", "queue"),
+                buckets=_DURATION_BUCKETS,
+                registry=registry,
+            ),
+            in_flight=Gauge(
+                "machinery_tasks_in_flight",
+                "Tasks being processed",
+                ("queue",),
+                registry=registry,
+                multiprocess_mode="livesum",
+            ),
+            dead_letters=Counter(
+                "machinery_dead_letters", "Messages dead-lettered by workers", ("queue",), registry=registry
+            ),
+            depth=Gauge(
+                "machinery_queue_depth",
+                "Messages waiting in the queue (sampled)",
+                ("queue",),
+                registry=registry,
+                multiprocess_mode="livemax",
+            ),
+            up=Gauge(
+                "machinery_worker_up", "Workers running", ("queue",), registry=registry, multiprocess_mode="livesum"
+            ),
+        )
+        _registered[id(registry)] = (registry, made)
+        return made
+
+
 class MetricsMiddleware(Middleware):
     """Counts, times and samples what workers do (see the module docstring).
 
     The metrics are registered in ``registry`` (prometheus_client's default registry unless
-    given); make one middleware per registry.
+    given); every middleware made on one registry shares its metrics.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None, depth_interval: float = 5.0) -> None:
-        registry = REGISTRY if registry is None else registry
+        metrics = _metrics_in(REGISTRY if registry is None else registry)
         self.depth_interval = depth_interval
-        self.tasks = Counter(
-            "machinery_tasks", "Tasks by task name, queue and state", ("task", "queue", "state"), registry=registry
-        )
-        self.duration = Histogram(
-            "machinery_task_duration_seconds",
-            "Seconds the task function ran",
-            ("task", "queue"),
-            buckets=_DURATION_BUCKETS,
-            registry=registry,
-        )
-        self.latency = Histogram(
-            "machinery_queue_latency_seconds",
-            "Seconds from publish (or the ETA) to the start of processing",
-            ("task", "queue"),
-            buckets=_DURATION_BUCKETS,
-            registry=registry,
-        )
-        self.in_flight = Gauge(
-            "machinery_tasks_in_flight",
-            "Tasks being processed",
-            ("queue",),
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self.dead_letters = Counter(
-            "machinery_dead_letters", "Messages dead-lettered by workers", ("queue",), registry=registry
-        )
-        self.depth = Gauge(
-            "machinery_queue_depth",
-            "Messages waiting in the queue (sampled)",
-            ("queue",),
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self.up = Gauge(
-            "machinery_worker_up", "Workers running", ("queue",), registry=registry, multiprocess_mode="livesum"
-        )
+        self.tasks = metrics.tasks
+        self.duration = metrics.duration
+        self.latency = metrics.latency
+        self.in_flight = metrics.in_flight
+        self.dead_letters = metrics.dead_letters
+        self.depth = metrics.depth
+        self.up = metrics.up
         # Children by label values: labels() takes a lock and builds a key each call.
         self._children: dict[tuple[Any, ...], Any] = {}
         self._samplers: dict[int, tuple[asyncio.Task[None], str]] = {}
@@ -163,6 +200,9 @@ class MetricsMiddleware(Middleware):
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
         self._child(self.up, queue).dec()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and not self._samplers:
+            # The "live" gauges of a process count until it says it is gone.
+            mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
     async def _sample(self, depth_of: Callable[[str], Any], queue: str) -> None:
         gauge = self._child(self.depth, queue)

@@ -24,6 +24,7 @@ from test_dashboard_browser import answers, free_port
 from conftest import IN_CI, wait_until
 from helpers import stop_processes
 from machinery import Config, Server, Signature
+from machinery._sync import run_sync
 from machinery.tracing import TracingMiddleware
 from support.otlp import OtlpReceiver
 
@@ -40,7 +41,12 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 
 def start_worker(
-    tmp_path: Path, receiver: OtlpReceiver, metrics_port: int, propagators: str = ""
+    tmp_path: Path,
+    receiver: OtlpReceiver,
+    metrics_port: int | None,
+    propagators: str = "",
+    extra_env: dict[str, str] | None = None,
+    name: str = "worker",
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -49,20 +55,13 @@ def start_worker(
         "PYTHONPATH": str(TESTS),
         "OTLP_ENDPOINT": receiver.endpoint,
         "TRACE_PROPAGATORS": propagators,
+        **(extra_env or {}),
     }
-    log = tmp_path / "worker.log"
+    log = tmp_path / f"{name}.log"
+    metrics = ["--metrics-port", str(metrics_port)] if metrics_port is not None else []
+    command = [str(Path(sys.executable).with_name("machinery")), "worker", "-A", "apps.observed:server"]
     return subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("machinery")),
-            "worker",
-            "-A",
-            "apps.observed:server",
-            "-c",
-            "2",
-            "--no-periodic",
-            "--metrics-port",
-            str(metrics_port),
-        ],
+        [*command, "-c", "2", "--no-periodic", "-n", name, *metrics],
         cwd=tmp_path,
         env=env,
         stdout=log.open("wb"),
@@ -197,3 +196,30 @@ def test_a_real_prometheus_scrapes_a_worker(tmp_path: Path, receiver: OtlpReceiv
         assert wait_until(lambda: succeeded() >= 2, timeout=60, what="Prometheus seeing the two successes")
     finally:
         stop_processes([worker, prometheus], timeout=20)
+
+
+def test_multiprocess_mode_aggregates_every_worker_on_one_port(
+    tmp_path: Path, receiver: OtlpReceiver, metrics_port: int
+) -> None:
+    shared = tmp_path / "prometheus-multiproc"
+    shared.mkdir()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(shared)}
+    plain = Server(Config(broker=f"sqlite:///{tmp_path / 'observed.db'}", default_queue=QUEUE))
+    serving = start_worker(tmp_path, receiver, metrics_port, extra_env=env, name="serving")
+    other = start_worker(tmp_path, receiver, None, extra_env=env, name="other")
+    try:
+        wait_until(lambda: len(run_sync(plain.backend.get_workers())) == 2, timeout=30, what="both workers up")
+        results = [plain.send_task(Signature("work", args=[f"m{i}"])) for i in range(10)]
+        for result in results:
+            result.get(timeout=60)
+        expected = f'machinery_tasks_total{{queue="{QUEUE}",state="succeeded",task="work"}} 10.0'
+        text = wait_until(
+            lambda: (
+                answers(f"http://127.0.0.1:{metrics_port}/metrics") and expected in (t := scrape(metrics_port)) and t
+            ),
+            timeout=30,
+            what="the tasks of both workers counted on one port",
+        )
+    finally:
+        stop_processes([serving, other], timeout=20)
+    assert f'machinery_worker_up{{queue="{QUEUE}"}} 2.0' in text

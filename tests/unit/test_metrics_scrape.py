@@ -112,3 +112,9 @@ def test_the_asgi_app_serves_the_same_metrics(registry: CollectorRegistry, serve
         samples = scrape(f"{base}/metrics/")
     queue = server.config.default_queue
     assert samples[("machinery_tasks_total", (("queue", queue), ("state", "succeeded"), ("task", "add")))] == 1
+
+
+def test_middleware_made_twice_on_one_registry_share_its_metrics(registry: CollectorRegistry) -> None:
+    first, second = MetricsMiddleware(registry), MetricsMiddleware(registry)
+    assert first.tasks is second.tasks
+    assert MetricsMiddleware(CollectorRegistry()).tasks is not first.tasks

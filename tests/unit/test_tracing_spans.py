@@ -158,3 +158,23 @@ def test_a_chord_traces_every_member_and_the_callback(
     (send_callback,) = one(receiver, "send total")
     assert callback.parent_span_id == send_callback.span_id
     assert send_callback.parent_span_id in {p.span_id for p in processes}
+
+
+def test_with_the_jaeger_propagator_our_sends_write_uber_trace_id(provider: TracerProvider) -> None:
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.propagators.jaeger import JaegerPropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    propagator = CompositePropagator([TraceContextTextMapPropagator(), JaegerPropagator()])
+    queue = unique("jaeger")
+    server = Server(
+        Config(broker=f"memory://{queue}", default_queue=queue), middleware=[TracingMiddleware(provider, propagator)]
+    )
+    signature = Signature("anything")
+    server.send_task(signature)
+    assert signature.headers is not None
+    trace_id = signature.headers["traceparent"].split("-")[1]
+    # What a Go worker's Jaeger tracer reads: trace id, span id, parent (0), flags.
+    jaeger_trace, jaeger_span, _, _ = signature.headers["uber-trace-id"].split(":")
+    assert jaeger_trace.zfill(32) == trace_id
+    assert jaeger_span.zfill(16) == signature.headers["traceparent"].split("-")[2]
