@@ -25,10 +25,10 @@ def _age(moment: datetime) -> str:
 @server_options
 @click.pass_context
 def inspect(ctx: click.Context) -> None:
-    """List the live workers (from their heartbeats) and the tasks each is running.
+    """List the live workers and the tasks each is running.
 
-    A worker counts as alive while its heartbeat is fresh (heartbeat_timeout). Go workers
-    publish no heartbeat, so they are not listed.
+    Workers are known from their heartbeats: one counts as alive while its heartbeat is
+    fresh (heartbeat_timeout). Go workers publish none, so they are not listed.
     """
     server = get_server(ctx, read_only=True)
     try:
@@ -85,7 +85,7 @@ def _depth(operation: Coroutine[Any, Any, int], queue: str) -> int:
 @server_options
 @click.pass_context
 def ping(ctx: click.Context) -> None:
-    """Check that the broker and the result backend answer; exit 0 if both do, 1 if not."""
+    """Exit 0 if the broker and the result backend answer, 1 if not."""
     server = get_server(ctx)
     failed = False
     for what, url, call in (
