@@ -6,13 +6,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from conftest import AMQP_URL, config_for, require_service, unique
 from machinery import AMQPConfig, Config, Server, Signature
-from machinery.errors import BrokerConnectionError
+from machinery.brokers.amqp import AMQPBroker
+from machinery.brokers.redis import RedisBroker
+from machinery.errors import BrokerConnectionError, UnsupportedOperation
 
 KINDS = ["memory", "sqlite", "redis", "amqp"]
 
@@ -114,3 +117,20 @@ async def test_ping_raises_when_nothing_answers(url: str, errors: tuple[type[Bas
         await server.broker.ping()
     with pytest.raises(errors):
         await server.backend.ping()
+
+
+async def test_delayed_messages_are_counted_per_queue(server: Server) -> None:
+    broker, queue = server.broker, server.config.default_queue
+    if isinstance(broker, AMQPBroker):
+        with pytest.raises(UnsupportedOperation, match="rabbitmqctl"):
+            await broker.delayed_count(queue)
+        return
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    signatures = [Signature("noop", uuid=unique("task"), eta=later) for _ in range(2)]
+    await broker.publish_many([*signatures, Signature("noop", uuid=unique("task"), eta=later, routing_key=unique("o"))])
+    try:
+        assert await broker.delayed_count(queue) == 2
+        assert await broker.queue_depth(queue) == 0
+    finally:
+        if isinstance(broker, RedisBroker):  # the delayed set is this test's own key
+            await broker.connector.client().delete(broker.delayed_key)

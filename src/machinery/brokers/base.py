@@ -187,6 +187,12 @@ class Broker(ABC):
         """How many dead letters ``queue`` (default queue if None) holds."""
         return len(await self.dead_letters(queue))
 
+    async def delayed_count(self, queue: str | None = None) -> int:
+        """How many messages for ``queue`` (default queue if None) wait for their ETA. The base
+        decodes the delayed listing; drivers that can count without it override this."""
+        name = queue or self.config.default_queue
+        return sum(1 for s in await self.get_delayed_tasks() if s.routing_key == name)
+
     async def purge(self, queue: str | None = None) -> int:
         """Delete the messages waiting ready in ``queue`` (default queue if None); returns how
         many. Messages taken by a worker, delayed messages and dead letters are not touched."""

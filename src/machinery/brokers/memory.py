@@ -185,6 +185,11 @@ class MemoryBroker(Broker):
         with self._store.lock:
             return len(self._store.dead.get(queue or self.config.default_queue, []))
 
+    async def delayed_count(self, queue: str | None = None) -> int:
+        name = queue or self.config.default_queue
+        with self._store.lock:
+            return sum(1 for _, _, q, _ in self._store.delayed if q == name)
+
     async def purge(self, queue: str | None = None) -> int:
         with self._store.lock:
             removed = self._store.queues.pop(queue or self.config.default_queue, None)

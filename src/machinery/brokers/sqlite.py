@@ -105,6 +105,9 @@ class SQLiteBroker(Broker):
     async def dead_count(self, queue: str | None = None) -> int:
         return await self.store.run(_count_dead, queue or self.config.default_queue)
 
+    async def delayed_count(self, queue: str | None = None) -> int:
+        return await self.store.run(_count_delayed, queue or self.config.default_queue)
+
     async def purge(self, queue: str | None = None) -> int:
         return await self.store.run(_purge_ready, queue or self.config.default_queue)
 
@@ -362,6 +365,11 @@ def _count_ready(conn: sqlite3.Connection, queue: str) -> int:
     row = conn.execute(
         "SELECT count(*) FROM messages WHERE queue = ? AND avail_at <= ? AND lease_expires <= ?", (queue, now, now)
     ).fetchone()
+    return int(row[0])
+
+
+def _count_delayed(conn: sqlite3.Connection, queue: str) -> int:
+    row = conn.execute("SELECT count(*) FROM messages WHERE queue = ? AND avail_at > ?", (queue, now_ns())).fetchone()
     return int(row[0])
 
 

@@ -23,6 +23,8 @@ T = TypeVar("T")
 NOT_AVAILABLE = "not available on this broker"
 #: Throughput samples kept per queue (one per refresh of the overview).
 SAMPLES = 120
+#: A queue is read (to remember its tasks) only while at most this many wait in it.
+PEEK_AT_MOST = 200
 #: Task UUIDs the dashboard remembers having seen (waiting or running), for recent failures.
 REMEMBERED = 2000
 
@@ -117,23 +119,19 @@ class Dashboard:
         live: list[WorkerInfo] = workers.value or []
         names = list(dict.fromkeys([*self.queues, *(w.queue for w in live)]))
         broker = self.server.broker
-        delayed = await answer(broker.get_delayed_tasks())
-        for signature in delayed.value or []:
-            self.watch.remember(signature.uuid, signature)
         queues = []
         for name in names:
-            pending = await answer(broker.get_pending_tasks(name))
-            for signature in (pending.value or [])[:200]:
-                self.watch.remember(signature.uuid, signature)
+            depth = await answer(broker.queue_depth(name))
+            if depth.value is not None and depth.value <= PEEK_AT_MOST:
+                # Remembered for the recent failures; a deep queue is not read every refresh.
+                for signature in (await answer(broker.get_pending_tasks(name))).value or []:
+                    self.watch.remember(signature.uuid, signature)
             rates = self.watch.throughput(name, sum(w.processed for w in live if w.queue == name))
-            waiting_later = (
-                Answer(sum(1 for s in delayed.value if s.routing_key == name)) if delayed.value is not None else delayed
-            )
             queues.append(
                 QueueView(
                     name,
-                    await answer(broker.queue_depth(name)),
-                    waiting_later,
+                    depth,
+                    await answer(broker.delayed_count(name)),
                     await answer(broker.dead_count(name)),
                     rates,
                     chart_points(rates),
