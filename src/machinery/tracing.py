@@ -45,7 +45,7 @@ __all__ = ["TracingMiddleware"]
 
 #: Producer spans waiting for their publish to finish; one whose publish raised is dropped
 #: (never exported) once this many newer ones wait.
-_OPEN_SENDS = 10_000
+_OPEN_SENDS = 100_000
 
 _processing: contextvars.ContextVar[tuple[Span, contextvars.Token[otel_context.Context]] | None] = (
     contextvars.ContextVar("machinery_tracing_processing", default=None)

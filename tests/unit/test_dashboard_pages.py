@@ -121,3 +121,15 @@ def test_the_dashboard_refuses_an_open_address_without_a_token() -> None:
     result = CliRunner().invoke(main, ["dashboard", "--host", "0.0.0.0"], env={"BROKER": "memory://x"})
     assert result.exit_code != 0
     assert "give --token too" in result.output
+
+
+def test_throughput_is_measured_over_a_window_of_heartbeat_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from machinery.dashboard import views
+
+    clock = iter([0.0, 10.0, 20.0, 30.0, 100.0])
+    monkeypatch.setattr(views.time, "monotonic", lambda: next(clock))
+    watch = views.Watch()
+    rates = [watch.throughput("q", n) for n in (0, 0, 20, 20, 20)][-1]
+    # 20 tasks reported between 10 s and 20 s: 60/min over 20 s, 40/min over 30 s, then none
+    # in the 60 s before 100 s (the samples at 30 s and 100 s hold the same count).
+    assert rates == [0.0, 60.0, 40.0, 0.0]

@@ -23,6 +23,8 @@ T = TypeVar("T")
 NOT_AVAILABLE = "not available on this broker"
 #: Throughput samples kept per queue (one per refresh of the overview).
 SAMPLES = 120
+#: Seconds over which each throughput point is measured.
+RATE_WINDOW = 60.0
 #: A queue is read (to remember its tasks) only while at most this many wait in it.
 PEEK_AT_MOST = 200
 #: Task UUIDs the dashboard remembers having seen (waiting or running), for recent failures.
@@ -83,10 +85,18 @@ class Watch:
             steps.append((datetime.now(timezone.utc), state.state))
 
     def throughput(self, queue: str, processed: int) -> list[float]:
+        """Tasks per minute at each sample, each over the ``RATE_WINDOW`` seconds before it
+        (workers report their counts every heartbeat, a few seconds apart: a window smooths
+        the steps). A drop in the count (a worker stopped) counts as no tasks."""
         samples = self.samples.setdefault(queue, deque(maxlen=SAMPLES))
         samples.append((time.monotonic(), processed))
+        points = list(samples)
         rates = []
-        for (t0, n0), (t1, n1) in zip(list(samples), list(samples)[1:], strict=False):
+        start = 0
+        for t1, n1 in points[1:]:
+            while points[start][0] < t1 - RATE_WINDOW:
+                start += 1
+            t0, n0 = points[start] if points[start][0] < t1 else points[max(0, start - 1)]
             rates.append(max(0, n1 - n0) * 60 / max(t1 - t0, 1e-3))
         return rates
 
