@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from conftest import running_worker, unique, wait_until
 from machinery import Chain, Chord, Config, Group, Server, Signature
+from machinery.retry import RetryTaskLater
 from machinery.tracing import TracingMiddleware
 from support.otlp import OtlpReceiver, ReceivedSpan
 
@@ -55,6 +56,15 @@ def server(provider: TracerProvider) -> Server:
         # A def task runs on a thread: what it traces must nest under its process span.
         with provider.get_tracer("app").start_as_current_span(f"db {label}"):
             return label
+
+    attempts: list[int] = []
+
+    @made.task(name="flaky")
+    async def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RetryTaskLater("not yet", delay=0)
+        return "done"
 
     @made.task(name="total")
     async def total(*values: int) -> int:
@@ -177,3 +187,14 @@ def test_with_the_jaeger_propagator_our_sends_write_uber_trace_id(provider: Trac
     jaeger_trace, jaeger_span, _, _ = signature.headers["uber-trace-id"].split(":")
     assert jaeger_trace.zfill(32) == trace_id
     assert jaeger_span.zfill(16) == signature.headers["traceparent"].split("-")[2]
+
+
+def test_a_retry_is_recorded_and_its_republish_nests_under_the_attempt(server: Server, receiver: OtlpReceiver) -> None:
+    with running_worker(server):
+        assert server.send_task(Signature("flaky")).get(timeout=10) == "done"
+        first, second = sorted(one(receiver, "process flaky", 2), key=lambda s: s.attributes["machinery.task.state"])
+    assert (first.attributes["machinery.task.state"], second.attributes["machinery.task.state"]) == ("RETRY", "SUCCESS")
+    assert "exception" in first.events and first.status_code != ERROR
+    resend = next(s for s in receiver.named("send flaky") if s.parent_span_id == first.span_id)
+    assert second.parent_span_id == resend.span_id
+    assert first.trace_id == second.trace_id
