@@ -8,6 +8,9 @@ modes alike), against a fresh queue and a worker in its own process (concurrency
   enqueue   the tasks sent with asend_task, 100 in flight, by a Server with the mode's middleware
   drain     the same tasks drained by one worker process with the mode's middleware, from its
             first heartbeat until the queue and its processing list are empty
+With ``--baseline SRC`` (another checkout's ``src``, e.g. main's) a mode ``baseline`` joins each
+round: no middleware, with the worker process running the code in SRC, to show that a worker
+without the middleware is not slower than before.
 Tracing uses the OpenTelemetry SDK with a BatchSpanProcessor and an exporter that drops the
 batches: it measures making, recording and propagating spans, not a collector's network.
 """
@@ -64,14 +67,20 @@ def server_for(queue: str, mode: str) -> object:
     return server
 
 
-def start_worker(queue: str, concurrency: int, mode: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, str(HERE), "--worker", queue, str(concurrency), mode])
+def start_worker(queue: str, concurrency: int, mode: str, baseline: str | None) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    if mode == "baseline" and baseline:
+        env["PYTHONPATH"] = baseline  # ahead of this checkout's installed package
+    worker_mode = "none" if mode == "baseline" else mode
+    return subprocess.Popen([sys.executable, str(HERE), "--worker", queue, str(concurrency), worker_mode], env=env)
 
 
-async def one(client: aioredis.Redis, mode: str, tasks: int, concurrency: int) -> tuple[float, float]:
+async def one(
+    client: aioredis.Redis, mode: str, tasks: int, concurrency: int, baseline: str | None
+) -> tuple[float, float]:
     queue = f"bench_obs_{mode}_{uuid.uuid4().hex[:8]}"
-    enqueue_s = await enqueue_with(server_for(queue, mode), "noop", tasks)  # type: ignore[arg-type]
-    worker = start_worker(queue, concurrency, mode)
+    enqueue_s = await enqueue_with(server_for(queue, "none" if mode == "baseline" else mode), "noop", tasks)  # type: ignore[arg-type]
+    worker = start_worker(queue, concurrency, mode, baseline)
     started = await wait_for_worker(client, queue, worker)
     finished = await wait_drained(client, queue, worker)
     stop(worker)
@@ -84,13 +93,16 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--baseline", metavar="SRC", help="also run mode 'baseline': a worker on the code in SRC")
     args = parser.parse_args()
     client = aioredis.Redis.from_url(os.environ.get("BROKER", "redis://127.0.0.1:6379/0"))
     modes = args.modes.split(",")
+    if args.baseline:
+        modes.insert(0, "baseline")
     rates: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
     for round_no in range(args.rounds):
         for mode in modes:
-            enqueue_rate, drain_rate = await one(client, mode, args.tasks, args.concurrency)
+            enqueue_rate, drain_rate = await one(client, mode, args.tasks, args.concurrency, args.baseline)
             rates[mode].append((enqueue_rate, drain_rate))
             print(
                 f"round {round_no + 1}  {mode:<8} enqueue {enqueue_rate:8,.0f}/s   drain {drain_rate:8,.0f}/s",
