@@ -47,9 +47,7 @@ __all__ = ["TracingMiddleware"]
 #: (never exported) once this many newer ones wait.
 _OPEN_SENDS = 100_000
 
-_processing: contextvars.ContextVar[tuple[Span, contextvars.Token[otel_context.Context]] | None] = (
-    contextvars.ContextVar("machinery_tracing_processing", default=None)
-)
+_Held = tuple[Span, contextvars.Token[otel_context.Context]]
 
 
 class TracingMiddleware(Middleware):
@@ -72,6 +70,10 @@ class TracingMiddleware(Middleware):
         self._propagator = propagator
         self.messaging_system = messaging_system
         self._sending: OrderedDict[str, Span] = OrderedDict()
+        # The span of the task being processed, per task (each runs in its own context).
+        self._processing: contextvars.ContextVar[_Held | None] = contextvars.ContextVar(
+            f"machinery_tracing_{id(self)}", default=None
+        )
 
     @property
     def propagator(self) -> TextMapPropagator:
@@ -128,14 +130,14 @@ class TracingMiddleware(Middleware):
         # Current from here to after_process: the middleware, the task and its callbacks
         # share one contextvars context (the thread of a def task included).
         token = otel_context.attach(trace.set_span_in_context(span, parent))
-        _processing.set((span, token))
+        self._processing.set((span, token))
 
     def after_process(self, signature: Signature, outcome: Outcome) -> None:
-        held = _processing.get()
+        held = self._processing.get()
         if held is None:
             return
         span, token = held
-        _processing.set(None)
+        self._processing.set(None)
         span.set_attribute("machinery.task.state", outcome.state)
         if outcome.state == FAILURE:
             span.set_status(Status(StatusCode.ERROR, outcome.error))
