@@ -153,7 +153,7 @@ class MetricsMiddleware(Middleware):
         signature.headers[SENT_AT_HEADER] = f"{time.time():.6f}"
 
     def before_process(self, signature: Signature) -> None:
-        name, queue = signature.name, signature.routing_key
+        name, queue = signature.name, signature.routing_key or self._worker_queue()
         self._child(self.tasks, name, queue, "started").inc()
         self._child(self.in_flight, queue).inc()
         sent = (signature.headers or {}).get(SENT_AT_HEADER)
@@ -168,7 +168,7 @@ class MetricsMiddleware(Middleware):
         self._child(self.latency, name, queue).observe(max(0.0, time.time() - since))
 
     def after_process(self, signature: Signature, outcome: Outcome) -> None:
-        name, queue = signature.name, signature.routing_key
+        name, queue = signature.name, signature.routing_key or self._worker_queue()
         self._child(self.in_flight, queue).dec()
         self._child(self.tasks, name, queue, _STATES.get(outcome.state, outcome.state.lower())).inc()
         self._child(self.duration, name, queue).observe(outcome.duration)
@@ -183,6 +183,10 @@ class MetricsMiddleware(Middleware):
             queue = Signature.decode(body).routing_key
             if queue:
                 return queue
+        return self._worker_queue()
+
+    def _worker_queue(self) -> str:
+        """The queue of this middleware's worker ("unknown" when several workers share it)."""
         queues = {queue for _, queue in self._samplers.values()}
         return queues.pop() if len(queues) == 1 else "unknown"
 
