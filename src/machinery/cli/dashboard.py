@@ -36,7 +36,7 @@ def _loopback(host: str) -> bool:
 @click.option("-Q", "--queue", "queues", multiple=True, metavar="QUEUE", help="Also show this queue (repeatable).")
 @click.pass_context
 def dashboard(ctx: click.Context, host: str, port: int, token: str | None, queues: tuple[str, ...]) -> None:
-    """Serve the web dashboard: queues, workers, tasks, dead letters.
+    """Serve the web dashboard of queues, workers and tasks.
 
     It also shows each task's page (/tasks/UUID), a group's members and why its chord has not
     fired, and the app's periodic entries; it updates every 2 seconds."""

@@ -85,7 +85,9 @@ def _depth(operation: Coroutine[Any, Any, int], queue: str) -> int:
 @server_options
 @click.pass_context
 def ping(ctx: click.Context) -> None:
-    """Exit 0 if the broker and the result backend answer, 1 if not."""
+    """Check that the broker and the result backend answer.
+
+    Exits 0 when both answer, 1 when either does not."""
     server = get_server(ctx)
     failed = False
     for what, url, call in (
