@@ -219,10 +219,11 @@ def delayed(ctx: click.Context, limit: int) -> None:
 @click.option("-y", "--yes", is_flag=True, help="With --purge: do not ask for confirmation.")
 @click.pass_context
 def dead(ctx: click.Context, queue: str | None, limit: int, purge_them: bool, yes: bool) -> None:
-    """List a queue's dead letters and why each failed, or purge them.
+    """List a queue's dead letters with why each failed.
 
     Dead letters are messages a worker could not process (not JSON, not a task message).
-    QUEUE defaults to the config's default_queue.
+    QUEUE defaults to the config's default_queue. With --purge they are deleted instead
+    (after a confirmation, unless --yes).
     """
     server, name = _server_and_queue(ctx, queue)
     if purge_them:
