@@ -8,6 +8,8 @@ modes alike), against a fresh queue and a worker in its own process (concurrency
   enqueue   the tasks sent with asend_task, 100 in flight, by a Server with the mode's middleware
   drain     the same tasks drained by one worker process with the mode's middleware, from its
             first heartbeat until the queue and its processing list are empty
+  cpu       the worker process's CPU time (user + system, from /proc) per task over the drain
+            (start-up left out): less disturbed than rates by other work on a shared machine
 With ``--baseline SRC`` (another checkout's ``src``, e.g. main's) a mode ``baseline`` joins each
 round: no middleware, with the worker process running the code in SRC, to show that a worker
 without the middleware is not slower than before.
@@ -67,6 +69,12 @@ def server_for(queue: str, mode: str) -> object:
     return server
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process ``pid`` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_worker(queue: str, concurrency: int, mode: str, baseline: str | None) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     if mode == "baseline" and baseline:
@@ -77,14 +85,16 @@ def start_worker(queue: str, concurrency: int, mode: str, baseline: str | None) 
 
 async def one(
     client: aioredis.Redis, mode: str, tasks: int, concurrency: int, baseline: str | None
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     queue = f"bench_obs_{mode}_{uuid.uuid4().hex[:8]}"
     enqueue_s = await enqueue_with(server_for(queue, "none" if mode == "baseline" else mode), "noop", tasks)  # type: ignore[arg-type]
     worker = start_worker(queue, concurrency, mode, baseline)
     started = await wait_for_worker(client, queue, worker)
+    cpu_started = cpu_seconds(worker.pid)
     finished = await wait_drained(client, queue, worker)
+    cpu = cpu_seconds(worker.pid) - cpu_started
     stop(worker)
-    return tasks / enqueue_s, tasks / (finished - started)
+    return tasks / enqueue_s, tasks / (finished - started), cpu / tasks * 1e6
 
 
 async def main() -> None:
@@ -99,22 +109,24 @@ async def main() -> None:
     modes = args.modes.split(",")
     if args.baseline:
         modes.insert(0, "baseline")
-    rates: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
+    rates: dict[str, list[tuple[float, float, float]]] = {mode: [] for mode in modes}
     for round_no in range(args.rounds):
         for mode in modes:
-            enqueue_rate, drain_rate = await one(client, mode, args.tasks, args.concurrency, args.baseline)
-            rates[mode].append((enqueue_rate, drain_rate))
+            measured = await one(client, mode, args.tasks, args.concurrency, args.baseline)
+            rates[mode].append(measured)
+            enqueue_rate, drain_rate, cpu = measured
             print(
-                f"round {round_no + 1}  {mode:<8} enqueue {enqueue_rate:8,.0f}/s   drain {drain_rate:8,.0f}/s",
+                f"round {round_no + 1}  {mode:<8} enqueue {enqueue_rate:8,.0f}/s   drain {drain_rate:8,.0f}/s   "
+                f"cpu {cpu:6.1f} µs/task",
                 flush=True,
             )
     print()
     for mode in modes:
-        enq = [e for e, _ in rates[mode]]
-        dra = [d for _, d in rates[mode]]
+        enq, dra, cpu = ([m[i] for m in rates[mode]] for i in range(3))
         print(
             f"{mode:<8} enqueue median {statistics.median(enq):8,.0f}/s (range {min(enq):,.0f} - {max(enq):,.0f})   "
-            f"drain median {statistics.median(dra):8,.0f}/s (range {min(dra):,.0f} - {max(dra):,.0f})"
+            f"drain median {statistics.median(dra):8,.0f}/s (range {min(dra):,.0f} - {max(dra):,.0f})   "
+            f"cpu median {statistics.median(cpu):6.1f} µs/task (range {min(cpu):.1f} - {max(cpu):.1f})"
         )
     await client.aclose()
 
