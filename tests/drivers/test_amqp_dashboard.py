@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import urllib.request
 
-from conftest import AMQP_URL, require_service, unique
 from machinery import AMQPConfig, Config, Server, Signature
 from machinery._sync import run_sync
 from machinery.dashboard import create_app
 from support.asgi import serving
+from support.fixtures import unique
+from support.services import AMQP_URL, require_service
 
 
 def test_the_overview_says_what_rabbitmq_cannot_answer() -> None:

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AMQP_URL, config_for, require_service, unique
 from machinery import AMQPConfig, Config, Server, Signature
 from machinery.brokers.amqp import AMQPBroker
 from machinery.brokers.redis import RedisBroker
 from machinery.errors import BrokerConnectionError, UnsupportedOperation
+from support.configs import config_for
+from support.fixtures import unique
+from support.services import AMQP_URL, require_service
 
 KINDS = ["memory", "sqlite", "redis", "amqp"]
 

@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, push_raw, wait_until
-from helpers import stop_processes
 from machinery import Config, Server, Signature
+from support.asgi import answers
+from support.configs import push_raw
+from support.processes import stop_processes
+from support.services import IN_CI, free_port
+from support.waiting import wait_until
 
-TESTS = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent  # apps.observed is tests/e2e/apps/observed.py
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
@@ -32,12 +33,6 @@ CHROMIUM_ARGS = [
 QUEUE = "dash_q"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def machinery(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [str(Path(sys.executable).with_name("machinery")), *args],
@@ -46,14 +41,6 @@ def machinery(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[by
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 @pytest.fixture

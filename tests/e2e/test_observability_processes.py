@@ -19,16 +19,17 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from test_dashboard_browser import answers, free_port
 
-from conftest import IN_CI, wait_until
-from helpers import stop_processes
 from machinery import Config, Server, Signature
 from machinery._sync import run_sync
 from machinery.tracing import TracingMiddleware
+from support.asgi import answers
 from support.otlp import OtlpReceiver
+from support.processes import stop_processes
+from support.services import IN_CI, free_port
+from support.waiting import wait_until
 
-TESTS = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent  # apps.observed is tests/e2e/apps/observed.py
 QUEUE = "observed_q"
 PROMETHEUS = "/usr/bin/prometheus"
 

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from conftest import push_raw, running_worker, wait_until
 from machinery import Config, Server, Signature
 from machinery.cli import main
+from support.configs import push_raw
+from support.waiting import wait_until
+from support.workers import running_worker
 
 QUEUE = "ops_cli_q"
 

@@ -11,11 +11,14 @@ from collections.abc import Iterator
 import pytest
 from click.testing import CliRunner
 
-from conftest import push_raw, running_worker, unique, wait_until
 from machinery import Chord, Config, Group, Server, Signature
 from machinery.cli import main
 from machinery.dashboard import create_app
 from support.asgi import serving
+from support.configs import push_raw
+from support.fixtures import unique
+from support.waiting import wait_until
+from support.workers import running_worker
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:

@@ -9,10 +9,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import push_raw, running_worker, unique, wait_until
 from machinery import Config, Server, Signature
 from machinery.metrics import SENT_AT_HEADER, MetricsMiddleware, asgi_app, serve
 from support.asgi import serving
+from support.configs import push_raw
+from support.fixtures import unique
+from support.waiting import wait_until
+from support.workers import running_worker
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -14,11 +14,13 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from conftest import running_worker, unique, wait_until
 from machinery import Chain, Chord, Config, Group, Server, Signature
 from machinery.retry import RetryTaskLater
 from machinery.tracing import TracingMiddleware
+from support.fixtures import unique
 from support.otlp import OtlpReceiver, ReceivedSpan
+from support.waiting import wait_until
+from support.workers import running_worker
 
 PRODUCER, CONSUMER, ERROR = 4, 5, 2
 
