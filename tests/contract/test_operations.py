@@ -1,49 +1,25 @@
-"""The operations seam on every broker and backend: queue depth, purge, dead-letter purge, ping.
-
-(Cross-driver: this moves to tests/contract once the contract suite's harnesses land.)
-"""
+"""The operations seam (brokers/base.py, backends/base.py) on every driver: queue depth, delayed
+count, purge, dead-letter count and purge, ping. What ``machinery inspect``, ``purge``, ``dead
+--purge``, ``ping``, the metrics and the dashboard are built on."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
-from machinery import AMQPConfig, Config, Server, Signature
+from machinery import Server, Signature
 from machinery.brokers.amqp import AMQPBroker
+from machinery.brokers.base import Delivery
 from machinery.brokers.redis import RedisBroker
-from machinery.errors import BrokerConnectionError, UnsupportedOperation
-from support.configs import config_for
+from machinery.errors import UnsupportedOperation
+from support.deployment import Deployment
 from support.fixtures import unique
-from support.services import AMQP_URL, require_service
-
-KINDS = ["memory", "sqlite", "redis", "amqp"]
 
 
-def make_config(kind: str, tmp_path: Path, queue: str) -> Config:
-    if kind == "amqp":
-        require_service("RabbitMQ", AMQP_URL, 5672)
-        return Config(
-            broker=AMQP_URL,
-            result_backend=AMQP_URL,
-            default_queue=queue,
-            amqp=AMQPConfig(exchange=f"{queue}_ex", binding_key=queue),
-        )
-    return config_for(kind, tmp_path, queue)
-
-
-@pytest.fixture(params=KINDS)
-async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Server]:
-    queue = unique("ops")
-    made = Server(make_config(str(request.param), tmp_path, queue))
-    yield made
-    try:
-        await made.broker.delete_queue(queue)
-    finally:
-        await made.broker.close()
-        await made.backend.close()
+@pytest.fixture
+def server(broker_deployment: Deployment) -> Server:
+    return broker_deployment.server()
 
 
 async def publish(server: Server, count: int) -> list[Signature]:
@@ -84,7 +60,7 @@ async def test_dead_letters_are_counted_and_purged(server: Server) -> None:
     await publish(server, 2)
     consumer = await broker.open_consumer(queue, "ops-test", prefetch=2)
     try:
-        taken: list = []
+        taken: list[Delivery] = []
         while len(taken) < 2:
             taken += await consumer.fetch(2 - len(taken), timeout=5)
         for delivery in taken:
@@ -97,28 +73,12 @@ async def test_dead_letters_are_counted_and_purged(server: Server) -> None:
     assert await broker.dead_letters(queue) == []
 
 
-async def test_ping_answers(server: Server) -> None:
+async def test_the_broker_answers_a_ping(server: Server) -> None:
     await server.broker.ping()
-    await server.backend.ping()
 
 
-def _redis_down() -> tuple[type[BaseException], ...]:
-    import redis.exceptions
-
-    return (redis.exceptions.ConnectionError,)
-
-
-@pytest.mark.parametrize(
-    ("url", "errors"),
-    [("redis://127.0.0.1:1/0", _redis_down()), ("amqp://guest:guest@127.0.0.1:1/", (BrokerConnectionError,))],
-    ids=["redis", "amqp"],
-)
-async def test_ping_raises_when_nothing_answers(url: str, errors: tuple[type[BaseException], ...]) -> None:
-    server = Server(Config(broker=url))
-    with pytest.raises(errors):
-        await server.broker.ping()
-    with pytest.raises(errors):
-        await server.backend.ping()
+async def test_the_backend_answers_a_ping(backend_deployment: Deployment) -> None:
+    await backend_deployment.server().backend.ping()
 
 
 async def test_delayed_messages_are_counted_per_queue(server: Server) -> None:
