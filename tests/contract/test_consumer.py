@@ -251,6 +251,7 @@ async def test_delayed_inspection(broker_deployment: Deployment, server: Server)
     later, soon = signatures(d, 2)
     later.eta, soon.eta = eta + timedelta(minutes=5), eta
     await server.broker.publish_many([later, soon])
+    d.track_delay(later.eta)
     delayed = await server.broker.get_delayed_tasks()
     assert [s.uuid for s in delayed] == [soon.uuid, later.uuid]  # soonest first
     assert delayed[0].eta == eta

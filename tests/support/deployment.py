@@ -9,6 +9,7 @@ a deployment; what differs between drivers lives in the harnesses.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ class Deployment:
         self.servers: list[Server] = []
         self.queues: list[str] = [queue]
         self._ids: set[str] = set()
+        self._etas: list[datetime] = []
 
     @property
     def name(self) -> str:
@@ -76,6 +78,11 @@ class Deployment:
     def track(self, *ids: str) -> None:
         """UUIDs whose states the test wrote without publishing (removed at the end)."""
         self._ids.update(ids)
+
+    def track_delay(self, until: datetime) -> None:
+        """A message the test delayed until ``until`` without the servers' middleware seeing it
+        (published on the broker directly, or requeued with a delay): cleaned up too."""
+        self._etas.append(until)
 
     # ------------------------------------------------------------------ looking at the broker
 
@@ -129,6 +136,9 @@ class Deployment:
     def close(self) -> None:
         """Remove everything the test made from the shared services, then close its servers."""
         ids = sorted(self.events.uuids() | self._ids)
+        etas = self._etas + [s.eta for s in self.events.published if s.eta is not None]
+        for harness in self.harnesses:
+            harness.latest_eta = max(etas, default=None)
         errors: list[BaseException] = []
         try:
             if self.servers:

@@ -22,7 +22,6 @@ HARNESSES: dict[str, type[Harness]] = {
 #: runs every driver that serves both seams on its own, then these.
 EXTRA_DEPLOYMENTS: list[tuple[str, str]] = [
     ("amqp", "redis"),  # RabbitMQ for tasks, Redis for results: a common production pairing
-    ("redis", "sqlite"),
 ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar
 
 import aio_pika
@@ -91,9 +92,10 @@ class AMQPHarness(Harness):
 
     async def cleanup(self, server: Server, queue: str, ids: Iterable[str]) -> None:
         names = [queue, f"{queue}_key", dead_letter_queue(queue)]
-        # Delay queues (delay.<ms>.<exchange>.<routing key>) would expire by themselves after
-        # twice their delay; AMQP cannot list them, RabbitMQ's CLI can.
-        if shutil.which("rabbitmqctl"):
+        # Delay queues (delay.<ms>.<exchange>.<routing key>) expire by themselves after twice
+        # their delay; only a long one is worth finding, which AMQP cannot list and the CLI can.
+        long_delay = self.latest_eta is not None and self.latest_eta > datetime.now(timezone.utc) + timedelta(minutes=1)
+        if long_delay and shutil.which("rabbitmqctl"):
             listed = await asyncio.to_thread(rabbitmqctl, "list_queues", "-p", amqp_vhost(), "name")
             names += [name for name in listed.split() if f".{queue}_ex." in name]
         for some_id in ids:

@@ -14,6 +14,7 @@ the service is absent (``support.services.require_service``).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -52,6 +53,9 @@ class Harness:
     def __init__(self, request: pytest.FixtureRequest, tmp_path: Path) -> None:
         self.request = request
         self.tmp_path = tmp_path
+        #: The latest ETA the test's servers published (set by the deployment before
+        #: ``cleanup``): a store that keeps delayed messages elsewhere may need to look there.
+        self.latest_eta: datetime | None = None
 
     def setup(self) -> None:
         """Make sure the service is there (skip on a laptop, fail under CI); start it if the
