@@ -90,3 +90,8 @@ class TaskRevoked(MachineryError):
 
 class WorkerProcessDied(MachineryError):
     """The pool process running a task died (a crash, an OOM kill); the task failed with it."""
+
+
+class MissingExtra(MachineryError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the
+    ``pip install 'machinery[...]'`` that brings it."""

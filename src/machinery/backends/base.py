@@ -22,6 +22,9 @@ from ..signature import Signature
 from ..state import PENDING, GroupMeta, TaskState, WorkerInfo, utcnow
 from ..types import TaskResult
 
+#: The UUID ``ping`` reads: no task has it (task UUIDs start ``task_`` or are Go's UUIDs).
+PING_UUID = "machinery_ping"
+
 
 class Backend(ABC):
     """Stores task states and group metadata.
@@ -228,6 +231,15 @@ class Backend(ABC):
         """The workers whose heartbeat has not expired, by tag; ``UnsupportedOperation`` where
         the store cannot tell."""
         raise UnsupportedOperation(f"{type(self).__name__} keeps no record of workers")
+
+    # ------------------------------------------------------------------ operations
+
+    async def ping(self) -> None:
+        """Return once the store has answered a round trip; raise its connection error if not.
+
+        The base reads the state of a UUID no task has (one read, on every store); drivers
+        with a cheaper no-op round trip override it."""
+        await self.get_state(PING_UUID)
 
     async def close(self) -> None:
         """Release connections held by this backend."""

@@ -184,6 +184,9 @@ class RedisBackend(Backend):
     async def close_loop_connections(self) -> None:
         await self.close()
 
+    async def ping(self) -> None:
+        await self.connector.client().ping()
+
     async def close(self) -> None:
         listener = self._listeners.pop()
         if listener is not None:

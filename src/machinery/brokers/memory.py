@@ -197,6 +197,31 @@ class MemoryBroker(Broker):
             self._store.wake()
         return len(letters)
 
+    async def queue_depth(self, queue: str | None = None) -> int:
+        with self._store.lock:
+            return len(self._store.queue(queue or self.config.default_queue))
+
+    async def dead_count(self, queue: str | None = None) -> int:
+        with self._store.lock:
+            return len(self._store.dead.get(queue or self.config.default_queue, []))
+
+    async def delayed_count(self, queue: str | None = None) -> int:
+        name = queue or self.config.default_queue
+        with self._store.lock:
+            return sum(1 for _, _, q, _ in self._store.delayed if q == name)
+
+    async def purge(self, queue: str | None = None) -> int:
+        with self._store.lock:
+            removed = self._store.queues.pop(queue or self.config.default_queue, None)
+        return len(removed) if removed is not None else 0
+
+    async def purge_dead(self, queue: str | None = None) -> int:
+        with self._store.lock:
+            return len(self._store.dead.pop(queue or self.config.default_queue, []))
+
+    async def ping(self) -> None:
+        """Always answers: the store is this process's memory."""
+
     async def delete_queue(self, queue: str) -> None:
         with self._store.lock:
             self._store.queues.pop(queue, None)

@@ -150,6 +150,30 @@ class RedisBroker(Broker):
         name = queue or self.config.default_queue
         return int(await self.connector.run(_REQUEUE_DEAD, [dead_key(name), name], []))
 
+    async def queue_depth(self, queue: str | None = None) -> int:
+        return int(await self.connector.client().llen(queue or self.config.default_queue))
+
+    async def dead_count(self, queue: str | None = None) -> int:
+        return int(await self.connector.client().llen(dead_key(queue or self.config.default_queue)))
+
+    async def purge(self, queue: str | None = None) -> int:
+        return await self._take_all(queue or self.config.default_queue)
+
+    async def purge_dead(self, queue: str | None = None) -> int:
+        return await self._take_all(dead_key(queue or self.config.default_queue))
+
+    async def _take_all(self, key: str) -> int:
+        """Delete the list ``key``, returning its length, in one transaction (a message pushed
+        between a count and a delete would be lost uncounted)."""
+        pipeline = self.connector.client().pipeline(transaction=True)
+        pipeline.llen(key)
+        pipeline.delete(key)
+        length, _ = await pipeline.execute()
+        return int(length)
+
+    async def ping(self) -> None:
+        await self.connector.client().ping()
+
     async def delete_queue(self, queue: str) -> None:
         await self.connector.client().delete(queue, dead_key(queue))
 
