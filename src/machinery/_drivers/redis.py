@@ -18,10 +18,12 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.crc import key_slot
+from redis.exceptions import ClusterDownError, NoScriptError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._loops import PerLoop
@@ -34,6 +36,17 @@ REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError
 #: Attempts of one command on a connection that broke (a pooled connection to a server that has
 #: restarted fails once before redis-py notices), with a short jittered back-off.
 COMMAND_RETRIES = 3
+#: Attempts of one command on a cluster, spread over a few seconds: long enough for a replica to
+#: be promoted when its primary dies (cluster-node-timeout plus an election).
+CLUSTER_RETRIES = 8
+#: Replies worth sending again, on a fresh connection or to the node that now serves the slot.
+RETRYABLE_REPLIES: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterDownError,
+    TryAgainError,
+)
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
@@ -44,6 +57,8 @@ except ImportError:  # redis-py without its hiredis extra
 
 @dataclass(frozen=True, slots=True)
 class RedisAddress:
+    """Where and how to reach Redis: one server, the Sentinels of one, or a cluster's seeds."""
+
     host: str = "127.0.0.1"
     port: int = 6379
     db: int = 0
@@ -51,22 +66,24 @@ class RedisAddress:
     password: str | None = None
     socket_path: str | None = None
     tls: bool = False
+    #: Every ``host:port`` of the URL, in order (``(host, port)`` alone for one server).
+    nodes: tuple[tuple[str, int], ...] = ()
 
 
 def parse_redis_url(url: str) -> RedisAddress:
-    """``redis://[[user:]password@]host[:port][/db]``, ``rediss://...`` (TLS) and
-    ``redis+socket://[password@]/path.sock[:/db]``. A single userinfo word is the password, as in Go."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+    """``redis://[[user:]password@]host[:port][/db]``, ``rediss://...`` (TLS),
+    ``redis+socket://[password@]/path.sock[:/db]``, and Go's several comma-separated hosts
+    ``redis://[[user:]password@]h1:p1,h2:p2[/db]`` (credentials from the first, as in Go).
+    A single userinfo word is the password, as in Go."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise ConfigError(f"{url!r} is not a redis://, rediss:// or redis+socket:// URL")
     username = password = None
-    if "@" in parts.netloc:
-        userinfo = parts.netloc.rsplit("@", 1)[0]
-        if ":" in userinfo:
-            user, _, secret = userinfo.partition(":")
-            username, password = unquote(user) or None, unquote(secret)
-        else:
-            password = unquote(userinfo)
     if scheme == "redis+socket":
+        parts = urlsplit(url)
+        if "@" in parts.netloc:
+            username, password = _userinfo(parts.netloc.rsplit("@", 1)[0])
         path, db = parts.path, 0
         if ":/" in path:
             path, _, db_text = path.rpartition(":/")
@@ -76,18 +93,84 @@ def parse_redis_url(url: str) -> RedisAddress:
         return RedisAddress(db=db, username=username, password=password, socket_path=path)
     if scheme not in ("redis", "rediss"):
         raise ConfigError(f"{url!r} is not a redis://, rediss:// or redis+socket:// URL")
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ConfigError(f"Redis URL {url!r} has an invalid port") from None
-    db = _db(parts.path.strip("/"), url) if parts.path.strip("/") else 0
-    return RedisAddress(parts.hostname or "127.0.0.1", port, db, username, password, None, scheme == "rediss")
+    hosts, _, path = rest.partition("/")
+    path = path.partition("?")[0]
+    if "@" in hosts:
+        userinfo, _, hosts = hosts.rpartition("@")
+        username, password = _userinfo(userinfo)
+    nodes = tuple(_host_port(item.strip(), url) for item in hosts.split(",") if item.strip())
+    if not nodes:
+        nodes = (("127.0.0.1", 6379),)
+    db = _db(path.strip("/"), url) if path.strip("/") else 0
+    host, port = nodes[0]
+    return RedisAddress(host, port, db, username, password, None, scheme == "rediss", nodes)
+
+
+def _userinfo(userinfo: str) -> tuple[str | None, str]:
+    if ":" in userinfo:
+        user, _, secret = userinfo.partition(":")
+        return unquote(user) or None, unquote(secret)
+    return None, unquote(userinfo)
+
+
+def _host_port(item: str, url: str) -> tuple[str, int]:
+    if item.startswith("["):  # [::1]:6379
+        host, _, port_text = item[1:].partition("]")
+        port_text = port_text.lstrip(":")
+    else:
+        host, _, port_text = item.rpartition(":") if ":" in item else (item, "", "")
+    if port_text and not port_text.isdigit():
+        raise ConfigError(f"Redis URL {url!r} has an invalid port in {item!r}")
+    return host or "127.0.0.1", int(port_text) if port_text else 6379
 
 
 def _db(text: str, url: str) -> int:
     if not text.isdigit():
         raise ConfigError(f"Redis URL {url!r}: database {text!r} must be a number")
     return int(text)
+
+
+def topology(address: RedisAddress, config: RedisConfig) -> str:
+    """``cluster``, ``sentinel`` or ``single``, chosen as Go's go-redis client is (WIRE.md §9.9):
+    ``cluster_enabled`` first, then ``master_name`` (the hosts are Sentinels), then several
+    hosts (a cluster), else one server."""
+    if address.socket_path:
+        if config.cluster_enabled or config.master_name:
+            raise ConfigError("redis+socket:// reaches one server; it cannot be a cluster or a Sentinel setup")
+        return "single"
+    if config.cluster_enabled:
+        return "cluster"
+    if config.master_name:
+        return "sentinel"
+    return "cluster" if len(address.nodes) > 1 else "single"
+
+
+def slot_tag(key: str) -> str:
+    """What to put between braces in a key of ours so that it lands in ``key``'s hash slot.
+
+    Go's keys carry no hash tag, so their slot is that of the whole name; a key of ours that
+    embeds ``{<name>}`` hashes the same. A name with a tag of its own hashes by that tag.
+    """
+    opening = key.find("{")
+    if opening >= 0:
+        closing = key.find("}", opening + 1)
+        if closing > opening + 1:
+            return key[opening + 1 : closing]
+    return key
+
+
+def tagged(prefix: str, key: str, suffix: str = "", strict: bool = False) -> str:
+    """``prefix{tag}suffix``, in the hash slot of ``key`` (see :func:`slot_tag`).
+
+    With ``strict`` (on a cluster), raises ConfigError for a name no tag can follow (a ``}``
+    before any ``{``, which Redis reads as part of the name but which would end our tag early)."""
+    tag = slot_tag(key)
+    if strict and "}" in tag:
+        raise ConfigError(
+            f"the Redis key {key!r} contains '}}' outside a hash tag; machinery cannot keep its "
+            f"own keys for it in the same cluster slot: rename the queue"
+        )
+    return f"{prefix}{{{tag}}}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -107,32 +190,57 @@ class LuaScript:
 
 
 class _LoopClient:
-    """The running loop's client and its auto-pipeline."""
+    """The running loop's client, its auto-pipeline, and what else to close with them."""
 
-    __slots__ = ("client", "pipeline")
+    __slots__ = ("client", "others", "pipeline")
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: Any, cluster: bool, others: Sequence[aioredis.Redis] = ()) -> None:
         self.client = client
-        self.pipeline = AutoPipeline(client)
+        self.pipeline: AutoPipeline = ClusterAutoPipeline(client) if cluster else AutoPipeline(client)
+        self.others = list(others)
 
 
 class RedisConnector:
-    """Hands out a ``redis.asyncio.Redis`` for the running event loop, all from one URL."""
+    """Hands out a Redis client for the running event loop, all from one URL.
+
+    The topology is a connection concern only: a single server, a Sentinel-managed primary
+    (the client asks the Sentinels where the primary is, and again after a failover), or a
+    cluster (the client follows the slot map, MOVED/ASK redirects and replica promotions).
+    Drivers name their keys with :meth:`tag` and group multi-key work with
+    :meth:`slot_groups`, so that every script touches one hash slot on a cluster.
+    """
 
     def __init__(self, url: str, config: RedisConfig) -> None:
-        if config.cluster_enabled or config.master_name or "," in url.partition("://")[2].partition("/")[0]:
-            # Better refused than quietly run against one node the user did not mean.
-            raise ConfigError(
-                f"Redis Cluster and Sentinel are not supported yet (redis.cluster_enabled, redis.master_name, "
-                f"or several hosts in {url!r}); point machinery at a single Redis server"
-            )
         self.url = url
         self.address = parse_redis_url(url)
+        self.topology = topology(self.address, config)
+        #: Keys in different hash slots cannot share a script or a transaction.
+        self.cluster = self.topology == "cluster"
         self._config = config
-        self._loops: PerLoop[_LoopClient] = PerLoop(lambda: _LoopClient(self._create()))
+        self._loops: PerLoop[_LoopClient] = PerLoop(self._create)
+
+    def tag(self, prefix: str, key: str, suffix: str = "") -> str:
+        """A key of ours in ``key``'s hash slot (see :func:`tagged`); strict on a cluster."""
+        return tagged(prefix, key, suffix, strict=self.cluster)
+
+    def same_slot(self, *keys: str) -> bool:
+        """Whether one script may touch all of ``keys``: always off a cluster."""
+        return not self.cluster or len({key_slot(key.encode()) for key in keys}) <= 1
+
+    def slot_groups(self, keys: Sequence[str]) -> list[list[int]]:
+        """The indices of ``keys`` grouped by hash slot, in order: one group off a cluster."""
+        if not keys:
+            return []
+        if not self.cluster:
+            return [list(range(len(keys)))]
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key_slot(key.encode()), []).append(i)
+        return list(groups.values())
 
     def batched(self) -> AutoPipeline:
-        """The running loop's auto-pipeline: commands issued in one loop tick share a round trip."""
+        """The running loop's auto-pipeline: commands issued in one loop tick share a round trip
+        (one per node on a cluster)."""
         return self._loops.get().pipeline
 
     def run(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
@@ -140,13 +248,14 @@ class RedisConnector:
         return self._loops.get().pipeline.evalsha(script, keys, args)
 
     def client(self) -> aioredis.Redis:
-        """The client for the running loop (created on first use)."""
-        return self._loops.get().client
+        """The client for the running loop (created on first use). On a cluster this is a
+        ``RedisCluster``, which offers the same single-key commands and routes each by slot."""
+        client: aioredis.Redis = self._loops.get().client
+        return client
 
-    def _create(self) -> aioredis.Redis:
+    def _options(self) -> dict[str, Any]:
         a, c = self.address, self._config
-        options: dict[str, Any] = {
-            "db": a.db,
+        return {
             "username": a.username,
             "password": a.password,
             "socket_timeout": None,  # blocking commands carry their own timeouts
@@ -160,6 +269,32 @@ class RedisConnector:
             "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), COMMAND_RETRIES),
             "retry_on_error": list(REDIS_CONNECTION_ERRORS),
         }
+
+    def _create(self) -> _LoopClient:
+        a, c = self.address, self._config
+        options = self._options()
+        if self.topology == "cluster":
+            options.pop("retry_on_error")
+            # Retries span a primary's failover: the client reloads the slot map between them.
+            options["retry"] = Retry(ExponentialWithJitterBackoff(base=0.1, cap=2.0), CLUSTER_RETRIES)
+            tls: dict[str, Any] = {"ssl": True, "ssl_cert_reqs": ssl.CERT_REQUIRED} if a.tls else {}
+            cluster = aioredis.RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in a.nodes], **options, **tls
+            )
+            return _LoopClient(cluster, cluster=True)
+        options["db"] = a.db
+        if self.topology == "sentinel":
+            tls = {"ssl": True, "ssl_cert_reqs": ssl.CERT_REQUIRED} if a.tls else {}
+            sentinel = aioredis.Sentinel(  # type: ignore[no-untyped-call]
+                list(a.nodes),
+                sentinel_kwargs={
+                    "password": c.sentinel_password or None,
+                    "socket_connect_timeout": c.connect_timeout or None,
+                    **tls,
+                },
+            )
+            primary = sentinel.master_for(c.master_name, redis_class=aioredis.Redis, **options, **tls)
+            return _LoopClient(primary, cluster=False, others=sentinel.sentinels)
         if a.socket_path:
             pool = aioredis.ConnectionPool(
                 connection_class=aioredis.UnixDomainSocketConnection, path=a.socket_path, **options
@@ -169,13 +304,19 @@ class RedisConnector:
             if a.tls:
                 extra = {"connection_class": aioredis.SSLConnection, "ssl_cert_reqs": ssl.CERT_REQUIRED}
             pool = aioredis.ConnectionPool(host=a.host, port=a.port, **options, **extra)
-        return aioredis.Redis(connection_pool=pool)
+        return _LoopClient(aioredis.Redis(connection_pool=pool), cluster=False)
 
     async def close(self) -> None:
         """Close the running loop's client; clients of other loops are theirs to close."""
         bundle = self._loops.pop()
-        if bundle is not None:
+        if bundle is None:
+            return
+        if isinstance(bundle.client, aioredis.RedisCluster):
+            await bundle.client.aclose()
+        else:
             await bundle.client.aclose(close_connection_pool=True)  # we built the pool, so we close it
+        for other in bundle.others:
+            await other.aclose()
 
 
 class AutoPipeline:
@@ -236,12 +377,29 @@ class AutoPipeline:
                     item.future.set_result(reply)
 
     async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        try:
-            return await self._send_once(commands)
-        except (RedisConnectionError, OSError):
-            # A pooled connection may have died with a restarted server; try a fresh one
-            # once. Should the first attempt have run, this repeats it: at-least-once.
-            return await self._send_once(commands)
+        """Replies to ``commands``, resending those that met a broken connection or a cluster
+        in mid-failover a few times. Should a first attempt have run, the resend repeats it:
+        at-least-once. What still fails is the caller's to retry (the worker persists)."""
+        replies: list[Any] = [None] * len(commands)
+        todo = list(range(len(commands)))
+        delay = 0.05
+        for attempt in range(self.attempts):
+            try:
+                got = await self._send_once([commands[i] for i in todo])
+            except RETRYABLE_REPLIES as exc:
+                got = [exc] * len(todo)
+            for i, reply in zip(todo, got, strict=True):
+                replies[i] = reply
+            todo = [i for i in todo if isinstance(replies[i], RETRYABLE_REPLIES)]
+            if not todo:
+                break
+            if attempt:  # the first resend goes at once: a pooled connection to a restarted server
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        return replies
+
+    #: How many times one batch is sent before its failures go back to the callers.
+    attempts = 2
 
     async def _send_once(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         # Straight on a pooled connection: redis-py's Pipeline object costs more than the
@@ -262,6 +420,20 @@ class AutoPipeline:
             raise
         finally:
             await pool.release(connection)
+
+
+class ClusterAutoPipeline(AutoPipeline):
+    """The auto-pipeline on a cluster: one batch per tick, split by redis-py into one pipeline
+    per node (following MOVED/ASK redirects), resent while a failover settles."""
+
+    attempts = CLUSTER_RETRIES
+
+    async def _send_once(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipeline = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipeline.execute_command(*command)
+        replies: list[Any] = await pipeline.execute(raise_on_error=False)
+        return replies
 
 
 def _pack(connection: Any, commands: list[tuple[Any, ...]]) -> Any:

@@ -33,6 +33,7 @@ CHORD_MUTEX = "TriggerChordMutex"
 
 _WRITE_STATES = LuaScript.load("write_states")
 _TRIGGER_CHORD = LuaScript.load("trigger_chord")
+_FLIP_CHORD = LuaScript.load("flip_chord")
 _UNLOCK = LuaScript.load("unlock")
 _WRITE_WORKER = LuaScript.load("write_worker")
 _REVOKE = LuaScript.load("revoke")
@@ -50,8 +51,9 @@ def annotation_key(task_uuid: str, name: str) -> str:
 _LIVE_WORKERS = LuaScript.load("live_workers")
 
 #: The live workers: a sorted set tag -> alive-until (ms), and a hash tag -> WorkerInfo JSON.
-WORKERS_KEY = "machinery:workers"
-WORKERS_INFO_KEY = "machinery:workers:info"
+#: Both in one hash slot, for one script on a cluster.
+WORKERS_KEY = "machinery:{workers}"
+WORKERS_INFO_KEY = "machinery:{workers}:info"
 
 
 class RedisBackend(Backend):
@@ -69,11 +71,16 @@ class RedisBackend(Backend):
     # ------------------------------------------------------------------ writes
 
     async def write_states(self, states: Sequence[TaskState], keep_created: bool) -> None:
-        args: list[Any] = [self.ttl]
         keep = 1 if keep_created else 0
-        for state in states:
-            args += [keep + (2 if state.state in COMPLETED_STATES else 0), state.encode()]
-        await self.connector.run(_WRITE_STATES, [s.task_uuid for s in states], args)
+        keys = [s.task_uuid for s in states]
+        writes = []
+        # One script per hash slot: all at once off a cluster, one per task UUID on one.
+        for group in self.connector.slot_groups(keys):
+            args: list[Any] = [self.ttl]
+            for i in group:
+                args += [keep + (2 if states[i].state in COMPLETED_STATES else 0), states[i].encode()]
+            writes.append(self.connector.run(_WRITE_STATES, [keys[i] for i in group], args))
+        await asyncio.gather(*writes)
 
     async def write_group_meta(self, meta: GroupMeta) -> None:
         await self.connector.client().set(meta.group_uuid, meta.encode(), ex=self.ttl)
@@ -87,7 +94,11 @@ class RedisBackend(Backend):
     async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
         if not task_uuids:
             return []
-        raws = await self.connector.batched().execute("MGET", *task_uuids)
+        pipeline = self.connector.batched()
+        if self.connector.cluster:  # Go's way on a cluster: pipelined GETs, never a cross-slot MGET
+            raws = await asyncio.gather(*(pipeline.execute("GET", uuid) for uuid in task_uuids))
+        else:
+            raws = await pipeline.execute("MGET", *task_uuids)
         return [None if raw is None else TaskState.decode(raw) for raw in raws]
 
     async def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
@@ -143,6 +154,8 @@ class RedisBackend(Backend):
 
         Retries as redsync does (32 attempts, 50-250 ms apart) while a Go worker holds it.
         """
+        if not self.connector.same_slot(CHORD_MUTEX, group_uuid):
+            return await self._trigger_chord_in_steps(group_uuid)
         for _ in range(32):
             outcome = int(await self.connector.run(_TRIGGER_CHORD, [CHORD_MUTEX, group_uuid], [self.ttl]))
             if outcome == -2:
@@ -152,25 +165,45 @@ class RedisBackend(Backend):
             await asyncio.sleep(random.uniform(0.05, 0.25))
         raise TimeoutError(f"{CHORD_MUTEX} stayed taken; the chord of {group_uuid} was not triggered")
 
-    async def _trigger_chord_under_mutex(self, group_uuid: str) -> bool:
-        """Go's own way, for group metadata the script cannot edit in place."""
+    async def _trigger_chord_in_steps(self, group_uuid: str) -> bool:
+        """On a cluster, where ``TriggerChordMutex`` and the group are in different slots: take
+        the mutex as Go does (so Go workers stay interlocked), then flip the flag with a script
+        on the group's key alone, which is atomic by itself: among our workers exactly one wins
+        even if the mutex were lost in a failover."""
+        token = await self._take_chord_mutex(group_uuid)
+        try:
+            outcome = int(await self.connector.run(_FLIP_CHORD, [group_uuid], [self.ttl]))
+            if outcome == -2:
+                return await self._flip_by_rewrite(group_uuid)
+            return outcome == 1
+        finally:
+            await self.connector.run(_UNLOCK, [CHORD_MUTEX], [token])
+
+    async def _take_chord_mutex(self, group_uuid: str) -> str:
         client = self.connector.client()
         token = base64.b64encode(os.urandom(16)).decode()
         for _ in range(32):
             if await client.set(CHORD_MUTEX, token, nx=True, px=8000):
-                break
+                return token
             await asyncio.sleep(random.uniform(0.05, 0.25))
-        else:
-            raise TimeoutError(f"could not take {CHORD_MUTEX} to trigger the chord of {group_uuid}")
+        raise TimeoutError(f"could not take {CHORD_MUTEX} to trigger the chord of {group_uuid}")
+
+    async def _trigger_chord_under_mutex(self, group_uuid: str) -> bool:
+        """Go's own way, for group metadata the script cannot edit in place."""
+        token = await self._take_chord_mutex(group_uuid)
         try:
-            meta = await self.get_group_meta(group_uuid)
-            if meta is None or meta.chord_triggered:
-                return False
-            meta.chord_triggered = True
-            await self.write_group_meta(meta)
-            return True
+            return await self._flip_by_rewrite(group_uuid)
         finally:
             await self.connector.run(_UNLOCK, [CHORD_MUTEX], [token])
+
+    async def _flip_by_rewrite(self, group_uuid: str) -> bool:
+        """Read, flip and write back the group metadata; the caller holds the mutex."""
+        meta = await self.get_group_meta(group_uuid)
+        if meta is None or meta.chord_triggered:
+            return False
+        meta.chord_triggered = True
+        await self.write_group_meta(meta)
+        return True
 
     async def purge_state(self, task_uuid: str) -> None:
         await self.connector.client().delete(task_uuid)
