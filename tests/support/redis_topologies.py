@@ -19,6 +19,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import redis
 from redis.cluster import RedisCluster
 
@@ -298,3 +299,45 @@ def redis_sentinel(folder: Path) -> Iterator[RedisSentinelDeployment]:
         yield deployment
     finally:
         deployment.stop()
+
+
+def _require_redis_server() -> None:
+    from conftest import IN_CI
+
+    if redis_server_binary() is None or shutil.which("redis-cli") is None:
+        message = "redis-server and redis-cli are needed to start a Redis Cluster or Sentinel deployment"
+        if IN_CI:
+            pytest.fail(message + "; .ci/run installs redis-server", pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterDeployment]:
+    """One cluster for the session's tests that do not break it (failover tests start their own)."""
+    _require_redis_server()
+    with redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as deployment:
+        yield deployment
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSentinelDeployment]:
+    """One Sentinel deployment for the session's tests that do not fail it over."""
+    _require_redis_server()
+    with redis_sentinel(tmp_path_factory.mktemp("redis-sentinel")) as deployment:
+        yield deployment
+
+
+@pytest.fixture
+def own_redis_cluster(tmp_path: Path) -> Iterator[RedisClusterDeployment]:
+    """A cluster of this test's own, to kill nodes of."""
+    _require_redis_server()
+    with redis_cluster(tmp_path / "cluster") as deployment:
+        yield deployment
+
+
+@pytest.fixture
+def own_redis_sentinel(tmp_path: Path) -> Iterator[RedisSentinelDeployment]:
+    """A Sentinel deployment of this test's own, to fail over."""
+    _require_redis_server()
+    with redis_sentinel(tmp_path / "sentinel") as deployment:
+        yield deployment
