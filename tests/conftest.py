@@ -24,6 +24,9 @@ from machinery import Config, RedisConfig, Server, Worker
 from machinery._sync import run_sync
 from machinery.brokers.base import Consumer, Delivery
 
+#: Fixtures of servers the tests start for themselves (each stopped by the PID it recorded).
+pytest_plugins = ["support.redis_topologies"]
+
 REDIS_URL = os.environ.get("MACHINERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("MACHINERY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 INTEROP_DIR = Path(__file__).resolve().parent / "interop" / "captures"

@@ -1,0 +1,264 @@
+"""What is specific to Redis Cluster: our keys share their queue's slot, the cross-slot moves
+run in at-least-once steps, and a primary SIGKILLed mid-run loses no task and fires no chord
+twice. (The behaviour every driver shares is the contract suite's.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from redis.crc import key_slot
+
+from conftest import running_worker, unique, wait_until
+from machinery import Chord, Config, Group, Server, Signature
+from machinery._drivers.redis import RedisConnector, parse_redis_url, tagged
+from machinery._sync import run_sync
+from machinery.backends.redis import REVOKED_KEYS, WORKERS_INFO_KEY, WORKERS_KEY
+from machinery.brokers import _redis_delayed
+from machinery.brokers.redis import dead_key, heartbeats_key, processing_prefix
+from machinery.errors import ConfigError
+from support.redis_topologies import RedisClusterDeployment
+
+pytestmark = [pytest.mark.redis]
+
+FAILOVER_TASKS = 2000
+DEADLINE = 120.0
+
+
+def cluster_config(deployment: RedisClusterDeployment, queue: str, **overrides: Any) -> Config:
+    fields: dict[str, Any] = {
+        "broker": deployment.url,
+        "result_backend": deployment.url,
+        "lock": deployment.url,
+        "default_queue": queue,
+        "results_expire_in": 600,
+        "heartbeat_timeout": 3.0,
+        "redis": deployment.redis_config(
+            delayed_tasks_key=f"{queue}_delayed", delayed_tasks_poll_period=100, normal_tasks_poll_period=200
+        ),
+    }
+    fields.update(overrides)
+    return Config(**fields)
+
+
+@pytest.mark.parametrize("queue", ["machinery_tasks", "orders", "q{tagged}x", "a{b"])
+def test_our_keys_share_the_slot_of_gos_queue(queue: str) -> None:
+    slot = key_slot(queue.encode())
+    for key in (processing_prefix(queue) + "worker:1", heartbeats_key(queue), dead_key(queue)):
+        assert key_slot(key.encode()) == slot, key
+    assert len({key_slot(key.encode()) for key in REVOKED_KEYS}) == 1
+    assert key_slot(WORKERS_KEY.encode()) == key_slot(WORKERS_INFO_KEY.encode())
+
+
+def test_a_queue_name_no_tag_can_follow_is_refused_on_a_cluster() -> None:
+    assert tagged("p:", "a}b") == "p:{a}b}"  # off a cluster the name is just a name
+    with pytest.raises(ConfigError, match="rename the queue"):
+        tagged("p:", "a}b", strict=True)
+
+
+def test_cluster_urls_and_config_choose_the_client() -> None:
+    from machinery import RedisConfig
+
+    address = parse_redis_url("redis://user:secret@10.0.0.1:7000,10.0.0.2:7001,10.0.0.3/0")
+    assert address.nodes == (("10.0.0.1", 7000), ("10.0.0.2", 7001), ("10.0.0.3", 6379))
+    assert (address.username, address.password) == ("user", "secret")
+    assert RedisConnector("redis://h1:1,h2:2", RedisConfig()).topology == "cluster"
+    assert RedisConnector("redis://h1:1", RedisConfig(cluster_enabled=True)).topology == "cluster"
+    assert RedisConnector("redis://h1:1,h2:2", RedisConfig(master_name="m")).topology == "sentinel"
+    assert RedisConnector("rediss://h1:1", RedisConfig()).address.tls
+    assert RedisConnector("redis://h1:1", RedisConfig()).topology == "single"
+
+
+def test_tasks_eta_priorities_and_chords_on_a_cluster(redis_cluster_deployment: RedisClusterDeployment) -> None:
+    queue = unique("cluster_q")
+    server = Server(cluster_config(redis_cluster_deployment, queue))
+    order: list[int] = []
+
+    @server.task("add")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @server.task("total")
+    def total(*values: int) -> int:
+        return sum(values)
+
+    @server.task("note")
+    def note(n: int) -> None:
+        order.append(n)
+
+    try:
+        # Prioritized messages sent before any worker runs come out highest first.
+        for n, priority in [(0, 0), (1, 3), (2, 9), (3, 5)]:
+            server.send_task(Signature("note", [n], priority=priority))
+        soon = datetime.now(timezone.utc) + timedelta(seconds=0.5)
+        delayed = server.send_task(Signature("add", [2, 3], eta=soon))
+        with running_worker(server, concurrency=1):
+            assert server.send_task(Signature("add", [1, 2])).get(timeout=DEADLINE) == 3
+            assert delayed.get(timeout=DEADLINE) == 5
+            chord = Chord(Group(*(Signature("add", [i, i]) for i in range(6))), Signature("total"))
+            assert server.send_chord(chord).get(timeout=DEADLINE) == 30
+            wait_until(lambda: len(order) == 4, what="the prioritized tasks run")
+        assert order == [2, 3, 1, 0]
+    finally:
+        server.close()
+
+
+def test_a_deferred_task_moves_through_gos_delayed_set_in_steps(
+    redis_cluster_deployment: RedisClusterDeployment,
+) -> None:
+    queue = unique("cluster_defer")
+    server = Server(cluster_config(redis_cluster_deployment, queue))
+    assert server.broker.connector.cluster  # type: ignore[attr-defined]
+    runs: list[float] = []
+
+    @server.task("later")
+    def later() -> str:
+        runs.append(time.monotonic())
+        if len(runs) == 1:
+            from machinery import RetryTaskLater
+
+            raise RetryTaskLater(0.3)
+        return "done"
+
+    try:
+        with running_worker(server, concurrency=2):
+            assert server.send_task(Signature("later", [])).get(timeout=DEADLINE) == "done"
+        assert len(runs) == 2
+        with redis_cluster_deployment.client() as client:
+            assert client.zcard(f"{queue}_delayed") == 0 and client.llen(queue) == 0
+    finally:
+        server.close()
+
+
+def test_a_mover_dying_between_steps_duplicates_never_loses(
+    redis_cluster_deployment: RedisClusterDeployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lease due messages and stop there (a mover killed after its first step): once the lease
+    ends, another mover moves them."""
+    queue = unique("cluster_lease")
+    delayed_key = f"{queue}_delayed"
+    server = Server(cluster_config(redis_cluster_deployment, queue))
+    connector = server.broker.connector  # type: ignore[attr-defined]
+    body = Signature("x", [], routing_key=queue).encode()
+    with redis_cluster_deployment.client() as client:
+        client.zadd(delayed_key, {body: time.time_ns() - 1})
+
+        async def lease_only() -> Any:
+            now = time.time_ns()
+            return await connector.run(_redis_delayed._LEASE_DUE, [delayed_key], [now, 10, now + int(0.5e9)])
+
+        leased, _ = run_sync(lease_only())
+        assert leased == [body]
+        assert client.llen(queue) == 0 and client.zcard(delayed_key) == 1  # neither moved nor lost
+
+        async def move() -> tuple[int, Any]:
+            return await _redis_delayed.move_due_in_steps(connector, delayed_key, time.time_ns(), 10, queue)
+
+        assert run_sync(move())[0] == 0  # still leased
+        wait_until(lambda: run_sync(move())[0] == 1, timeout=10, what="the lease ending and the move")
+        assert client.lrange(queue, 0, -1) == [body] and client.zcard(delayed_key) == 0
+        client.delete(queue)
+    server.close()
+
+
+def settled(deployment: RedisClusterDeployment, queue: str) -> bool:
+    """Nothing left on ``queue``, in its delayed set, or taken by a consumer."""
+    with deployment.client() as client:
+        if client.llen(queue) or client.zcard(f"{queue}_delayed"):
+            return False
+        return not any(client.llen(key) for key in client.scan_iter(match=processing_prefix(queue) + "*"))
+
+
+def _kill_primary_when(deployment: RedisClusterDeployment, key: str, ready: threading.Event) -> threading.Thread:
+    def killer() -> None:
+        ready.wait(DEADLINE)
+        deployment.primary_of(key).kill()
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_primary_sigkilled_mid_run_loses_no_task(
+    own_redis_cluster: RedisClusterDeployment, record_property: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    queue = unique("cluster_failover")
+    server = Server(cluster_config(own_redis_cluster, queue))
+    runs: Counter[str] = Counter()
+    guard = threading.Lock()
+    quarter = threading.Event()
+
+    @server.task("work")
+    def work(n: int) -> int:
+        with guard:
+            runs[str(n)] += 1
+            if len(runs) >= FAILOVER_TASKS // 4:
+                quarter.set()
+        return n
+
+    try:
+        results = [server.send_task(Signature("work", [n])) for n in range(FAILOVER_TASKS)]
+        killed = own_redis_cluster.primary_of(queue).port
+        killer = _kill_primary_when(own_redis_cluster, queue, quarter)
+        with running_worker(server, concurrency=32):
+            wait_until(lambda: len(runs) == FAILOVER_TASKS, timeout=DEADLINE, what="every task running")
+            killer.join(5)
+            values = [r.get(timeout=DEADLINE) for r in results]
+        assert values == list(range(FAILOVER_TASKS))
+        assert own_redis_cluster.primary_of(queue).port != killed  # a replica took over
+        duplicates = sum(runs.values()) - FAILOVER_TASKS
+        record_property("duplicates", duplicates)
+        with capsys.disabled():
+            print(f"\n[cluster failover] {FAILOVER_TASKS} tasks, all complete, {duplicates} ran twice")
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_chords_fire_exactly_once_across_a_failover(own_redis_cluster: RedisClusterDeployment) -> None:
+    queue = unique("cluster_chords")
+    server = Server(cluster_config(own_redis_cluster, queue))
+    callbacks: Counter[str] = Counter()
+    guard = threading.Lock()
+    started = threading.Event()
+    members = 0
+
+    @server.task("member")
+    def member(n: int) -> int:
+        nonlocal members
+        with guard:
+            members += 1
+            if members >= 100:
+                started.set()
+        time.sleep(0.002)
+        return n
+
+    @server.task("callback")
+    def callback(tag: str, *values: int) -> int:
+        with guard:
+            callbacks[tag] += 1
+        return sum(values)
+
+    chords = 60
+    try:
+        sent = [
+            server.send_chord(
+                Chord(Group(*(Signature("member", [i]) for i in range(5))), Signature("callback", [f"c{k}"]))
+            )
+            for k in range(chords)
+        ]
+        # The group metadata of some chords lives on the primary that dies.
+        killer = _kill_primary_when(own_redis_cluster, queue, started)
+        with running_worker(server, concurrency=16):
+            assert [r.get(timeout=DEADLINE) for r in sent] == [10] * chords
+            killer.join(5)
+            # Every message settled: a second callback, had one been sent, has run by now.
+            wait_until(lambda: settled(own_redis_cluster, queue), timeout=DEADLINE, what="every message settled")
+        assert callbacks == Counter({f"c{k}": 1 for k in range(chords)})
+    finally:
+        server.close()
