@@ -173,10 +173,17 @@ def settled(deployment: RedisClusterDeployment, queue: str) -> bool:
         return not any(client.llen(key) for key in client.scan_iter(match=processing_prefix(queue) + "*"))
 
 
-def _kill_primary_when(deployment: RedisClusterDeployment, key: str, ready: threading.Event) -> threading.Thread:
+def _kill_primary_when(
+    deployment: RedisClusterDeployment, key: str, ready: threading.Event, progress: Any = None
+) -> threading.Thread:
+    """SIGKILL the primary serving ``key`` once ``ready`` is set; ``progress`` (if given) is
+    called right after, to note how far the run had got."""
+
     def killer() -> None:
         ready.wait(DEADLINE)
         deployment.primary_of(key).kill()
+        if progress is not None:
+            progress()
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
@@ -204,11 +211,13 @@ def test_primary_sigkilled_mid_run_loses_no_task(
     try:
         results = [server.send_task(Signature("work", [n])) for n in range(FAILOVER_TASKS)]
         killed = own_redis_cluster.primary_of(queue).port
-        killer = _kill_primary_when(own_redis_cluster, queue, quarter)
+        done_at_kill: list[int] = []
+        killer = _kill_primary_when(own_redis_cluster, queue, quarter, lambda: done_at_kill.append(len(runs)))
         with running_worker(server, concurrency=32):
             wait_until(lambda: len(runs) == FAILOVER_TASKS, timeout=DEADLINE, what="every task running")
             killer.join(5)
             values = [r.get(timeout=DEADLINE) for r in results]
+        assert done_at_kill[0] < FAILOVER_TASKS  # killed mid-run
         assert values == list(range(FAILOVER_TASKS))
         assert own_redis_cluster.primary_of(queue).port != killed  # a replica took over
         duplicates = sum(runs.values()) - FAILOVER_TASKS
@@ -253,12 +262,16 @@ def test_chords_fire_exactly_once_across_a_failover(own_redis_cluster: RedisClus
             for k in range(chords)
         ]
         # The group metadata of some chords lives on the primary that dies.
-        killer = _kill_primary_when(own_redis_cluster, queue, started)
+        done_at_kill: list[int] = []
+        killer = _kill_primary_when(
+            own_redis_cluster, queue, started, lambda: done_at_kill.append(sum(callbacks.values()))
+        )
         with running_worker(server, concurrency=16):
             assert [r.get(timeout=DEADLINE) for r in sent] == [10] * chords
             killer.join(5)
             # Every message settled: a second callback, had one been sent, has run by now.
             wait_until(lambda: settled(own_redis_cluster, queue), timeout=DEADLINE, what="every message settled")
+        assert done_at_kill[0] < chords  # killed with chords still to complete
         assert callbacks == Counter({f"c{k}": 1 for k in range(chords)})
     finally:
         server.close()
