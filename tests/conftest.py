@@ -25,7 +25,7 @@ from machinery._sync import run_sync
 from machinery.brokers.base import Consumer, Delivery
 
 #: Fixtures of servers the tests start for themselves (each stopped by the PID it recorded).
-pytest_plugins = ["support.redis_topologies"]
+pytest_plugins = ["support.redis_topologies", "support.memcached"]
 
 REDIS_URL = os.environ.get("MACHINERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("MACHINERY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
