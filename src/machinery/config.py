@@ -95,7 +95,21 @@ class DynamoDBConfig:
     group_metas_table: str = _f("group_metas", "group_metas_table", "GROUP_METAS_TABLE")
 
 
-_SECTIONS = {"redis": RedisConfig, "amqp": AMQPConfig, "sqs": SQSConfig, "dynamodb": DynamoDBConfig}
+@dataclass
+class MongoDBConfig:
+    """MongoDB result backend settings (Go's ``MongoDBConfig``: its Database; the URL names
+    the server, never the database, as in Go)."""
+
+    database: str = _f("machinery", "database", "MONGODB_DATABASE")
+
+
+_SECTIONS = {
+    "redis": RedisConfig,
+    "amqp": AMQPConfig,
+    "sqs": SQSConfig,
+    "dynamodb": DynamoDBConfig,
+    "mongodb": MongoDBConfig,
+}
 
 
 @dataclass
@@ -146,6 +160,7 @@ class Config:
     amqp: AMQPConfig = field(default_factory=AMQPConfig)
     sqs: SQSConfig = field(default_factory=SQSConfig)
     dynamodb: DynamoDBConfig = field(default_factory=DynamoDBConfig)
+    mongodb: MongoDBConfig = field(default_factory=MongoDBConfig)
 
     def __post_init__(self) -> None:
         self._reloader: _Reloader | None = None

@@ -35,7 +35,7 @@ from .._drivers.memcache import MemcacheConnector
 from ..config import Config
 from ..errors import MessageDecodeError
 from ..state import COMPLETED_STATES, GroupMeta, TaskState
-from .base import Backend
+from .base import Backend, PollSchedule
 
 #: How long a chord trigger waits for a Go worker's ``Lock`` on the group before giving up.
 CHORD_LOCK_WAIT = 10.0
@@ -123,11 +123,11 @@ class MemcacheBackend(Backend):
         raw = await self.connector.client_for(key).get(key)
         return None if raw is None else GroupMeta.decode(raw)
 
-    async def _subscribe(self, task_uuid: str) -> _PollSchedule:
-        return _PollSchedule()
+    async def _subscribe(self, task_uuid: str) -> PollSchedule:
+        return PollSchedule()
 
     def _poll_interval(self, handle: Any) -> float:
-        return handle.next() if isinstance(handle, _PollSchedule) else self.poll_interval
+        return handle.next() if isinstance(handle, PollSchedule) else self.poll_interval
 
     # ------------------------------------------------------------------ beside the state
 
@@ -177,23 +177,6 @@ class MemcacheBackend(Backend):
 
     async def close_loop_connections(self) -> None:
         await self.connector.close()
-
-
-class _PollSchedule:
-    """Re-read intervals for one wait: fast at first (most tasks finish soon), then 0.5 s."""
-
-    __slots__ = ("_next",)
-
-    FIRST = 0.01
-    LAST = 0.5
-
-    def __init__(self) -> None:
-        self._next = self.FIRST
-
-    def next(self) -> float:
-        current = self._next
-        self._next = min(self.LAST, current * 1.5)
-        return current
 
 
 __all__ = ["MemcacheBackend"]
