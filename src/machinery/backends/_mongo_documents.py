@@ -119,8 +119,14 @@ def decode_task(document: Mapping[str, Any]) -> TaskState:
         results=None if raw is None else [decode_result(item) for item in raw],
         error=str(document.get("error") or ""),
         created_at=created.replace(tzinfo=timezone.utc) if isinstance(created, datetime) else None,
-        ttl=int(document.get("ttl") or 0),
+        ttl=_ttl(document.get("ttl")),
     )
+
+
+def _ttl(value: Any) -> int:
+    """The ``ttl`` field: an integer in Go's TaskState; older Go releases wrote their expiry
+    time there as a datetime (since renamed ``delete_at``), which is not a TTL: read as 0."""
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def decode_result(item: Mapping[str, Any]) -> TaskResult:
@@ -173,7 +179,7 @@ def decode_group(document: Mapping[str, Any]) -> GroupMeta:
         chord_triggered=bool(document.get("chord_triggered")),
         lock=bool(document.get("lock")),
         created_at=created.replace(tzinfo=timezone.utc) if isinstance(created, datetime) else None,
-        ttl=int(document.get("ttl") or 0),
+        ttl=_ttl(document.get("ttl")),
     )
 
 
