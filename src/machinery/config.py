@@ -54,6 +54,16 @@ class RedisConfig:
     master_name: str = _f("", "master_name", "REDIS_MASTER_NAME")
     cluster_enabled: bool = _f(False, "cluster_enabled", ("REDIS_CLUSTER_ENABLED", "REDIS_CLUSTER_MODE"))
     sentinel_password: str = _f("", "sentinel_password", "REDIS_SENTINEL_PASSWORD")
+    min_replicas_acked: int = _f(
+        0,
+        "min_replicas_acked",
+        "REDIS_MIN_REPLICAS_ACKED",
+        "replicas that must confirm each batch of writes (Redis WAIT) before it counts as done; "
+        "0: Redis's asynchronous replication alone",
+    )
+    replicas_ack_timeout: int = _f(
+        1000, "replicas_ack_timeout", "REDIS_REPLICAS_ACK_TIMEOUT", "ms to wait for those confirmations"
+    )
 
 
 @dataclass

@@ -275,3 +275,36 @@ def test_chords_fire_exactly_once_across_a_failover(own_redis_cluster: RedisClus
         assert callbacks == Counter({f"c{k}": 1 for k in range(chords)})
     finally:
         server.close()
+
+
+def test_acknowledged_writes_wait_on_each_node(redis_cluster_deployment: RedisClusterDeployment) -> None:
+    """On a cluster the WAIT goes to every node a batch wrote to, on the same connection."""
+    from machinery.errors import ReplicationError
+
+    queue = unique("cluster_ack")
+    config = cluster_config(redis_cluster_deployment, queue)
+    config.redis.min_replicas_acked = 1
+    server = Server(config)
+
+    @server.task("add")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @server.task("total")
+    def total(*values: int) -> int:
+        return sum(values)
+
+    try:
+        with running_worker(server, concurrency=2):
+            chord = Chord(Group(*(Signature("add", [i, 1]) for i in range(4))), Signature("total"))
+            assert server.send_chord(chord).get(timeout=DEADLINE) == 10
+    finally:
+        server.close()
+    config = cluster_config(redis_cluster_deployment, queue)
+    config.redis.min_replicas_acked, config.redis.replicas_ack_timeout = 2, 50
+    server = Server(config)
+    try:
+        with pytest.raises(ReplicationError, match="only 1 of the 2 replica"):
+            server.send_task(Signature("add", [1, 1]))
+    finally:
+        server.close()

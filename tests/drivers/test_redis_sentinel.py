@@ -124,3 +124,33 @@ def test_primary_sigkilled_mid_run_the_workers_follow_the_new_primary(
             print(f"\n[sentinel failover] {FAILOVER_TASKS} tasks, all complete, {duplicates} ran twice")
     finally:
         server.close()
+
+
+def test_acknowledged_writes_wait_for_the_replica(redis_sentinel_deployment: RedisSentinelDeployment) -> None:
+    """With ``min_replicas_acked`` each batch of writes ends with WAIT: one replica confirms
+    and the task runs; asking for two, which this deployment lacks, fails the write with a
+    ReplicationError instead of pretending it is safe."""
+    from machinery.errors import ReplicationError
+
+    queue = unique("sentinel_ack")
+    config = sentinel_config(redis_sentinel_deployment, queue)
+    config.redis.min_replicas_acked = 1
+    server = Server(config)
+
+    @server.task("add")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    try:
+        with running_worker(server, concurrency=2):
+            assert server.send_task(Signature("add", [2, 2])).get(timeout=DEADLINE) == 4
+    finally:
+        server.close()
+    config = sentinel_config(redis_sentinel_deployment, queue)
+    config.redis.min_replicas_acked, config.redis.replicas_ack_timeout = 2, 50
+    server = Server(config)
+    try:
+        with pytest.raises(ReplicationError, match="only 1 of the 2 replica"):
+            server.send_task(Signature("add", [1, 1]))
+    finally:
+        server.close()

@@ -22,13 +22,13 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.crc import key_slot
-from redis.exceptions import ClusterDownError, NoScriptError, ResponseError, TryAgainError
+from redis.exceptions import ClusterDownError, NoScriptError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._loops import PerLoop
 from ..config import RedisConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, ReplicationError
 
 #: What an unreachable Redis looks like in redis-py's exceptions (they are not builtin ConnectionErrors).
 REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError)
@@ -194,9 +194,11 @@ class _LoopClient:
 
     __slots__ = ("client", "others", "pipeline")
 
-    def __init__(self, client: Any, cluster: bool, others: Sequence[aioredis.Redis] = ()) -> None:
+    def __init__(self, client: Any, cluster: bool, config: RedisConfig, others: Sequence[aioredis.Redis] = ()) -> None:
         self.client = client
-        self.pipeline: AutoPipeline = ClusterAutoPipeline(client) if cluster else AutoPipeline(client)
+        acknowledged = (config.min_replicas_acked, max(1, config.replicas_ack_timeout))
+        pipeline = ClusterAutoPipeline if cluster else AutoPipeline
+        self.pipeline: AutoPipeline = pipeline(client, acknowledged if config.min_replicas_acked > 0 else None)
         self.others = list(others)
 
 
@@ -281,7 +283,7 @@ class RedisConnector:
             cluster = aioredis.RedisCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in a.nodes], **options, **tls
             )
-            return _LoopClient(cluster, cluster=True)
+            return _LoopClient(cluster, True, c)
         options["db"] = a.db
         if self.topology == "sentinel":
             tls = {"ssl": True, "ssl_cert_reqs": ssl.CERT_REQUIRED} if a.tls else {}
@@ -294,7 +296,7 @@ class RedisConnector:
                 },
             )
             primary = sentinel.master_for(c.master_name, redis_class=aioredis.Redis, **options, **tls)
-            return _LoopClient(primary, cluster=False, others=sentinel.sentinels)
+            return _LoopClient(primary, False, c, others=sentinel.sentinels)
         if a.socket_path:
             pool = aioredis.ConnectionPool(
                 connection_class=aioredis.UnixDomainSocketConnection, path=a.socket_path, **options
@@ -304,7 +306,7 @@ class RedisConnector:
             if a.tls:
                 extra = {"connection_class": aioredis.SSLConnection, "ssl_cert_reqs": ssl.CERT_REQUIRED}
             pool = aioredis.ConnectionPool(host=a.host, port=a.port, **options, **extra)
-        return _LoopClient(aioredis.Redis(connection_pool=pool), cluster=False)
+        return _LoopClient(aioredis.Redis(connection_pool=pool), False, c)
 
     async def close(self) -> None:
         """Close the running loop's client; clients of other loops are theirs to close."""
@@ -329,8 +331,11 @@ class AutoPipeline:
     flushes, which is all the worker relies on.
     """
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, acknowledged: tuple[int, int] | None = None) -> None:
         self._client = client
+        #: (replicas, timeout ms): each batch ends with WAIT on its connection, and counts as
+        #: failed when fewer replicas confirm it (RedisConfig.min_replicas_acked).
+        self._acknowledged = acknowledged
         self._pending: list[_Queued] = []
         self._flushing: set[asyncio.Future[None]] = set()
 
@@ -406,14 +411,20 @@ class AutoPipeline:
         # round trip it saves, and the replies need no parsing beyond RESP.
         pool = self._client.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        sent = commands if self._acknowledged is None else [*commands, ("WAIT", *self._acknowledged)]
         try:
-            await connection.send_packed_command(_pack(connection, commands), check_health=False)
+            await connection.send_packed_command(_pack(connection, sent), check_health=False)
             replies: list[Any] = []
-            for _ in commands:
+            for _ in sent:
                 try:
                     replies.append(await connection.read_response())
                 except ResponseError as exc:
                     replies.append(exc)
+            if self._acknowledged is not None:
+                confirmed = replies.pop()
+                if not isinstance(confirmed, int) or confirmed < self._acknowledged[0]:
+                    failure = replication_error(confirmed, *self._acknowledged)
+                    replies = [failure] * len(replies)
             return replies
         except BaseException:
             await connection.disconnect()  # a half-read connection must not go back to the pool
@@ -432,8 +443,61 @@ class ClusterAutoPipeline(AutoPipeline):
         pipeline = self._client.pipeline(transaction=False)
         for command in commands:
             pipeline.execute_command(*command)
-        replies: list[Any] = await pipeline.execute(raise_on_error=False)
+        if self._acknowledged is None:
+            replies: list[Any] = await pipeline.execute(raise_on_error=False)
+            return replies
+        # One WAIT per node, after that node's commands on the same connection (redis-py sends
+        # a node's share of a pipeline on one connection, in order).
+        cluster: Any = self._client
+        await cluster.initialize()  # the slot map (a no-op once loaded)
+        nodes: dict[str, list[int]] = {}
+        unplaced: list[int] = []  # commands whose slot has no known primary now (mid-failover)
+        for i, command in enumerate(commands):
+            key = _first_key(command)
+            if key is None:
+                continue
+            try:
+                nodes.setdefault(cluster.nodes_manager.get_node_from_slot(key_slot(key)).name, []).append(i)
+            except (KeyError, IndexError, RedisError):
+                unplaced.append(i)
+        for name in nodes:
+            pipeline.execute_command("WAIT", *self._acknowledged, target_nodes=cluster.get_node(node_name=name))
+        replies = await pipeline.execute(raise_on_error=False)
+        waits, replies = replies[len(commands) :], replies[: len(commands)]
+        for confirmed, indices in zip(waits, nodes.values(), strict=True):
+            if not isinstance(confirmed, int) or confirmed < self._acknowledged[0]:
+                failure = replication_error(confirmed, *self._acknowledged)
+                for i in indices:
+                    if not isinstance(replies[i], Exception):
+                        replies[i] = failure
+        for i in unplaced:
+            if not isinstance(replies[i], Exception):
+                replies[i] = ReplicationError("the cluster's slot map was changing; the write is retried")
         return replies
+
+
+def _first_key(command: tuple[Any, ...]) -> bytes | None:
+    """The key a command of ours is routed by: its first argument, or EVALSHA's first key."""
+    name = str(command[0]).upper()
+    if name in ("EVALSHA", "EVAL"):
+        if int(command[2]) == 0:
+            return None
+        key = command[3]
+    elif len(command) > 1:
+        key = command[1]
+    else:
+        return None
+    return key if isinstance(key, bytes) else str(key).encode()
+
+
+def replication_error(confirmed: Any, replicas: int, timeout_ms: int) -> ReplicationError:
+    """The failure of a batch too few replicas confirmed."""
+    if isinstance(confirmed, Exception):
+        return ReplicationError(f"Redis could not wait for replicas ({confirmed}); the writes are retried")
+    return ReplicationError(
+        f"only {confirmed} of the {replicas} replica(s) RedisConfig.min_replicas_acked asks for confirmed "
+        f"a write within {timeout_ms} ms; the writes are retried (check the replicas, or lower the setting)"
+    )
 
 
 def _pack(connection: Any, commands: list[tuple[Any, ...]]) -> Any:

@@ -83,7 +83,7 @@ class RedisBackend(Backend):
         await asyncio.gather(*writes)
 
     async def write_group_meta(self, meta: GroupMeta) -> None:
-        await self.connector.client().set(meta.group_uuid, meta.encode(), ex=self.ttl)
+        await self.connector.batched().execute("SET", meta.group_uuid, meta.encode(), "EX", self.ttl)
 
     # ------------------------------------------------------------------ reads
 
@@ -180,10 +180,10 @@ class RedisBackend(Backend):
             await self.connector.run(_UNLOCK, [CHORD_MUTEX], [token])
 
     async def _take_chord_mutex(self, group_uuid: str) -> str:
-        client = self.connector.client()
+        pipeline = self.connector.batched()
         token = base64.b64encode(os.urandom(16)).decode()
         for _ in range(32):
-            if await client.set(CHORD_MUTEX, token, nx=True, px=8000):
+            if await pipeline.execute("SET", CHORD_MUTEX, token, "NX", "PX", 8000):
                 return token
             await asyncio.sleep(random.uniform(0.05, 0.25))
         raise TimeoutError(f"could not take {CHORD_MUTEX} to trigger the chord of {group_uuid}")

@@ -99,7 +99,8 @@ class RedisBroker(Broker):
         for signature, body in messages:
             assert signature.eta is not None
             mapping[body] = float(unix_ns(signature.eta))
-        await self.connector.client().zadd(self.delayed_key, mapping)
+        args = [item for body, score in mapping.items() for item in (score, body)]
+        await self.connector.batched().execute("ZADD", self.delayed_key, *args)
 
     async def open_consumer(self, queue: str, consumer_tag: str, prefetch: int | None = None) -> Consumer:
         self.connector.tag("machinery:processing:", queue)  # refuses a queue no tag can follow on a cluster
