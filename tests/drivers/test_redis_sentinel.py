@@ -66,12 +66,28 @@ def test_tasks_and_chords_through_the_sentinels(redis_sentinel_deployment: Redis
         server.close()
 
 
+def test_the_sentinel_password_is_used_and_a_wrong_one_refused(
+    redis_sentinel_deployment: RedisSentinelDeployment,
+) -> None:
+    """The deployment's Sentinels require a password of their own (``sentinel_password``) and
+    the primary another (the URL's); with the wrong Sentinel password no primary is found."""
+    queue = unique("sentinel_auth")
+    config = sentinel_config(redis_sentinel_deployment, queue)
+    config.redis.sentinel_password = "wrong"
+    server = Server(config)
+    try:
+        with pytest.raises(Exception, match=r"No master found for 'mymaster'.*AuthenticationError"):
+            server.send_task(Signature("add", [1, 2]))
+    finally:
+        server.close()
+
+
 def test_an_unknown_master_name_is_an_error_naming_it(redis_sentinel_deployment: RedisSentinelDeployment) -> None:
     """The Sentinels are asked for the primary of ``master_name``; a name they do not watch is
     an error that names it, not a silent wait."""
     queue = unique("sentinel_auth")
     config = sentinel_config(redis_sentinel_deployment, queue)
-    config.redis = RedisConfig(master_name="no-such-master")
+    config.redis = RedisConfig(master_name="no-such-master", sentinel_password=config.redis.sentinel_password)
     server = Server(config)
     try:
         with pytest.raises(Exception, match="no-such-master"):

@@ -30,6 +30,10 @@ START_TIMEOUT = 60.0
 CLUSTER_NODE_TIMEOUT_MS = 2000
 SENTINEL_DOWN_AFTER_MS = 1000
 MASTER_NAME = "mymaster"
+#: The deployment has passwords, as production ones do: one for the primary and its replica,
+#: another for the Sentinels (RedisConfig.sentinel_password).
+PRIMARY_PASSWORD = "primary-secret"
+SENTINEL_PASSWORD = "sentinel-secret"
 
 
 def redis_server_binary() -> str | None:
@@ -102,14 +106,16 @@ class RedisProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    password: str | None = None
+
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5)
 
 
-def _start(args: list[str], port: int, role: str, folder: Path) -> RedisProcess:
+def _start(args: list[str], port: int, role: str, folder: Path, password: str | None = None) -> RedisProcess:
     log = open(folder / f"{role}-{port}.log", "wb")  # noqa: SIM115  (kept open for the child's life)
     process = subprocess.Popen(args, cwd=folder, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    node = RedisProcess(port, process, role)
+    node = RedisProcess(port, process, role, password)
     _wait(lambda: not node.alive() or node.client().ping(), f"{role} on port {port} answering")
     if not node.alive():
         raise RuntimeError(f"{role} on port {port} exited: {(folder / f'{role}-{port}.log').read_text()[-2000:]}")
@@ -222,10 +228,11 @@ class RedisSentinelDeployment:
 
     @property
     def url(self) -> str:
-        return "redis://" + ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        """The Sentinels' addresses, with the primary's password (Go's form)."""
+        return f"redis://:{PRIMARY_PASSWORD}@" + ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
 
     def redis_config(self, **fields: object) -> RedisConfig:
-        return RedisConfig(master_name=MASTER_NAME, **fields)  # type: ignore[arg-type]
+        return RedisConfig(master_name=MASTER_NAME, sentinel_password=SENTINEL_PASSWORD, **fields)  # type: ignore[arg-type]
 
     def primary(self) -> RedisProcess:
         """The server the Sentinels name as primary now."""
@@ -274,13 +281,17 @@ def redis_sentinel(folder: Path) -> Iterator[RedisSentinelDeployment]:
     primary_port, replica_port, *sentinel_ports = free_ports(5)
     deployment = RedisSentinelDeployment([], [], folder)
     try:
-        deployment.servers.append(_start(_server_args(primary_port), primary_port, "primary", folder))
+        auth = ("--requirepass", PRIMARY_PASSWORD, "--masterauth", PRIMARY_PASSWORD)
+        deployment.servers.append(
+            _start(_server_args(primary_port, *auth), primary_port, "primary", folder, PRIMARY_PASSWORD)
+        )
         deployment.servers.append(
             _start(
-                _server_args(replica_port, "--replicaof", "127.0.0.1", str(primary_port)),
+                _server_args(replica_port, *auth, "--replicaof", "127.0.0.1", str(primary_port)),
                 replica_port,
                 "replica",
                 folder,
+                PRIMARY_PASSWORD,
             )
         )
         for port in sentinel_ports:
@@ -291,10 +302,14 @@ def redis_sentinel(folder: Path) -> Iterator[RedisSentinelDeployment]:
                 f"sentinel down-after-milliseconds {MASTER_NAME} {SENTINEL_DOWN_AFTER_MS}\n"
                 f"sentinel failover-timeout {MASTER_NAME} 10000\n"
                 f"sentinel parallel-syncs {MASTER_NAME} 1\n"
+                f"sentinel auth-pass {MASTER_NAME} {PRIMARY_PASSWORD}\n"
+                f"requirepass {SENTINEL_PASSWORD}\n"
+                f"sentinel sentinel-pass {SENTINEL_PASSWORD}\n"
             )
             binary = redis_server_binary()
             assert binary is not None
-            deployment.sentinels.append(_start([binary, str(conf), "--sentinel"], port, "sentinel", folder))
+            sentinel = _start([binary, str(conf), "--sentinel"], port, "sentinel", folder, SENTINEL_PASSWORD)
+            deployment.sentinels.append(sentinel)
         deployment.wait_healthy()
         yield deployment
     finally:

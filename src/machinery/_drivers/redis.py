@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, NoScriptError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -292,6 +292,9 @@ class RedisConnector:
                 sentinel_kwargs={
                     "password": c.sentinel_password or None,
                     "socket_connect_timeout": c.connect_timeout or None,
+                    # Each question goes to the next Sentinel on failure; retrying one Sentinel
+                    # (redis-py's default) makes a wrong password take many seconds to report.
+                    "retry": Retry(NoBackoff(), 0),
                     **tls,
                 },
             )
