@@ -22,7 +22,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import ClusterDownError, NoScriptError, RedisError, ResponseError, TryAgainError
+from redis.exceptions import AskError, ClusterDownError, NoScriptError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -437,45 +437,87 @@ class AutoPipeline:
 
 
 class ClusterAutoPipeline(AutoPipeline):
-    """The auto-pipeline on a cluster: one batch per tick, split by redis-py into one pipeline
-    per node (following MOVED/ASK redirects), resent while a failover settles."""
+    """The auto-pipeline on a cluster: a tick's commands split by the node that serves each
+    key's slot, sent raw (hiredis-packed) on one connection per node, all nodes at once.
+
+    A reply that redirects (``MOVED`` after a failover or a slot migration, ``ASK`` during
+    one) is sent again through redis-py's cluster client, which follows it and updates the
+    slot map; a node that cannot be reached makes the next attempt reload the map first.
+    """
 
     attempts = CLUSTER_RETRIES
 
+    def __init__(self, client: Any, acknowledged: tuple[int, int] | None = None) -> None:
+        super().__init__(client, acknowledged)
+        self._reload = False
+
     async def _send_once(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        pipeline = self._client.pipeline(transaction=False)
-        for command in commands:
-            pipeline.execute_command(*command)
-        if self._acknowledged is None:
-            replies: list[Any] = await pipeline.execute(raise_on_error=False)
-            return replies
-        # One WAIT per node, after that node's commands on the same connection (redis-py sends
-        # a node's share of a pipeline on one connection, in order).
         cluster: Any = self._client
-        await cluster.initialize()  # the slot map (a no-op once loaded)
-        nodes: dict[str, list[int]] = {}
-        unplaced: list[int] = []  # commands whose slot has no known primary now (mid-failover)
+        replies: list[Any] = [None] * len(commands)
+        try:
+            if self._reload:
+                self._reload = False
+                await cluster.nodes_manager.initialize()  # ask the live nodes who serves what now
+            else:
+                await cluster.initialize()  # the slot map, loaded once
+        except (RedisError, OSError) as exc:
+            self._reload = True
+            return [exc] * len(commands)
+        groups: dict[str, tuple[Any, list[int]]] = {}
         for i, command in enumerate(commands):
             key = _first_key(command)
-            if key is None:
-                continue
             try:
-                nodes.setdefault(cluster.nodes_manager.get_node_from_slot(key_slot(key)).name, []).append(i)
-            except (KeyError, IndexError, RedisError):
-                unplaced.append(i)
-        for name in nodes:
-            pipeline.execute_command("WAIT", *self._acknowledged, target_nodes=cluster.get_node(node_name=name))
-        replies = await pipeline.execute(raise_on_error=False)
-        waits, replies = replies[len(commands) :], replies[: len(commands)]
-        for confirmed, indices in zip(waits, nodes.values(), strict=True):
+                node = (
+                    cluster.get_default_node()
+                    if key is None
+                    else cluster.nodes_manager.get_node_from_slot(key_slot(key))
+                )
+            except (KeyError, IndexError, RedisError):  # no primary for that slot right now
+                self._reload = True
+                replies[i] = ClusterDownError("the slot has no primary right now; retrying")
+                continue
+            groups.setdefault(node.name, (node, []))[1].append(i)
+        outcomes = await asyncio.gather(
+            *(self._send_to_node(node, [commands[i] for i in indices]) for node, indices in groups.values()),
+            return_exceptions=True,
+        )
+        for (_, indices), outcome in zip(groups.values(), outcomes, strict=True):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, BaseException):
+                self._reload = True
+                outcome = [outcome] * len(indices)
+            for i, reply in zip(indices, outcome, strict=True):
+                replies[i] = reply
+        for i, reply in enumerate(replies):
+            if isinstance(reply, AskError):  # MOVED too: redis-py follows it and learns the new map
+                try:
+                    replies[i] = await cluster.execute_command(*commands[i])
+                except Exception as exc:
+                    replies[i] = exc
+        return replies
+
+    async def _send_to_node(self, node: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+        sent = commands if self._acknowledged is None else [*commands, ("WAIT", *self._acknowledged)]
+        connection = node.acquire_connection()
+        try:
+            await connection.send_packed_command(_pack(connection, sent), check_health=False)
+            replies: list[Any] = []
+            for _ in sent:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            await connection.disconnect()  # a half-read connection must not be reused
+            raise
+        finally:
+            node.release(connection)
+        if self._acknowledged is not None:
+            confirmed = replies.pop()
             if not isinstance(confirmed, int) or confirmed < self._acknowledged[0]:
                 failure = replication_error(confirmed, *self._acknowledged)
-                for i in indices:
-                    if not isinstance(replies[i], Exception):
-                        replies[i] = failure
-        for i in unplaced:
-            if not isinstance(replies[i], Exception):
-                replies[i] = ReplicationError("the cluster's slot map was changing; the write is retried")
+                replies = [reply if isinstance(reply, Exception) else failure for reply in replies]
         return replies
 
 
