@@ -308,3 +308,47 @@ def test_acknowledged_writes_wait_on_each_node(redis_cluster_deployment: RedisCl
             server.send_task(Signature("add", [1, 1]))
     finally:
         server.close()
+
+
+@pytest.mark.slow
+def test_completion_notices_come_back_after_their_node_dies(own_redis_cluster: RedisClusterDeployment) -> None:
+    """A waiter's completion channel lives on one node; when that node is SIGKILLed the
+    listener finds the cluster again, and a completion written after the failover still wakes
+    the waiter (its re-read interval is made an hour, so only a notice can)."""
+    import asyncio
+
+    from machinery.state import PENDING, SUCCESS, TaskState
+
+    queue = unique("cluster_notices")
+    waiting, writing = (
+        Server(cluster_config(own_redis_cluster, queue)),
+        Server(cluster_config(own_redis_cluster, queue)),
+    )
+    backend: Any = waiting.backend
+    backend.poll_interval = 3600.0
+    uuid = unique("task")
+
+    async def scenario() -> TaskState:
+        await writing.backend.write_states([TaskState(uuid, PENDING, "f")], False)
+        waiter = asyncio.ensure_future(backend.await_state(uuid, timeout=DEADLINE))
+
+        def subscribed() -> bool:
+            listener = backend._listeners.peek()
+            return bool(listener and uuid in listener._counts and not listener._subscribed and listener._reader)
+
+        while not subscribed():  # noqa: ASYNC110  (state of another object, no event to wait on)
+            await asyncio.sleep(0.01)
+        port = int(backend._listeners.peek()._pubsub.get_pubsub_node().port)
+        node = next(n for n in own_redis_cluster.nodes if n.port == port)
+        await asyncio.to_thread(node.kill)
+        await asyncio.to_thread(own_redis_cluster.wait_healthy)
+        from machinery._backoff import persist
+
+        await persist(lambda: writing.backend.write_states([TaskState(uuid, SUCCESS, "f")], True), "writing")
+        return await waiter
+
+    try:
+        assert run_sync(scenario()).state == SUCCESS
+    finally:
+        waiting.close()
+        writing.close()

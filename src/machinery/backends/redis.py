@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import random
 import time
@@ -237,7 +238,11 @@ class _DoneListener:
         if count:
             return
         if self._pubsub is None:
-            self._pubsub = self._backend.connector.client().pubsub()
+            client = self._backend.connector.client()
+            if self._backend.connector.cluster:
+                # A cluster's pub/sub picks its node from the slot map, loaded on first use.
+                await client.initialize()
+            self._pubsub = client.pubsub()
         confirmed = asyncio.get_running_loop().create_future()
         self._subscribed[DONE_CHANNEL + task_uuid] = confirmed
         try:
@@ -248,6 +253,10 @@ class _DoneListener:
             await asyncio.wait_for(asyncio.shield(confirmed), 5)
         except Exception as exc:  # fall back to re-reading; waiting still works, just slower
             log.logger.debug("could not subscribe to completions of %s: %s", task_uuid, exc)
+            if self._backend.connector.cluster and (self._reader is None or self._reader.done()):
+                # The reader renews the connection (on whichever node serves the slot by then)
+                # and subscribes every waiter's channel again, this one included.
+                self._reader = asyncio.ensure_future(self._read())
         finally:
             self._subscribed.pop(DONE_CHANNEL + task_uuid, None)
 
@@ -285,6 +294,8 @@ class _DoneListener:
                     )
                 lost = True
                 await asyncio.sleep(backoff.next())
+                if self._backend.connector.cluster:
+                    await self._renew()
                 continue
             if lost:
                 lost = False
@@ -302,6 +313,26 @@ class _DoneListener:
                     confirmed.set_result(None)
             elif message["type"] == "message":
                 self._backend._waiters.notify(channel[len(DONE_CHANNEL) :], message["data"])
+
+    async def _renew(self) -> None:
+        """On a cluster, a pub/sub connection stays with its node, dead or alive: open a new
+        one (on a node that serves the channel's slot now) and subscribe every channel again."""
+        client: Any = self._backend.connector.client()
+        try:
+            await client.nodes_manager.initialize()  # who serves which slot now
+        except Exception as exc:
+            log.logger.debug("could not reload the cluster's slot map: %s", exc)
+            return
+        old, self._pubsub = self._pubsub, client.pubsub()
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.aclose()  # type: ignore[no-untyped-call]
+        channels = [DONE_CHANNEL + task_uuid for task_uuid in self._counts]
+        if channels:
+            try:
+                await self._pubsub.subscribe(*channels)
+            except Exception as exc:  # the next read fails too, and renews again after a back-off
+                log.logger.debug("could not subscribe to completions again: %s", exc)
 
     async def close(self) -> None:
         if self._reader is not None:
