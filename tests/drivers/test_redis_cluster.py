@@ -11,16 +11,12 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from redis.crc import key_slot
 
 from conftest import running_worker, unique, wait_until
 from machinery import Chord, Config, Group, Server, Signature
-from machinery._drivers.redis import RedisConnector, parse_redis_url, tagged
 from machinery._sync import run_sync
-from machinery.backends.redis import REVOKED_KEYS, WORKERS_INFO_KEY, WORKERS_KEY
 from machinery.brokers import _redis_delayed
-from machinery.brokers.redis import dead_key, heartbeats_key, processing_prefix
-from machinery.errors import ConfigError
+from machinery.brokers.redis import processing_prefix
 from support.redis_topologies import RedisClusterDeployment
 
 pytestmark = [pytest.mark.redis]
@@ -43,34 +39,6 @@ def cluster_config(deployment: RedisClusterDeployment, queue: str, **overrides: 
     }
     fields.update(overrides)
     return Config(**fields)
-
-
-@pytest.mark.parametrize("queue", ["machinery_tasks", "orders", "q{tagged}x", "a{b"])
-def test_our_keys_share_the_slot_of_gos_queue(queue: str) -> None:
-    slot = key_slot(queue.encode())
-    for key in (processing_prefix(queue) + "worker:1", heartbeats_key(queue), dead_key(queue)):
-        assert key_slot(key.encode()) == slot, key
-    assert len({key_slot(key.encode()) for key in REVOKED_KEYS}) == 1
-    assert key_slot(WORKERS_KEY.encode()) == key_slot(WORKERS_INFO_KEY.encode())
-
-
-def test_a_queue_name_no_tag_can_follow_is_refused_on_a_cluster() -> None:
-    assert tagged("p:", "a}b") == "p:{a}b}"  # off a cluster the name is just a name
-    with pytest.raises(ConfigError, match="rename the queue"):
-        tagged("p:", "a}b", strict=True)
-
-
-def test_cluster_urls_and_config_choose_the_client() -> None:
-    from machinery import RedisConfig
-
-    address = parse_redis_url("redis://user:secret@10.0.0.1:7000,10.0.0.2:7001,10.0.0.3/0")
-    assert address.nodes == (("10.0.0.1", 7000), ("10.0.0.2", 7001), ("10.0.0.3", 6379))
-    assert (address.username, address.password) == ("user", "secret")
-    assert RedisConnector("redis://h1:1,h2:2", RedisConfig()).topology == "cluster"
-    assert RedisConnector("redis://h1:1", RedisConfig(cluster_enabled=True)).topology == "cluster"
-    assert RedisConnector("redis://h1:1,h2:2", RedisConfig(master_name="m")).topology == "sentinel"
-    assert RedisConnector("rediss://h1:1", RedisConfig()).address.tls
-    assert RedisConnector("redis://h1:1", RedisConfig()).topology == "single"
 
 
 def test_tasks_eta_priorities_and_chords_on_a_cluster(redis_cluster_deployment: RedisClusterDeployment) -> None:

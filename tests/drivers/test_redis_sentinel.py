@@ -11,7 +11,6 @@ import pytest
 
 from conftest import running_worker, unique, wait_until
 from machinery import Chord, Config, Group, RedisConfig, Server, Signature
-from machinery._drivers.redis import RedisConnector
 from support.redis_topologies import RedisSentinelDeployment
 
 pytestmark = [pytest.mark.redis]
@@ -34,13 +33,6 @@ def sentinel_config(deployment: RedisSentinelDeployment, queue: str, **overrides
     }
     fields.update(overrides)
     return Config(**fields)
-
-
-def test_sentinel_urls_and_config() -> None:
-    connector = RedisConnector("rediss://:secret@s1:26379,s2:26380/2", RedisConfig(master_name="mymaster"))
-    assert connector.topology == "sentinel" and not connector.cluster
-    assert connector.address.nodes == (("s1", 26379), ("s2", 26380))
-    assert (connector.address.password, connector.address.db, connector.address.tls) == ("secret", 2, True)
 
 
 def test_tasks_and_chords_through_the_sentinels(redis_sentinel_deployment: RedisSentinelDeployment) -> None:
