@@ -320,3 +320,49 @@ def test_completion_notices_come_back_after_their_node_dies(own_redis_cluster: R
     finally:
         waiting.close()
         writing.close()
+
+
+def test_go_messages_on_gos_keys_run_on_a_cluster(redis_cluster_deployment: RedisClusterDeployment) -> None:
+    """A Go client's message on the queue list and a Go ETA member in the delayed set (captured
+    from Go, pointed at this test's queue) run, and the states land under the bare task UUIDs
+    as Go's JSON, where a Go client on the cluster reads them."""
+    import json
+
+    from conftest import INTEROP_DIR
+
+    queue = unique("cluster_go")
+    server = Server(cluster_config(redis_cluster_deployment, queue))
+
+    @server.task("add")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    now = json.loads((INTEROP_DIR / "redis_task_add.json").read_text())
+    later = json.loads((INTEROP_DIR / "redis_task_eta_zadd.json").read_text())["member"]
+    now["RoutingKey"] = later["RoutingKey"] = queue
+    try:
+        with redis_cluster_deployment.client() as client:
+            client.delete(now["UUID"], later["UUID"])
+            client.rpush(queue, json.dumps(now))
+            client.zadd(f"{queue}_delayed", {json.dumps(later): time.time_ns()})  # due now
+            with running_worker(server, concurrency=2):
+                for uuid in (now["UUID"], later["UUID"]):
+                    stored = wait_until(lambda u=uuid: client.get(u), timeout=DEADLINE, what=f"{uuid} stored")
+                    wait_until(
+                        lambda u=uuid: json.loads(client.get(u) or b"{}").get("State") == "SUCCESS",
+                        timeout=DEADLINE,
+                        what=f"{uuid} done",
+                    )
+                    assert list(json.loads(stored)) == [
+                        "TaskUUID",
+                        "TaskName",
+                        "State",
+                        "Results",
+                        "Error",
+                        "CreatedAt",
+                        "TTL",
+                    ]
+            assert json.loads(client.get(now["UUID"]))["Results"] == [{"Type": "int64", "Value": 2}]
+            client.delete(now["UUID"], later["UUID"])
+    finally:
+        server.close()
