@@ -1,7 +1,7 @@
 """The MongoDB backend against a real server: ``MACHINERY_TEST_MONGO_URL`` (for example
 ``mongodb://127.0.0.1:27017``). MongoDB cannot be installed on this project's machines (Debian
-does not package it), so without that variable these tests skip with the reason, under CI too:
-the one driver where that is allowed. The documents themselves are pinned against Go's shapes
+does not package it), so without that variable the server tests skip with the reason, under CI
+too: the one driver where that is allowed. One test needs no server: an unreachable one. The documents themselves are pinned against Go's shapes
 without a server in tests/unit/test_mongo_documents.py."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from machinery.types import TaskResult
 
 MONGO_URL = os.environ.get("MACHINERY_TEST_MONGO_URL", "")
 
-pytestmark = pytest.mark.skipif(
+needs_mongo = pytest.mark.skipif(
     not MONGO_URL,
     reason="MACHINERY_TEST_MONGO_URL is not set: no MongoDB server to test against (none can be installed here)",
 )
@@ -45,6 +45,7 @@ def run(backend: MongoBackend, scenario: Any) -> Any:
     return run_sync(wrapped())
 
 
+@needs_mongo
 def test_states_accumulate_in_gos_document_with_the_ttl_index(backend: MongoBackend) -> None:
     uuid = unique("task")
 
@@ -64,6 +65,7 @@ def test_states_accumulate_in_gos_document_with_the_ttl_index(backend: MongoBack
     assert state.state == SUCCESS and state.results == [TaskResult("int64", 3)] and state.task_name == "add"
 
 
+@needs_mongo
 def test_the_chord_is_won_by_the_matched_update_only(backend: MongoBackend) -> None:
     group = unique("group")
 
@@ -75,6 +77,7 @@ def test_the_chord_is_won_by_the_matched_update_only(backend: MongoBackend) -> N
     assert run(backend, scenario).count(True) == 1
 
 
+@needs_mongo
 def test_a_go_written_document_is_read(backend: MongoBackend) -> None:
     async def scenario() -> Any:
         client = backend._loops.get().client[backend._database]
@@ -91,6 +94,7 @@ def test_a_go_written_document_is_read(backend: MongoBackend) -> None:
     assert [m.task_uuid for m in members] == ["task_go"]
 
 
+@needs_mongo
 def test_pending_without_a_server_state_is_none(backend: MongoBackend) -> None:
     async def scenario() -> Any:
         await backend.write_states([TaskState("task_p", PENDING, "f")], False)
@@ -100,6 +104,7 @@ def test_pending_without_a_server_state_is_none(backend: MongoBackend) -> None:
     assert pending.state == PENDING and absent is None
 
 
+@needs_mongo
 @pytest.mark.redis
 def test_a_redis_broker_with_a_mongo_backend() -> None:
     require_service("Redis", REDIS_URL, 6379)
@@ -129,3 +134,35 @@ def test_a_redis_broker_with_a_mongo_backend() -> None:
             assert server.send_chord(chord).get(timeout=30) == 12
     finally:
         server.close()
+
+
+def test_an_unreachable_server_is_a_connection_error_waiting_rides_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every operation goes through PyMongo's asyncio client to server selection; with nothing
+    listening (loopback port 1) each fails with an error in ``connection_errors``, which
+    ``await_state`` and the worker's retries treat as an outage, not a bug."""
+    from machinery.backends import mongo
+
+    monkeypatch.setattr(mongo, "CONNECT_TIMEOUT_MS", 200)
+    url = "mongodb://127.0.0.1:1"
+    backend = MongoBackend(Config(broker="memory://", result_backend=url), url)
+    operations = [
+        lambda: backend.get_state("t"),
+        lambda: backend.get_states(["t", "u"]),
+        lambda: backend.write_states([TaskState("t", PENDING, "f")], False),
+        lambda: backend.init_group("g", ["t"]),
+        lambda: backend.trigger_chord("g", 1),
+        lambda: backend.purge_state("t"),
+    ]
+
+    async def scenario() -> list[str]:
+        failures = []
+        try:
+            for operation in operations:
+                with pytest.raises(backend.connection_errors) as caught:
+                    await operation()
+                failures.append(type(caught.value).__name__)
+        finally:
+            await backend.close()
+        return failures
+
+    assert run_sync(scenario()) == ["ServerSelectionTimeoutError"] * len(operations)
