@@ -1,8 +1,8 @@
 """The MongoDB backend against a real server: ``MACHINERY_TEST_MONGO_URL`` (for example
 ``mongodb://127.0.0.1:27017``). MongoDB cannot be installed on this project's machines (Debian
 does not package it), so without that variable the server tests skip with the reason, under CI
-too: the one driver where that is allowed. One test needs no server: an unreachable one. The documents themselves are pinned against Go's shapes
-without a server in tests/unit/test_mongo_documents.py."""
+too: the one driver where that is allowed. One test needs no server: an unreachable one. The
+documents themselves are pinned against Go's shapes in tests/unit/test_mongo_documents.py."""
 
 from __future__ import annotations
 
