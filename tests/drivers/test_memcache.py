@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from conftest import INTEROP_DIR, REDIS_URL, require_service, running_worker, unique
 from machinery import Chord, Config, Group, Server, Signature
 from machinery._drivers.memcache import parse_memcache_url, pick_server
 from machinery._sync import run_sync
@@ -20,7 +19,11 @@ from machinery.backends.memcache import MemcacheBackend
 from machinery.errors import ConfigError
 from machinery.state import PENDING, STARTED, SUCCESS, GroupMeta, TaskState
 from machinery.types import TaskResult
+from support.fixtures import unique
+from support.interop import INTEROP_DIR
 from support.memcached import Memcached
+from support.services import REDIS_URL, require_service
+from support.workers import running_worker
 
 TTL = 600
 

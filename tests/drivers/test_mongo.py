@@ -12,12 +12,14 @@ from typing import Any
 
 import pytest
 
-from conftest import REDIS_URL, require_service, running_worker, unique
 from machinery import Chord, Config, Group, MongoDBConfig, Server, Signature
 from machinery._sync import run_sync
 from machinery.backends.mongo import GROUP_METAS, TASKS, MongoBackend
 from machinery.state import PENDING, STARTED, SUCCESS, TaskState
 from machinery.types import TaskResult
+from support.fixtures import unique
+from support.services import REDIS_URL, require_service
+from support.workers import running_worker
 
 MONGO_URL = os.environ.get("MACHINERY_TEST_MONGO_URL", "")
 

@@ -12,12 +12,14 @@ from typing import Any
 
 import pytest
 
-from conftest import running_worker, unique, wait_until
 from machinery import Chord, Config, Group, Server, Signature
 from machinery._sync import run_sync
 from machinery.brokers import _redis_delayed
 from machinery.brokers.redis import processing_prefix
+from support.fixtures import unique
 from support.redis_topologies import RedisClusterDeployment
+from support.waiting import wait_until
+from support.workers import running_worker
 
 pytestmark = [pytest.mark.redis]
 
@@ -328,7 +330,7 @@ def test_go_messages_on_gos_keys_run_on_a_cluster(redis_cluster_deployment: Redi
     as Go's JSON, where a Go client on the cluster reads them."""
     import json
 
-    from conftest import INTEROP_DIR
+    from support.interop import INTEROP_DIR
 
     queue = unique("cluster_go")
     server = Server(cluster_config(redis_cluster_deployment, queue))

@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
-from conftest import running_worker, unique, wait_until
 from machinery import Chord, Config, Group, RedisConfig, Server, Signature
+from support.fixtures import unique
 from support.redis_topologies import RedisSentinelDeployment
+from support.waiting import wait_until
+from support.workers import running_worker
 
 pytestmark = [pytest.mark.redis]
 

@@ -129,7 +129,8 @@ class GoAMQPPeer:
 
     async def _channel(self) -> AbstractChannel:
         assert self._connection is not None
-        return await self._connection.channel()
+        channel: AbstractChannel = await self._connection.channel()
+        return channel
 
     async def _inspect(self, name: str) -> int | None:
         """``QueueInspect``: the ready-message count, or None when there is no such queue."""

@@ -72,7 +72,7 @@ def memcached() -> Iterator[Memcached]:
 
 
 def _require_memcached() -> None:
-    from conftest import IN_CI
+    from support.services import IN_CI
 
     if shutil.which("memcached") is None:
         message = "memcached is not installed (Debian package memcached)"

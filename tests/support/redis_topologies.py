@@ -317,7 +317,7 @@ def redis_sentinel(folder: Path) -> Iterator[RedisSentinelDeployment]:
 
 
 def _require_redis_server() -> None:
-    from conftest import IN_CI
+    from support.services import IN_CI
 
     if redis_server_binary() is None or shutil.which("redis-cli") is None:
         message = "redis-server and redis-cli are needed to start a Redis Cluster or Sentinel deployment"

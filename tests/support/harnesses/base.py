@@ -39,6 +39,15 @@ class Harness:
     lock: ClassVar[bool] = True
     #: The pytest marks of tests on this driver (``redis``, ``amqp``, ``slow``...).
     marks: ClassVar[tuple[str, ...]] = ()
+    #: The harness that serves the seams this driver lacks (a broker-only driver's result
+    #: backend and lock, a backend-only driver's broker) when the suite pairs it for a test.
+    companion: ClassVar[str] = "redis"
+    #: Behaviours this driver documents it cannot do: name -> the documented reason. A test
+    #: marked ``@pytest.mark.known_gap("name")`` is a strict xfail on it (it must fail there).
+    gaps: ClassVar[dict[str, str]] = {}
+    #: False for a driver whose store lives inside one process (``memory://``): tests marked
+    #: ``@pytest.mark.across_processes`` are skipped on it, since there is nothing to share.
+    shared_across_processes: ClassVar[bool] = True
 
     def __init__(self, request: pytest.FixtureRequest, tmp_path: Path) -> None:
         self.request = request
@@ -47,6 +56,10 @@ class Harness:
     def setup(self) -> None:
         """Make sure the service is there (skip on a laptop, fail under CI); start it if the
         harness owns it. Called once per test before anything else."""
+
+    def prepare(self, server: Server, queue: str) -> None:
+        """Bring ``queue`` into being as a deployment where a worker has run would have it
+        (RabbitMQ: the worker's queue and binding). Called for every server a test makes."""
 
     # ------------------------------------------------------------------ configuration
 

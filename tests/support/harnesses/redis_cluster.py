@@ -1,8 +1,8 @@
 """The Redis Cluster harness: broker, backend and lock on a 6-node cluster of our own.
 
-The broker-side inspection goes through the server's own connector, so the same code serves
-every Redis topology (the Sentinel harness reuses it): on a cluster that client routes each
-key to its slot's node.
+The inspection is the Redis harness's, through the server's own connector: on a cluster that
+client routes each key to its slot's node and scans every primary. Only cleaning up differs:
+it goes to the deployment, not to the shared Redis, and key by key (each in its own slot).
 """
 
 from __future__ import annotations
@@ -11,63 +11,56 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from machinery import RedisConfig, Server
-from machinery.brokers.base import Consumer
-from machinery.brokers.redis import RedisConsumer, dead_key, heartbeats_key, processing_prefix
-from support.redis_topologies import RedisClusterDeployment
+from machinery.backends.redis import annotation_key
+from machinery.brokers.redis import dead_key, heartbeats_key
 
-from .base import Harness
+from .redis import ANNOTATIONS, RedisHarness
 
 
-class RedisDeploymentHarness(Harness):
-    """What every Redis topology shares: Go's lists and our keys, inspected by the server's client."""
+class RedisDeploymentHarness(RedisHarness):
+    """A Redis deployment the tests start themselves (``deployment`` set by ``setup``)."""
 
-    marks: ClassVar[tuple[str, ...]] = ("redis",)
     deployment: Any
-
-    def redis_config(self, queue: str) -> RedisConfig:
-        return RedisConfig(
-            delayed_tasks_key=f"{queue}_delayed", normal_tasks_poll_period=200, delayed_tasks_poll_period=100
-        )
 
     def url(self, queue: str) -> str:
         return str(self.deployment.url)
 
+    def topology(self) -> dict[str, Any]:
+        """The RedisConfig fields that choose the topology."""
+        return {}
+
     def config_overrides(self, queue: str) -> dict[str, Any]:
-        return {"redis": self.redis_config(queue)}
-
-    async def queued_bodies(self, server: Server, queue: str) -> list[bytes]:
-        return list(await server.broker.connector.client().lrange(queue, 0, -1))  # type: ignore[attr-defined]
-
-    async def taken_count(self, server: Server, queue: str) -> int:
-        client = server.broker.connector.client()  # type: ignore[attr-defined]
-        consumers = await client.zrange(heartbeats_key(queue), 0, -1)
-        return sum([await client.llen(processing_prefix(queue) + c.decode()) for c in consumers])
-
-    def abandon(self, consumer: Consumer) -> None:
-        assert isinstance(consumer, RedisConsumer)
-        for task in consumer._background:  # its heartbeat stops; its processing list stays
-            task.cancel()
-
-    async def expiry(self, server: Server, task_uuid: str) -> float | None:
-        milliseconds = await server.backend.connector.client().pttl(task_uuid)  # type: ignore[attr-defined]
-        return None if milliseconds < 0 else milliseconds / 1000
+        return {
+            "redis": RedisConfig(
+                delayed_tasks_key=f"{queue}_delayed",
+                normal_tasks_poll_period=200,
+                delayed_tasks_poll_period=100,
+                **self.topology(),
+            )
+        }
 
     async def cleanup(self, server: Server, queue: str, ids: Iterable[str]) -> None:
-        client = server.broker.connector.client()  # type: ignore[attr-defined]
-        consumers = await client.zrange(heartbeats_key(queue), 0, -1)
-        keys = [queue, f"{queue}_delayed", dead_key(queue), heartbeats_key(queue)]
-        keys += [processing_prefix(queue) + c.decode() for c in consumers]
-        for key in [*keys, *ids]:  # one by one: they live in different slots on a cluster
+        """Delete the queue's keys and the states of ``ids``, then check nothing of the test's
+        own is left without a TTL."""
+        client: Any = self._broker(server).connector.client()
+        keys: list[Any] = [queue, f"{queue}_delayed", dead_key(queue), heartbeats_key(queue)]
+        keys += await self._processing_lists(server, queue)
+        for task_uuid in ids:
+            keys += [task_uuid, *(annotation_key(task_uuid, name) for name in ANNOTATIONS)]
+        for key in keys:  # one by one: on a cluster they live in different slots
             await client.delete(key)
+        left = [key async for key in client.scan_iter(match=f"*{queue}*", count=10_000)]
+        forever = [key for key in left if await client.ttl(key) == -1]
+        for key in left:
+            await client.delete(key)
+        assert not forever, f"the test left Redis keys without a TTL: {forever}"
 
 
 class RedisClusterHarness(RedisDeploymentHarness):
-    name = "redis-cluster"
+    name: ClassVar[str] = "redis-cluster"
 
     def setup(self) -> None:
-        self.deployment: RedisClusterDeployment = self.request.getfixturevalue("redis_cluster_deployment")
+        self.deployment = self.request.getfixturevalue("redis_cluster_deployment")
 
-    def redis_config(self, queue: str) -> RedisConfig:
-        config = super().redis_config(queue)
-        config.cluster_enabled = True
-        return config
+    def topology(self) -> dict[str, Any]:
+        return {"cluster_enabled": True}

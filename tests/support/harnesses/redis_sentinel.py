@@ -1,20 +1,20 @@
-"""The Redis Sentinel harness: broker, backend and lock on the primary three Sentinels watch."""
+"""The Redis Sentinel harness: broker, backend and lock on the primary three Sentinels watch
+(passwords on both), found through the Sentinels."""
 
 from __future__ import annotations
 
-from machinery import RedisConfig
-from support.redis_topologies import MASTER_NAME, RedisSentinelDeployment
+from typing import Any, ClassVar
+
+from support.redis_topologies import MASTER_NAME, SENTINEL_PASSWORD
 
 from .redis_cluster import RedisDeploymentHarness
 
 
 class RedisSentinelHarness(RedisDeploymentHarness):
-    name = "redis-sentinel"
+    name: ClassVar[str] = "redis-sentinel"
 
     def setup(self) -> None:
-        self.deployment: RedisSentinelDeployment = self.request.getfixturevalue("redis_sentinel_deployment")
+        self.deployment = self.request.getfixturevalue("redis_sentinel_deployment")
 
-    def redis_config(self, queue: str) -> RedisConfig:
-        config = super().redis_config(queue)
-        config.master_name = MASTER_NAME
-        return config
+    def topology(self) -> dict[str, Any]:
+        return {"master_name": MASTER_NAME, "sentinel_password": SENTINEL_PASSWORD}

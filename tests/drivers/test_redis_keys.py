@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import REDIS_URL, WAIT, config_for, running_worker
 from machinery import Server, Signature
 from machinery.brokers.redis import heartbeats_key
+from support.configs import config_for
+from support.services import REDIS_URL
+from support.waiting import WAIT
+from support.workers import running_worker
 
 
 @pytest.fixture

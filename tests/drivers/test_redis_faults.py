@@ -10,16 +10,17 @@ from typing import Any
 import pytest
 import redis
 
-from conftest import running_worker, wait_until
 from machinery import Config, RedisConfig, Server, Signature
 from machinery._sync import run_sync
-from test_redis import PrivateRedis, private_redis  # noqa: F401  (a fixture)
+from support.servers import PrivateRedis
+from support.waiting import wait_until
+from support.workers import running_worker
 
 OUTAGE_WAIT = 60.0  # generous: only a broken worker or client takes this long
 
 
 @pytest.fixture
-def config(private_redis: PrivateRedis, queue_name: str) -> Config:  # noqa: F811
+def config(private_redis: PrivateRedis, queue_name: str) -> Config:
     return Config(
         broker=private_redis.url,
         default_queue=queue_name,
@@ -46,7 +47,7 @@ def subscribers(port: int, task_uuid: str) -> int:
 
 
 def test_a_waiting_get_rides_out_a_restart_and_the_task_runs_once(
-    private_redis: PrivateRedis,  # noqa: F811
+    private_redis: PrivateRedis,
     config: Config,
     client: Server,
     caplog: pytest.LogCaptureFixture,
@@ -91,7 +92,7 @@ def test_a_waiting_get_rides_out_a_restart_and_the_task_runs_once(
 
 
 def test_the_first_call_on_a_stale_pooled_connection_is_retried(
-    private_redis: PrivateRedis,  # noqa: F811
+    private_redis: PrivateRedis,
     client: Server,
 ) -> None:
     assert client.get_pending_tasks() == []  # the pool now holds a connection

@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import textwrap
+import re
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from conftest import IN_CI, INTEROP_DIR, REDIS_URL, running_worker, wait_until
-from machinery import Config, RedisConfig, Server, Signature, TaskFailed
+from machinery import SUCCESS, Config, RedisConfig, Server, Signature, TaskFailed
+from machinery._sync import run_sync
 from machinery.backends.redis import CHORD_MUTEX, DONE_CHANNEL
 from machinery.brokers.redis import (
     _MOVE_DUE,
@@ -33,7 +30,16 @@ from machinery.brokers.redis import (
     heartbeats_key,
     processing_prefix,
 )
+from machinery.locks.base import now_ns
 from machinery.state import GroupMeta
+from support.configs import config_for
+from support.fixtures import unique
+from support.interop import INTEROP_DIR
+from support.recording import register_workflow_tasks
+from support.servers import PrivateRedis
+from support.services import REDIS_URL
+from support.waiting import WAIT, wait_until
+from support.workers import running_worker
 
 pytestmark = pytest.mark.redis
 
@@ -231,51 +237,6 @@ def test_a_message_landing_after_close_is_reaped(server: Server, client: redis.R
     assert leftover_processing_lists(client, queue_name) == []
 
 
-WORKER_SCRIPT = textwrap.dedent(
-    """
-    import sys, time
-    from machinery import Config, RedisConfig, Server
-    url, queue = sys.argv[1], sys.argv[2]
-    server = Server(Config(broker=url, default_queue=queue, heartbeat_timeout=1.0,
-                           redis=RedisConfig(delayed_tasks_key=queue + "_delayed")))
-
-    @server.task("slow")
-    def slow(n: int) -> int:
-        time.sleep(60)
-        return n
-
-    server.new_worker("doomed", 2).launch()
-    """
-)
-
-
-def test_sigkilled_worker_tasks_complete_on_another_worker(
-    config: Config, client: redis.Redis, queue_name: str, tmp_path: Path
-) -> None:
-    script = tmp_path / "doomed_worker.py"
-    script.write_text(WORKER_SCRIPT)
-    doomed = subprocess.Popen([sys.executable, str(script), REDIS_URL, queue_name])
-    try:
-        server = Server(config)
-        results = [server.send_task(Signature("slow", [n])) for n in (1, 2)]
-        wait_until(lambda: all(r.state().state == "STARTED" for r in results), 20, "both tasks STARTED")
-        assert taken_count(client, queue_name) == 2 and client.llen(queue_name) == 0
-        doomed.send_signal(signal.SIGKILL)
-        doomed.wait(10)
-    finally:
-        if doomed.poll() is None:
-            doomed.kill()
-
-    @server.task("slow")
-    def slow(n: int) -> int:
-        return n * 10
-
-    # The survivor finds the dead worker's heartbeat expired and returns its messages.
-    with running_worker(server, concurrency=2):
-        assert sorted(r.get(timeout=15) for r in results) == [10, 20]
-    assert leftover_processing_lists(client, queue_name) == []
-
-
 def test_delayed_mover_moves_many_due_tasks_per_round_trip(
     server: Server, client: redis.Redis, queue_name: str
 ) -> None:
@@ -351,70 +312,6 @@ def test_trigger_chord_interlocks_through_gos_global_mutex(server: Server, clien
 # ---------------------------------------------------------------------------- a Redis that goes away
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class PrivateRedis:
-    """A redis-server of this test's own, with an append-only file so a restart keeps data."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        wait_until(self._answers, 10, "private redis-server up")
-
-    def _answers(self) -> bool:
-        try:
-            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
-        except redis.ConnectionError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        if IN_CI:
-            pytest.fail("redis-server is not installed; CI needs it")
-        pytest.skip("redis-server is not installed")
-    server = PrivateRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_worker_survives_a_redis_restart_and_loses_nothing(private_redis: PrivateRedis, queue_name: str) -> None:
     server = Server(
         Config(
@@ -424,16 +321,19 @@ def test_worker_survives_a_redis_restart_and_loses_nothing(private_redis: Privat
         )
     )
 
+    redis_down = threading.Event()
+
     @server.task("slow_add")
     def slow_add(a: int, b: int) -> int:
-        time.sleep(1.5)
+        redis_down.wait(WAIT)
         return a + b
 
     with running_worker(server, concurrency=2):
         result = server.send_task(Signature("slow_add", [2, 3]))
-        wait_until(lambda: result.state().state == "STARTED", 10, "task STARTED")
-        private_redis.stop()  # the task finishes while Redis is down: its outcome must wait, not vanish
-        time.sleep(2.0)
+        wait_until(lambda: result.state().state == "STARTED", what="task STARTED")
+        private_redis.stop()
+        redis_down.set()  # the task finishes while Redis is down: its outcome must wait, not vanish
+        time.sleep(2.0)  # the length of the outage, not an expectation of speed
         private_redis.start()
         assert result.get(timeout=30) == 5
         # and the worker consumes again by itself
@@ -452,3 +352,60 @@ def test_dead_letters_keep_binary_bodies_exactly(server: Server, client: redis.R
     assert letter.body == body and letter.queue == queue_name and "not JSON" in letter.reason
     assert server.requeue_dead() == 1
     assert client.lrange(queue_name, 0, -1) == [body]
+
+
+# ---------------------------------------------------------------------------- the periodic lock
+
+
+def test_redis_lock_is_go_compatible(redis_url: str, tmp_path: Path, queue_name: str) -> None:
+    import redis
+
+    server = Server(config_for("redis", tmp_path, queue_name))
+    client = redis.Redis.from_url(REDIS_URL)
+    key = unique("machinery_lock_gotest")
+    try:
+        deadline = now_ns() + 5 * 10**9
+        assert run_sync(server.lock.lock(key, deadline)) is True
+        assert client.get(key) == str(deadline).encode()  # the deadline as Go writes it
+        assert 3000 < client.pttl(key) <= 5000  # expires at the deadline
+        # Go took a tick whose deadline has passed but whose key has no TTL: ours takes it over.
+        client.set(key, str(now_ns() - 10**9))
+        assert run_sync(server.lock.lock(key, deadline)) is True
+        assert client.get(key) == str(deadline).encode() and client.pttl(key) > 0
+        # A live Go holder wins; so does a value that is not a deadline (Go's Atoi fails).
+        client.set(key, str(now_ns() + 10 * 10**9))
+        assert run_sync(server.lock.lock(key, deadline)) is False
+        client.set(key, "garbage")
+        assert run_sync(server.lock.lock(key, deadline)) is False
+    finally:
+        client.delete(key)
+        client.close()
+        server.close()
+
+
+def test_go_chord_with_go_groupmeta_completes_with_88(server: Server, client: redis.Redis, queue_name: str) -> None:
+    # The members and the GroupMeta exactly as Go's client wrote them to Redis.
+    rec = register_workflow_tasks(server)
+    queue = queue_name
+    # One UUID mapping for the members and the GroupMeta Go wrote for them.
+    members_text = (INTEROP_DIR / "redis_chord_tasks.jsonl").read_text().strip()
+    meta_text = (INTEROP_DIR / "groupmeta.json").read_text().strip()
+    for old in set(re.findall(r"(?:task|group|chord)_[0-9a-f-]{36}", members_text + meta_text)):
+        new = f"{old.split('_', 1)[0]}_{uuid.uuid4()}"
+        members_text, meta_text = members_text.replace(old, new), meta_text.replace(old, new)
+    members = [
+        m.replace('"RoutingKey":"machinery_tasks"', f'"RoutingKey":"{queue}"') for m in members_text.splitlines()
+    ]
+    group_uuid = json.loads(meta_text)["GroupUUID"]
+    callback_uuid = json.loads(members[0])["ChordCallback"]["UUID"]
+    client.set(group_uuid, meta_text, ex=3600)  # exactly Go's bytes
+    with running_worker(server, concurrency=3):
+        client.rpush(queue, *members)
+        assert server.result(callback_uuid).get(WAIT) == 88
+    assert rec.of("multiply") == [(2, 4, 11)]  # group order, as Go's worker published it
+    stored = json.loads(client.get(group_uuid))
+    assert list(stored) == ["GroupUUID", "TaskUUIDs", "ChordTriggered", "Lock", "CreatedAt", "TTL"]
+    assert stored["ChordTriggered"] is True
+    state = json.loads(client.get(callback_uuid))
+    assert state["State"] == SUCCESS and state["Results"] == [{"Type": "int64", "Value": 88}]
+    client.delete(group_uuid, callback_uuid, *(json.loads(m)["UUID"] for m in members))

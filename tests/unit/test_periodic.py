@@ -7,11 +7,8 @@ clock; the multi-process test counts sends per tick, whatever the timing was.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
 import threading
-import time
-from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -19,13 +16,14 @@ from typing import Any
 
 import pytest
 
-from conftest import REDIS_URL, config_for, running_worker, unique, wait_until
-from helpers import WORKFLOW_PROCS, stop_processes
 from machinery import Config, Server, Signature
 from machinery._sync import run_sync
-from machinery.locks.base import now_ns
 from machinery.periodic import CronSchedule, EverySchedule, Scheduler, parse_go_duration, parse_spec
 from machinery.types import unix_ns
+from support.configs import config_for
+from support.fixtures import unique
+from support.waiting import wait_until
+from support.workers import running_worker
 
 UTC = timezone.utc
 BASE = datetime(2026, 3, 1, 12, 0, 30, tzinfo=UTC)  # a Sunday
@@ -314,89 +312,3 @@ def test_run_periodic_alone_and_stop(server: Server) -> None:
 
 
 # --------------------------------------------------------------------------- locks (Go's semantics)
-
-
-@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
-def test_lock_semantics(kind: str, tmp_path: Path, queue_name: str) -> None:
-    server = Server(config_for(kind, tmp_path, queue_name))
-    key = unique("machinery_lock_test")
-
-    async def scenario() -> list[bool]:
-        lock = server.lock
-        soon = now_ns() + 300_000_000
-        first = await lock.try_lock(key, soon)
-        second = await lock.try_lock(key, soon)  # held until its deadline
-        await asyncio.sleep((soon - now_ns()) / 1e9 + 0.05)  # until the deadline has passed
-        third = await lock.try_lock(key, now_ns() + 10**9)  # the deadline has passed
-        return [first, second, third]
-
-    assert run_sync(scenario()) == [True, False, True]
-    server.close()
-
-
-def test_redis_lock_is_go_compatible(redis_url: str, tmp_path: Path, queue_name: str) -> None:
-    import redis
-
-    server = Server(config_for("redis", tmp_path, queue_name))
-    client = redis.Redis.from_url(REDIS_URL)
-    key = unique("machinery_lock_gotest")
-    try:
-        deadline = now_ns() + 5 * 10**9
-        assert run_sync(server.lock.lock(key, deadline)) is True
-        assert client.get(key) == str(deadline).encode()  # the deadline as Go writes it
-        assert 3000 < client.pttl(key) <= 5000  # expires at the deadline
-        # Go took a tick whose deadline has passed but whose key has no TTL: ours takes it over.
-        client.set(key, str(now_ns() - 10**9))
-        assert run_sync(server.lock.lock(key, deadline)) is True
-        assert client.get(key) == str(deadline).encode() and client.pttl(key) > 0
-        # A live Go holder wins; so does a value that is not a deadline (Go's Atoi fails).
-        client.set(key, str(now_ns() + 10 * 10**9))
-        assert run_sync(server.lock.lock(key, deadline)) is False
-        client.set(key, "garbage")
-        assert run_sync(server.lock.lock(key, deadline)) is False
-    finally:
-        client.delete(key)
-        client.close()
-        server.close()
-
-
-# --------------------------------------------------------------------------- across processes
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["redis", "sqlite"])
-def test_three_schedulers_send_each_tick_once(kind: str, tmp_path: Path, queue_name: str) -> None:
-    config = config_for(kind, tmp_path, queue_name)
-    server = Server(config)
-    server.get_pending_tasks()  # creates the SQLite file before three processes race to
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKFLOW_PROCS), "periodic", config.broker, queue_name],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(3)
-    ]
-    try:
-        time.sleep(10)  # the scenario's length, not an expectation
-        assert all(p.poll() is None for p in procs), "a scheduler process died"
-    finally:
-        stop_processes(procs, timeout=15)
-    outputs = [p.stdout.read() if p.stdout else "" for p in procs]
-    fired = [int(line.split()[1]) for out in outputs for line in out.splitlines() if line.startswith("FIRED ")]
-    ticks = Counter(fired)
-    sent = server.get_pending_tasks()
-    print(f"\n[{kind}] 3 schedulers, @every 1s for 10 s: {len(sent)} sends for {len(ticks)} ticks")
-    assert all(s.name == "tick" for s in sent) and len({s.uuid for s in sent}) == len(sent)
-    assert len(sent) == len(fired)  # every send is a fired tick ...
-    assert set(ticks.values()) == {1}  # ... and no tick was fired twice
-    first, last = min(ticks), max(ticks)
-    assert sorted(ticks) == list(range(first, last + 1))  # no tick in between went without a send
-    assert len(ticks) >= 5
-    if kind == "redis":
-        import redis
-
-        client = redis.Redis.from_url(REDIS_URL)
-        client.delete(queue_name)
-        client.close()
-    server.close()

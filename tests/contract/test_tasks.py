@@ -1,29 +1,22 @@
-"""The core scenarios end to end over the real brokers: the embedded SQLite file and Redis.
+"""The core scenarios end to end on every deployment (``deployment``: each broker with each
+result backend it is deployed with), through a worker running beside the test.
 
-Every test runs on both (the ``server`` fixture); each has its own queue, delayed-task key and
-SQLite file (conftest's ``queue_name``), and the Redis keys of that queue are deleted afterwards.
-Redis is skipped when it is not reachable on a laptop and fails the run under CI.
-
-The unit tests of the worker's rules are in test_worker.py (on ``memory://``); this module shows
-that the same scenarios hold when messages really go through a broker and states through a
-result backend. Nothing here asserts how long anything took: waits are bounded only so that a
-broken worker fails the test instead of hanging it.
+Nothing here asserts how long anything took: waits are bounded only so that a broken worker
+fails the test instead of hanging it. The worker's own rules, with no broker in between, are
+unit-tested in tests/unit/test_worker.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
-from conftest import WAIT, count_requeues, push_raw, running_worker, unique, wait_until, waiting_bodies
 from machinery import (
     FAILURE,
     PENDING,
@@ -31,80 +24,21 @@ from machinery import (
     SUCCESS,
     Arg,
     AsyncResult,
-    Config,
     RetryTaskLater,
     Server,
     Signature,
     TaskContext,
     TaskFailed,
 )
-from machinery._sync import run_sync
-from machinery.brokers.redis import RedisBroker, dead_key, heartbeats_key, processing_prefix
-from machinery.brokers.sqlite import SQLiteBroker
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def broker_kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+from support.deployment import Deployment
+from support.fixtures import unique
+from support.waiting import WAIT, wait_until
+from support.workers import running_worker
 
 
 @pytest.fixture
-def server(broker_kind: str, make_config: Callable[..., Config]) -> Iterator[Server]:
-    server = Server(make_config(broker_kind))  # Redis: skipped (laptop) or failed (CI) if unreachable
-    try:
-        yield server
-    finally:
-        try:
-            if isinstance(server.broker, RedisBroker):
-                run_sync(_forget_queue_keys(server.broker, server.config.default_queue))
-        finally:
-            server.close()
-
-
-async def _forget_queue_keys(broker: RedisBroker, queue: str) -> None:
-    """Delete the shared Redis's keys of this test's queue (results expire by themselves).
-
-    Processing lists vanish by themselves: Redis deletes a list when its last element leaves.
-    """
-    await broker.connector.client().delete(queue, broker.delayed_key, dead_key(queue), heartbeats_key(queue))
-
-
-# --------------------------------------------------------------------------- broker-level looks
-
-
-def _sqlite_rows(conn: sqlite3.Connection, sql: str, *params: object) -> list[Any]:
-    return conn.execute(sql, params).fetchall()
-
-
-def taken(server: Server) -> int:
-    """How many messages some consumer holds (processing lists on Redis, leases on SQLite)."""
-    broker, queue = server.broker, server.config.default_queue
-    if isinstance(broker, SQLiteBroker):
-        sql = "SELECT COUNT(*) FROM messages WHERE queue = ? AND lease_owner IS NOT NULL"
-        return int(run_sync(broker.store.run(_sqlite_rows, sql, queue))[0][0])
-    assert isinstance(broker, RedisBroker)
-
-    async def count() -> int:
-        client = broker.connector.client()
-        # A large COUNT: the shared Redis may hold hundreds of thousands of other keys.
-        keys = [key async for key in client.scan_iter(match=processing_prefix(queue) + "*", count=10_000)]
-        return sum([await client.llen(key) for key in keys])
-
-    return run_sync(count())
-
-
-def queued_bodies(server: Server) -> list[bytes]:
-    """The raw bodies waiting on the queue, decodable or not (get_pending_tasks skips garbage)."""
-    broker, queue = server.broker, server.config.default_queue
-    if isinstance(broker, SQLiteBroker):
-        sql = "SELECT body FROM messages WHERE queue = ? AND lease_owner IS NULL ORDER BY avail_at, id"
-        return [bytes(body) for (body,) in run_sync(broker.store.run(_sqlite_rows, sql, queue))]
-    assert isinstance(broker, RedisBroker)
-
-    async def read() -> list[bytes]:
-        return list(await broker.connector.client().lrange(queue, 0, -1))
-
-    return run_sync(read())
+def server(deployment: Deployment) -> Server:
+    return deployment.server()
 
 
 # --------------------------------------------------------------------------- sync and async faces
@@ -235,7 +169,7 @@ def test_get_times_out_when_no_worker_runs(server: Server) -> None:
 # --------------------------------------------------------------------------- retries
 
 
-def test_retry_count_fails_twice_then_succeeds_under_the_same_uuid(server: Server) -> None:
+def test_retry_count_fails_twice_then_succeeds_under_the_same_uuid(deployment: Deployment, server: Server) -> None:
     seen: list[tuple[str, int]] = []
 
     @server.task
@@ -247,20 +181,36 @@ def test_retry_count_fails_twice_then_succeeds_under_the_same_uuid(server: Serve
 
     result = server.send_task(Signature("flaky", retry_count=2))
     uuid = result.task_uuid
+    with running_worker(server):
+        assert result.get(timeout=WAIT) == "third time lucky"
+    assert seen == [(uuid, 2), (uuid, 1), (uuid, 0)]
+    # Each retry is published again under the same UUID with Go's Fibonacci timeout (1 s, 2 s) and an ETA.
+    published = [(s.retry_count, s.retry_timeout, s.eta is not None) for s in deployment.events.published]
+    assert published == [(2, 0, False), (1, 1, True), (0, 2, True)]
+    assert result.state().state == SUCCESS
+    assert deployment.waiting() == set()
+
+
+@pytest.mark.known_gap("delayed_inspection")
+def test_a_retry_waits_in_the_delayed_store(server: Server) -> None:
+    @server.task
+    def always_fails() -> None:
+        raise RuntimeError("not today")
+
+    result = server.send_task(Signature("always_fails", retry_count=1))
     looks: list[list[Signature]] = []
 
     def first_retry_is_delayed() -> bool:
         looks.append(server.get_delayed_tasks())
-        return [s.uuid for s in looks[-1]] == [uuid]
+        return [s.uuid for s in looks[-1]] == [result.task_uuid]
 
     with running_worker(server):
-        # The first retry waits in the delayed store for its 1 s Fibonacci timeout.
-        wait_until(first_retry_is_delayed, what="first retry in the delayed store")
+        # The retry waits in the delayed store for its 1 s Fibonacci timeout.
+        wait_until(first_retry_is_delayed, what="the retry in the delayed store")
         (delayed,) = looks[-1]
-        assert (delayed.retry_count, delayed.retry_timeout) == (1, 1) and delayed.eta is not None
-        assert result.get(timeout=WAIT) == "third time lucky"
-    assert seen == [(uuid, 2), (uuid, 1), (uuid, 0)]
-    assert result.state().state == SUCCESS
+        assert (delayed.retry_count, delayed.retry_timeout) == (0, 1) and delayed.eta is not None
+        with pytest.raises(TaskFailed, match="not today"):
+            result.get(timeout=WAIT)
     assert server.get_delayed_tasks() == [] and server.get_pending_tasks() == []
 
 
@@ -284,7 +234,7 @@ def test_retry_task_later_once(server: Server) -> None:
 # --------------------------------------------------------------------------- delayed and pending tasks
 
 
-def test_eta_task_is_delayed_and_not_run_before_its_eta(server: Server) -> None:
+def test_eta_task_is_not_run_before_its_eta(server: Server) -> None:
     ran_at: list[datetime] = []
 
     @server.task
@@ -295,16 +245,22 @@ def test_eta_task_is_delayed_and_not_run_before_its_eta(server: Server) -> None:
     with running_worker(server):
         eta = datetime.now(timezone.utc) + timedelta(seconds=1)
         result = server.send_task(Signature("stamp", eta=eta))
-        delayed = server.get_delayed_tasks()
-        assert [s.uuid for s in delayed] == [result.task_uuid]
-        assert delayed[0].eta == eta and delayed[0].name == "stamp"
         assert server.get_pending_tasks() == []
         assert result.get(timeout=WAIT) == "stamped"
     assert len(ran_at) == 1 and ran_at[0] >= eta  # ordering, not timing
-    assert server.get_delayed_tasks() == []
 
 
-def test_pending_tasks_are_decoded_signatures_in_order(server: Server) -> None:
+@pytest.mark.known_gap("delayed_inspection")
+def test_an_eta_task_waits_in_the_delayed_store(server: Server) -> None:
+    eta = datetime.now(timezone.utc) + timedelta(hours=1)
+    result = server.send_task(Signature("stamp", eta=eta))
+    delayed = server.get_delayed_tasks()
+    assert [s.uuid for s in delayed] == [result.task_uuid]
+    assert delayed[0].eta == eta and delayed[0].name == "stamp"
+    assert server.get_pending_tasks() == []
+
+
+def test_pending_tasks_are_decoded_signatures_in_order(deployment: Deployment, server: Server) -> None:
     @server.task
     def add(a: int, b: int) -> int:
         return a + b
@@ -314,18 +270,19 @@ def test_pending_tasks_are_decoded_signatures_in_order(server: Server) -> None:
     assert all(isinstance(s, Signature) for s in pending)
     assert [s.uuid for s in pending] == [r.task_uuid for r in results]
     assert [s.args for s in pending] == [[Arg("int64", i), Arg("int64", 10 * i)] for i in range(3)]
-    assert all(s.name == "add" and s.routing_key == server.config.default_queue for s in pending)
-    assert server.get_pending_tasks(server.config.default_queue + "_other") == []
+    # The routing key the broker gives a signature naming none (Go: the binding key on a direct exchange).
+    assert all(s.name == "add" and s.routing_key == server.broker.routing_key_for(s) for s in pending)
+    assert server.get_pending_tasks(deployment.other_queue()) == []
     with running_worker(server):
         assert [r.get(timeout=WAIT) for r in results] == [0, 11, 22]
     assert server.get_pending_tasks() == []
-    assert taken(server) == 0
+    assert deployment.taken_count() == 0
 
 
 # --------------------------------------------------------------------------- bad and unknown messages
 
 
-def test_malformed_message_is_dead_lettered_and_can_be_requeued(server: Server) -> None:
+def test_malformed_message_is_dead_lettered_and_can_be_requeued(deployment: Deployment, server: Server) -> None:
     @server.task
     def add(a: int, b: int) -> int:
         return a + b
@@ -333,7 +290,7 @@ def test_malformed_message_is_dead_lettered_and_can_be_requeued(server: Server) 
     queue = server.config.default_queue
     before = datetime.now(timezone.utc) - timedelta(seconds=1)
     with running_worker(server, concurrency=1):
-        push_raw(server, b"not json")
+        deployment.push_raw(b"not json")
         after = add.send(2, 3)  # queued behind the bad message
         assert after.get(timeout=WAIT) == 5
         wait_until(lambda: len(server.dead_letters()) == 1, what="dead letter")
@@ -341,18 +298,18 @@ def test_malformed_message_is_dead_lettered_and_can_be_requeued(server: Server) 
     assert (letter.queue, letter.body) == (queue, b"not json")
     assert "not JSON" in letter.reason
     assert letter.time >= before
-    assert queued_bodies(server) == [] and taken(server) == 0
+    assert deployment.queued_bodies() == [] and deployment.taken_count() == 0
 
     assert server.requeue_dead() == 1
     assert server.dead_letters() == []
-    assert queued_bodies(server) == [b"not json"]
+    assert deployment.queued_bodies() == [b"not json"]
     with running_worker(server):  # still garbage: dead-lettered again, never lost
         wait_until(lambda: len(server.dead_letters()) == 1, what="dead letter again")
-    assert queued_bodies(server) == [] and taken(server) == 0
+    assert deployment.queued_bodies() == [] and deployment.taken_count() == 0
 
 
 def test_unregistered_task_is_requeued_and_an_ignorable_one_dropped(
-    server: Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    deployment: Deployment, server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="machinery")
 
@@ -360,18 +317,19 @@ def test_unregistered_task_is_requeued_and_an_ignorable_one_dropped(
     def add(a: int, b: int) -> int:
         return a + b
 
-    requeued = count_requeues(server, monkeypatch)
+    requeued = deployment.events
     unknown = server.send_task(Signature("not_here", [1]))
     ignorable = server.send_task(Signature("not_here_either", ignore_when_task_not_registered=True))
     with running_worker(server, concurrency=2):
-        wait_until(lambda: len(requeued) >= 3, what="the unknown task requeued several times")
+        wait_until(lambda: requeued.count("after_requeue") >= 3, what="the unknown task requeued several times")
         wait_until(lambda: f"Dropping not_here_either {ignorable.task_uuid}" in caplog.text, what="drop")
         assert add.send(1, 2).get(timeout=WAIT) == 3  # registered work goes on meanwhile
-    assert {Signature.decode(body).uuid for body in requeued} == {unknown.task_uuid}
-    assert waiting_bodies(server) == {unknown.task_uuid}
+    assert {task_uuid for task_uuid, _ in requeued.of("after_requeue")} == {unknown.task_uuid}
+    # Not lost: back in the queue, or waiting to go back (RabbitMQ's delay queues cannot be listed).
+    wait_until(lambda: deployment.waiting() == {unknown.task_uuid}, what="the unknown task waiting again")
     assert unknown.state().state == PENDING
     assert ignorable.state().state == PENDING  # like Go: dropped without a state
-    assert server.dead_letters() == [] and taken(server) == 0
+    assert server.dead_letters() == [] and deployment.taken_count() == 0
     warnings = [r for r in caplog.records if "'not_here' is not registered" in r.getMessage()]
     assert len(warnings) == 1
 
@@ -429,7 +387,7 @@ def test_on_success_and_on_error_callbacks(server: Server) -> None:
 # --------------------------------------------------------------------------- shutdown
 
 
-def test_graceful_quit_finishes_the_running_task(server: Server) -> None:
+def test_graceful_quit_finishes_the_running_task(deployment: Deployment, server: Server) -> None:
     started = threading.Event()
     release = threading.Event()
 
@@ -449,12 +407,12 @@ def test_graceful_quit_finishes_the_running_task(server: Server) -> None:
     # running_worker has joined the worker's thread: the worker returned after the task ended.
     assert result.state().state == SUCCESS
     assert result.get(timeout=WAIT) == "finished"
-    assert taken(server) == 0
+    assert deployment.taken_count() == 0
     assert [s.uuid for s in server.get_pending_tasks()] == [late.task_uuid]
     assert late.state().state == PENDING
 
 
-def test_abort_returns_the_running_task_for_another_worker(server: Server) -> None:
+def test_abort_returns_the_running_task_for_another_worker(deployment: Deployment, server: Server) -> None:
     started = threading.Event()
     runs: list[str] = []
 
@@ -471,39 +429,18 @@ def test_abort_returns_the_running_task_for_another_worker(server: Server) -> No
         assert started.wait(WAIT)
         worker.quit(abort=True)
     assert result.state().state == STARTED  # it never finished
-    assert taken(server) == 0
+    assert deployment.taken_count() == 0
     assert [s.uuid for s in server.get_pending_tasks()] == [result.task_uuid]
     with running_worker(server, concurrency=1):
         assert result.get(timeout=WAIT) == "done by the second worker"
     assert runs == [result.task_uuid] * 2
-    assert server.get_pending_tasks() == [] and taken(server) == 0
-
-
-async def test_a_fetch_cancelled_at_shutdown_leaves_nothing_taken(server: Server) -> None:
-    # A worker that stops cancels its fetch in flight. On Redis the fetch script used to run
-    # after close() had given the processing list back, stranding the message in a list no
-    # reaper looks at (its heartbeat was gone). Repeated because it is a race.
-    queue = server.config.default_queue
-    bodies: list[bytes] = []
-    for i in range(10):
-        bodies.append(Signature("add", [i], uuid=f"task_cancelled_{i}").encode())
-        await server.broker._push([(queue, bodies[-1])])
-        consumer = await server.broker.open_consumer(queue, "cancelled-fetch")
-        fetch = asyncio.ensure_future(consumer.fetch(1, 0.2))
-        await asyncio.sleep(0)  # the fetch is under way
-        fetch.cancel()
-        await asyncio.gather(fetch, return_exceptions=True)
-        await consumer.close()
-        # whatever the fetch took is back at the head of the queue
-        assert await asyncio.to_thread(queued_bodies, server) == bodies, f"round {i}"
-    assert await asyncio.to_thread(taken, server) == 0
-    await server.aclose()  # this loop's connections
+    assert server.get_pending_tasks() == [] and deployment.taken_count() == 0
 
 
 # --------------------------------------------------------------------------- concurrency
 
 
-def test_concurrency_bound(server: Server) -> None:
+def test_concurrency_bound(deployment: Deployment, server: Server) -> None:
     lock = threading.Lock()
     running = [0]
     most = [0]
@@ -535,9 +472,26 @@ def test_concurrency_bound(server: Server) -> None:
     results = [(hold_sync if i % 2 else hold_async).send(i) for i in range(6)]
     with running_worker(server, concurrency=2):
         wait_until(lambda: running[0] == 2, what="two tasks running")
-        assert taken(server) == 2  # never takes more than it can start
+        assert deployment.taken_count() == 2  # never takes more than it can start
         assert len(server.get_pending_tasks()) == 4
         release.set()
         assert [r.get(timeout=WAIT) for r in results] == list(range(6))
     assert most[0] == 2
-    assert taken(server) == 0
+    assert deployment.taken_count() == 0
+
+
+# --------------------------------------------------------------------------- periodic tasks
+
+
+def test_the_worker_runs_a_periodic_task(server: Server) -> None:
+    ticks: list[tuple[int, int]] = []
+
+    @server.task
+    def add(a: int, b: int) -> int:
+        ticks.append((a, b))
+        return a + b
+
+    server.register_periodic_task("@every 1s", unique("tick"), Signature("add", [7, 7]))
+    with running_worker(server, concurrency=2):  # the worker runs the scheduler beside consuming
+        wait_until(lambda: len(ticks) >= 2, what="two ticks")
+    assert set(ticks) == {(7, 7)}

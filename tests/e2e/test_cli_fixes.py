@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from conftest import AMQP_URL, require_service, running_worker
 from machinery import Config, Server
 from machinery.cli import sending
-from test_cli import assert_one_line_error, invoke
+from support.cli import assert_one_line_error, invoke
+from support.services import AMQP_URL, require_service
+from support.workers import running_worker
 
 
 @pytest.fixture

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 import machinery.config
-from conftest import running_worker, unique, wait_until
 from machinery import AMQPConfig, Config, ConfigError, RedisConfig, Server, Signature
 from machinery.config import DEFAULT_URL
+from support.fixtures import unique
+from support.waiting import wait_until
+from support.workers import running_worker
 
 # --------------------------------------------------------------------------- defaults
 

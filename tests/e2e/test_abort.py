@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
 from machinery import Config, Server, Signature
+from support.waiting import wait_until
 
 TESTS = Path(__file__).resolve().parent
 

@@ -1,27 +1,26 @@
-"""Chains, groups and chords (docs/wire.md §6.3, 8) over memory, SQLite and Redis, plus Go interop.
+"""Chains, groups and chords (docs/wire.md §6.3, 8) end to end on every deployment, and Go's
+own workflow messages pushed raw into each broker's queue.
 
 Waits are bounded only so that a broken workflow fails instead of hanging; nothing here
 asserts how long anything took. "Promptly" is shown by order instead: a failed member is
 reported while another member is still blocked on an event the test releases afterwards.
+The wire shape of workflows, with no broker involved, is in tests/unit/test_workflows.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import INTEROP_DIR, REDIS_URL, config_for, running_worker, wait_until
-from helpers import Recorder, register_seed_tasks
 from machinery import (
     FAILURE,
-    SUCCESS,
     Chain,
     ChainAsyncResult,
     Chord,
@@ -34,85 +33,23 @@ from machinery import (
 )
 from machinery._sync import run_sync
 from machinery.workflow import chords as workflow_module
-
-WAIT = 20.0  # an upper bound for anything to happen; never an expectation of speed
-
-
-def make_server(kind: str, tmp_path: Path, queue: str) -> tuple[Server, Recorder]:
-    server = Server(config_for(kind, tmp_path, queue))
-    rec = Recorder()
-
-    register_seed_tasks(server, rec)
-
-    @server.task
-    def fail(message: str, *previous: int) -> int:
-        rec.add("fail", message, *previous)
-        raise ValueError(message)
-
-    @server.task
-    def gated(value: int) -> int:
-        # Blocks until the test opens the gate: a member that is provably still running.
-        assert rec.gate.wait(WAIT), "gate never opened"
-        rec.add("gated", value)
-        return value
-
-    @server.task
-    def gated_fail(message: str) -> int:
-        assert rec.gate.wait(WAIT), "gate never opened"
-        rec.add("gated_fail", message)
-        raise ValueError(message)
-
-    @server.task
-    def on_error(error: str, *extra: int) -> None:
-        rec.add("on_error", error, *extra)
-
-    return server, rec
+from support.deployment import Deployment
+from support.interop import INTEROP_DIR
+from support.recording import Recorder, register_workflow_tasks
+from support.waiting import WAIT, wait_until
+from support.workers import running_worker
 
 
 @pytest.fixture
-def env(backend_kind: str, tmp_path: Path, queue_name: str) -> Iterator[tuple[Server, Recorder]]:
-    server, rec = make_server(backend_kind, tmp_path, queue_name)
+def env(deployment: Deployment) -> Iterator[tuple[Server, Recorder]]:
+    server = deployment.server()
+    rec = register_workflow_tasks(server)
     yield server, rec
     rec.gate.set()
-    server.close()
 
 
 def sig(name: str, *args: Any, **options: Any) -> Signature:
     return Signature(name, list(args), **options)
-
-
-# --------------------------------------------------------------------------- building (wire shape)
-
-
-def test_chain_nests_steps_through_on_success_like_go() -> None:
-    first, second, third = sig("add", 1, 1), sig("add", 5, 5), sig("multiply", 4)
-    chain = Chain(first, second, third)
-    steps = chain.signatures
-    assert all(s.uuid.startswith("task_") for s in steps)
-    assert steps[0].on_success == [steps[1]] and steps[1].on_success == [steps[2]] and steps[2].on_success is None
-    wire = steps[0].to_wire()
-    assert wire["OnSuccess"][0]["UUID"] == steps[1].uuid
-    assert wire["OnSuccess"][0]["OnSuccess"][0]["Name"] == "multiply"
-    assert wire["OnSuccess"][0]["Headers"] is None  # nested steps keep null headers, as Go's
-    assert first.uuid == "" and first.on_success is None  # the caller's signatures are left alone
-
-
-def test_group_and_chord_fields_like_go() -> None:
-    group = Group(sig("add", 1, 1), sig("add", 2, 2), sig("add", 5, 6))
-    assert group.group_uuid.startswith("group_")
-    assert [s.group_uuid for s in group.signatures] == [group.group_uuid] * 3
-    assert [s.group_task_count for s in group.signatures] == [3, 3, 3]
-    chord = Chord(group, sig("multiply"))
-    assert chord.callback.uuid.startswith("chord_")
-    for member in group.signatures:
-        assert member.to_wire()["ChordCallback"] == chord.callback.to_wire()
-    assert Group([sig("add", 1)]).signatures[0].name == "add"  # a list works too
-    with pytest.raises(ValueError, match="at least one"):
-        Chain()
-    with pytest.raises(ValueError, match="at least one member"):
-        Chord(Group(), sig("multiply"))
-    with pytest.raises(ValueError, match="distinct UUIDs"):
-        Group(sig("add", 1, uuid="x"), sig("add", 2, uuid="x"))
 
 
 # --------------------------------------------------------------------------- the seed's examples
@@ -280,38 +217,6 @@ def test_group_send_concurrency_two(env: tuple[Server, Recorder]) -> None:
     assert progress[-1] == (5, 5)
 
 
-def test_publish_error_is_raised_after_the_rest_are_published(tmp_path: Path, queue_name: str) -> None:
-    server, _ = make_server("memory", tmp_path, queue_name)
-    publish = server.broker.publish_many
-    calls = 0
-
-    async def flaky(signatures: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise ConnectionError("broker hiccup")
-        await publish(signatures)
-
-    server.broker.publish_many = flaky  # type: ignore[method-assign]
-    group = Group(*(sig("add", i, 1) for i in range(4)))
-    with running_worker(server, concurrency=4):
-        with pytest.raises(ConnectionError, match="hiccup"):
-            server.send_group(group, send_concurrency=1)
-        # Members 1..3 were published and run although member 0's publish failed.
-        assert [server.result(u).get(WAIT) for u in group.task_uuids[1:]] == [2, 3, 4]
-    server.close()
-
-
-def test_large_group_is_published_in_batches(tmp_path: Path, queue_name: str) -> None:
-    server, _ = make_server("memory", tmp_path, queue_name)
-    calls = record_batches(server)
-    results = server.send_group(Group(*(sig("add", i) for i in range(10_000))))
-    assert len(results) == 10_000
-    assert sum(calls) == 10_000 and len(calls) == 10  # round trips, not messages
-    assert len(server.get_pending_tasks()) == 10_000
-    server.close()
-
-
 # --------------------------------------------------------------------------- exactly-once repairs
 
 
@@ -383,93 +288,63 @@ def test_redelivered_member_after_the_callback_was_sent_sends_nothing(env: tuple
     assert rec.of("multiply") == [(2, 10)]
 
 
-# --------------------------------------------------------------------------- Go interop (Redis)
+def test_chain_group_and_chord_of_three(env: tuple[Server, Recorder]) -> None:
+    server, rec = env
+    with running_worker(server, concurrency=4):
+        chain = Chain(Signature("add", [1, 1]), Signature("add", [5, 5]), Signature("multiply", [4]))
+        assert server.send_chain(chain).get(timeout=WAIT) == 48
+        group = Group(Signature("add", [1, 1]), Signature("add", [2, 2]), Signature("add", [5, 6]))
+        assert [r.get(timeout=WAIT) for r in server.send_group(group)] == [2, 4, 11]
+        chord = Chord(
+            [Signature("add", [1, 1]), Signature("add", [2, 2]), Signature("add", [5, 6])], Signature("multiply", [])
+        )
+        assert server.send_chord(chord).get(timeout=WAIT) == 88
+    # The chain's multiply(4, 12), then the chord callback once, with results in group order.
+    assert rec.of("multiply") == [(4, 12), (2, 4, 11)]
 
 
-def _go_messages(name: str, queue: str) -> list[str]:
+# --------------------------------------------------------------------------- Go's messages, raw
+
+
+def go_messages(name: str, queue: str) -> list[str]:
     """Captured Go payloads with fresh UUIDs (reruns must not find old results) and our queue."""
     lines = (INTEROP_DIR / name).read_text().splitlines()
     text = "\n".join(line for line in lines if line.strip())
-    for old in set(_uuids(text)):
+    for old in set(re.findall(r"(?:task|group|chord)_[0-9a-f-]{36}", text)):
         prefix = old.split("_", 1)[0]
         text = text.replace(old, f"{prefix}_{uuid.uuid4()}")
     return [line.replace('"RoutingKey":"machinery_tasks"', f'"RoutingKey":"{queue}"') for line in text.splitlines()]
 
 
-def _uuids(text: str) -> list[str]:
-    import re
-
-    return re.findall(r"(?:task|group|chord)_[0-9a-f-]{36}", text)
-
-
-@pytest.fixture
-def go_redis(tmp_path: Path, queue_name: str) -> Iterator[tuple[Server, Recorder, Any]]:
-    import redis
-
-    server, rec = make_server("redis", tmp_path, queue_name)
-    client = redis.Redis.from_url(REDIS_URL)
-    yield server, rec, client
-    rec.gate.set()
-    client.delete(queue_name)
-    client.close()
-    server.close()
-
-
-def test_go_chain_completes_with_gos_result(go_redis: tuple[Server, Recorder, Any]) -> None:
-    server, rec, client = go_redis
-    queue = server.config.default_queue
-    (first,) = _go_messages("redis_chain.json", queue)
+def test_go_chain_completes_with_gos_result(deployment: Deployment, env: tuple[Server, Recorder]) -> None:
+    server, rec = env
+    (first,) = go_messages("redis_chain.json", deployment.queue)
     last_uuid = json.loads(first)["OnSuccess"][0]["OnSuccess"][0]["UUID"]
+    deployment.track(json.loads(first)["UUID"], json.loads(first)["OnSuccess"][0]["UUID"], last_uuid)
     with running_worker(server, concurrency=2):
-        client.rpush(queue, first)
+        deployment.push_raw(first.encode())
         assert server.result(last_uuid).get(WAIT) == 48
     assert rec.of("multiply") == [(4, 12)]  # as Go's worker published it
 
 
-def test_go_immutable_chain_completes_with_gos_result(go_redis: tuple[Server, Recorder, Any]) -> None:
-    server, _, client = go_redis
-    queue = server.config.default_queue
-    (first,) = _go_messages("redis_immutable_chain.json", queue)
+def test_go_immutable_chain_completes_with_gos_result(deployment: Deployment, env: tuple[Server, Recorder]) -> None:
+    server, _ = env
+    (first,) = go_messages("redis_immutable_chain.json", deployment.queue)
     step2 = json.loads(first)["OnSuccess"][0]["UUID"]
+    deployment.track(json.loads(first)["UUID"], step2)
     with running_worker(server, concurrency=2):
-        client.rpush(queue, first)
+        deployment.push_raw(first.encode())
         assert server.result(step2).get(WAIT) == 12  # add(5, 5, 2): Go appended despite Immutable
 
 
-def test_go_group_completes(go_redis: tuple[Server, Recorder, Any]) -> None:
-    server, _, client = go_redis
-    queue = server.config.default_queue
-    members = _go_messages("redis_group_tasks.jsonl", queue)
+def test_go_group_completes(deployment: Deployment, env: tuple[Server, Recorder]) -> None:
+    server, _ = env
+    members = go_messages("redis_group_tasks.jsonl", deployment.queue)
+    deployment.track(*(json.loads(m)["UUID"] for m in members))
     with running_worker(server, concurrency=2):
-        client.rpush(queue, *members)
+        deployment.push_raw(*(m.encode() for m in members))
         results = [server.result(json.loads(m)["UUID"]).get(WAIT) for m in members]
     assert results == [11, 2, 4]  # push order: add(5,6), add(1,1), add(2,2)
-
-
-def test_go_chord_with_go_groupmeta_completes_with_88(go_redis: tuple[Server, Recorder, Any]) -> None:
-    server, rec, client = go_redis
-    queue = server.config.default_queue
-    # One UUID mapping for the members and the GroupMeta Go wrote for them.
-    members_text = (INTEROP_DIR / "redis_chord_tasks.jsonl").read_text().strip()
-    meta_text = (INTEROP_DIR / "groupmeta.json").read_text().strip()
-    for old in set(_uuids(members_text + meta_text)):
-        new = f"{old.split('_', 1)[0]}_{uuid.uuid4()}"
-        members_text, meta_text = members_text.replace(old, new), meta_text.replace(old, new)
-    members = [
-        m.replace('"RoutingKey":"machinery_tasks"', f'"RoutingKey":"{queue}"') for m in members_text.splitlines()
-    ]
-    group_uuid = json.loads(meta_text)["GroupUUID"]
-    callback_uuid = json.loads(members[0])["ChordCallback"]["UUID"]
-    client.set(group_uuid, meta_text, ex=3600)  # exactly Go's bytes
-    with running_worker(server, concurrency=3):
-        client.rpush(queue, *members)
-        assert server.result(callback_uuid).get(WAIT) == 88
-    assert rec.of("multiply") == [(2, 4, 11)]  # group order, as Go's worker published it
-    stored = json.loads(client.get(group_uuid))
-    assert list(stored) == ["GroupUUID", "TaskUUIDs", "ChordTriggered", "Lock", "CreatedAt", "TTL"]
-    assert stored["ChordTriggered"] is True
-    state = json.loads(client.get(callback_uuid))
-    assert state["State"] == SUCCESS and state["Results"] == [{"Type": "int64", "Value": 88}]
 
 
 # --------------------------------------------------------------------------- helpers

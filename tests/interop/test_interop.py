@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 
-from conftest import INTEROP_DIR, WAIT, config_for, count_requeues, push_raw, running_worker, unique, wait_until
 from machinery import (
     FAILURE,
     PENDING,
@@ -40,6 +39,11 @@ from machinery import (
 )
 from machinery._sync import run_sync
 from machinery.types import decode_results, parse_time, unix_ns
+from support.configs import config_for, count_requeues, push_raw
+from support.fixtures import unique
+from support.interop import INTEROP_DIR
+from support.waiting import WAIT, wait_until
+from support.workers import running_worker
 
 if not INTEROP_DIR.is_dir():
     pytest.skip(f"Go Machinery captures not found at {INTEROP_DIR}", allow_module_level=True)

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import AMQP_URL, WAIT, require_service, running_worker, wait_until
 from machinery import (
     FAILURE,
     AMQPConfig,
@@ -31,6 +30,9 @@ from machinery import (
 )
 from machinery._sync import run_sync
 from support.go_amqp_peer import GoAMQPPeer
+from support.services import AMQP_URL, require_service
+from support.waiting import WAIT, wait_until
+from support.workers import running_worker
 
 CHORDS = 30  # of each kind, as the fault-injection run that found the races had
 MEMBERS = 3
