@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -240,8 +241,8 @@ class RedisSentinelDeployment:
             if not sentinel.alive():
                 continue
             with suppress(redis.RedisError, OSError):
-                _host, port = sentinel.client().sentinel_get_master_addr_by_name(MASTER_NAME)
-                return next(s for s in self.servers if s.port == int(port))
+                address: Any = sentinel.client().sentinel_get_master_addr_by_name(MASTER_NAME)
+                return next(s for s in self.servers if s.port == int(address[1]))
         raise RuntimeError("no Sentinel names a primary")
 
     def client(self) -> redis.Redis:
@@ -256,7 +257,7 @@ class RedisSentinelDeployment:
             if not primary.alive():
                 return False
             for sentinel in self.sentinels:
-                masters = sentinel.client().sentinel_masters()
+                masters: Any = sentinel.client().sentinel_masters()
                 state = masters.get(MASTER_NAME)
                 if not state or int(state["port"]) != primary.port:
                     return False
