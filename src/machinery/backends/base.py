@@ -310,6 +310,25 @@ def pending_states(signatures: Sequence[Signature]) -> list[TaskState]:
     return [TaskState(s.uuid, PENDING, s.name, created_at=now) for s in signatures]
 
 
+class PollSchedule:
+    """Re-read intervals for one wait on a store that cannot notify (memcached, MongoDB
+    without a replica set): fast at first, since most tasks finish soon, then every 0.5 s."""
+
+    __slots__ = ("_next",)
+
+    FIRST = 0.01
+    LAST = 0.5
+
+    def __init__(self) -> None:
+        self._next = self.FIRST
+
+    def next(self) -> float:
+        """The pause before the next read; each is half as long again, up to ``LAST``."""
+        current = self._next
+        self._next = min(self.LAST, current * 1.5)
+        return current
+
+
 def decode_workers(records: Sequence[bytes | str]) -> list[WorkerInfo]:
     """Worker records as stored, decoded; one that does not decode is skipped (and logged)."""
     workers = []
