@@ -44,7 +44,7 @@ class RedisDeploymentHarness(RedisHarness):
         own is left without a TTL."""
         client: Any = self._broker(server).connector.client()
         keys: list[Any] = [queue, f"{queue}_delayed", dead_key(queue), heartbeats_key(queue)]
-        keys += await self._processing_lists(server, queue)
+        keys += await self._processing_lists(client, queue)
         for task_uuid in ids:
             keys += [task_uuid, *(annotation_key(task_uuid, name) for name in ANNOTATIONS)]
         for key in keys:  # one by one: on a cluster they live in different slots
