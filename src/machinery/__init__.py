@@ -1,6 +1,6 @@
 """machinery: a distributed task queue for Python, wire-compatible with Go Machinery."""
 
-from .config import AMQPConfig, Config, DynamoDBConfig, RedisConfig, SQSConfig
+from .config import AMQPConfig, Config, DynamoDBConfig, MongoDBConfig, RedisConfig, SQSConfig
 from .errors import (
     ArgumentError,
     BrokerConnectionError,
@@ -51,6 +51,7 @@ __all__ = [
     "MachineryError",
     "MessageDecodeError",
     "Middleware",
+    "MongoDBConfig",
     "Outcome",
     "PENDING",
     "RECEIVED",

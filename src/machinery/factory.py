@@ -29,6 +29,9 @@ BROKERS: dict[str, tuple[str, str]] = {
 BACKENDS: dict[str, tuple[str, str]] = {
     **{scheme: ("machinery.backends.redis:RedisBackend", "redis") for scheme in _REDIS},
     **{scheme: ("machinery.backends.amqp:AMQPBackend", "amqp") for scheme in _AMQP},
+    "memcache": ("machinery.backends.memcache:MemcacheBackend", "memcache"),
+    "mongodb": ("machinery.backends.mongo:MongoBackend", "mongodb"),
+    "mongodb+srv": ("machinery.backends.mongo:MongoBackend", "mongodb"),
     "sqlite": ("machinery.backends.sqlite:SQLiteBackend", ""),
     "memory": ("machinery.backends.memory:MemoryBackend", ""),
     "null": ("machinery.backends.null:NullBackend", ""),

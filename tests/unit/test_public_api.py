@@ -25,6 +25,7 @@ PUBLIC_NAMES = [
     "MachineryError",
     "MessageDecodeError",
     "Middleware",
+    "MongoDBConfig",
     "Outcome",
     "PENDING",
     "RECEIVED",

@@ -22,6 +22,9 @@ from ..signature import Signature
 from ..state import PENDING, GroupMeta, TaskState, WorkerInfo, utcnow
 from ..types import TaskResult
 
+#: The UUID ``ping`` reads: no task has it (task UUIDs start ``task_`` or are Go's UUIDs).
+PING_UUID = "machinery_ping"
+
 
 class Backend(ABC):
     """Stores task states and group metadata.
@@ -229,6 +232,15 @@ class Backend(ABC):
         the store cannot tell."""
         raise UnsupportedOperation(f"{type(self).__name__} keeps no record of workers")
 
+    # ------------------------------------------------------------------ operations
+
+    async def ping(self) -> None:
+        """Return once the store has answered a round trip; raise its connection error if not.
+
+        The base reads the state of a UUID no task has (one read, on every store); drivers
+        with a cheaper no-op round trip override it."""
+        await self.get_state(PING_UUID)
+
     async def close(self) -> None:
         """Release connections held by this backend."""
 
@@ -296,6 +308,25 @@ def pending_states(signatures: Sequence[Signature]) -> list[TaskState]:
     """The PENDING state of each signature about to be published (Go's SetStatePending)."""
     now = utcnow()
     return [TaskState(s.uuid, PENDING, s.name, created_at=now) for s in signatures]
+
+
+class PollSchedule:
+    """Re-read intervals for one wait on a store that cannot notify (memcached, MongoDB
+    without a replica set): fast at first, since most tasks finish soon, then every 0.5 s."""
+
+    __slots__ = ("_next",)
+
+    FIRST = 0.01
+    LAST = 0.5
+
+    def __init__(self) -> None:
+        self._next = self.FIRST
+
+    def next(self) -> float:
+        """The pause before the next read; each is half as long again, up to ``LAST``."""
+        current = self._next
+        self._next = min(self.LAST, current * 1.5)
+        return current
 
 
 def decode_workers(records: Sequence[bytes | str]) -> list[WorkerInfo]:

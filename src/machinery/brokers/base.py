@@ -199,6 +199,36 @@ class Broker(ABC):
     async def requeue_dead(self, queue: str | None = None) -> int:
         """Put the dead letters of ``queue`` back on it; returns how many."""
 
+    # ------------------------------------------------------------------ operations
+
+    async def queue_depth(self, queue: str | None = None) -> int:
+        """How many messages wait ready in ``queue`` (default queue if None): neither delayed
+        nor taken by a worker. Cheap (one count, no decoding), for metrics and dashboards."""
+        raise UnsupportedOperation(f"{type(self).__name__} cannot count a queue's messages")
+
+    async def dead_count(self, queue: str | None = None) -> int:
+        """How many dead letters ``queue`` (default queue if None) holds."""
+        return len(await self.dead_letters(queue))
+
+    async def delayed_count(self, queue: str | None = None) -> int:
+        """How many messages for ``queue`` (default queue if None) wait for their ETA. The base
+        decodes the delayed listing; drivers that can count without it override this."""
+        name = queue or self.config.default_queue
+        return sum(1 for s in await self.get_delayed_tasks() if s.routing_key == name)
+
+    async def purge(self, queue: str | None = None) -> int:
+        """Delete the messages waiting ready in ``queue`` (default queue if None); returns how
+        many. Messages taken by a worker, delayed messages and dead letters are not touched."""
+        raise UnsupportedOperation(f"{type(self).__name__} cannot purge a queue")
+
+    async def purge_dead(self, queue: str | None = None) -> int:
+        """Delete the dead letters of ``queue`` (default queue if None); returns how many."""
+        raise UnsupportedOperation(f"{type(self).__name__} cannot purge dead letters")
+
+    async def ping(self) -> None:
+        """Return once the broker has answered a round trip; raise its connection error if not."""
+        raise UnsupportedOperation(f"{type(self).__name__} cannot be pinged")
+
     async def delete_queue(self, queue: str) -> None:
         """Delete ``queue`` with its waiting messages and its dead letters (on RabbitMQ the queue
         itself, so that it stops collecting tasks). Messages taken by a running consumer are

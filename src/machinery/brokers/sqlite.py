@@ -115,6 +115,24 @@ class SQLiteBroker(Broker):
             store.wake_queues()
         return count
 
+    async def queue_depth(self, queue: str | None = None) -> int:
+        return await self.store.run(_count_ready, queue or self.config.default_queue)
+
+    async def dead_count(self, queue: str | None = None) -> int:
+        return await self.store.run(_count_dead, queue or self.config.default_queue)
+
+    async def delayed_count(self, queue: str | None = None) -> int:
+        return await self.store.run(_count_delayed, queue or self.config.default_queue)
+
+    async def purge(self, queue: str | None = None) -> int:
+        return await self.store.run(_purge_ready, queue or self.config.default_queue)
+
+    async def purge_dead(self, queue: str | None = None) -> int:
+        return await self.store.run(_purge_dead, queue or self.config.default_queue)
+
+    async def ping(self) -> None:
+        await self.store.run(_noop_query)
+
     async def delete_queue(self, queue: str) -> None:
         await self.store.run(_delete_queue, queue)
 
@@ -387,6 +405,39 @@ def _requeue_dead(conn: sqlite3.Connection, queue: str) -> int:
         )
         conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(row_id,) for row_id, _ in rows])
     return len(rows)
+
+
+def _count_ready(conn: sqlite3.Connection, queue: str) -> int:
+    now = now_ns()
+    row = conn.execute(
+        "SELECT count(*) FROM messages WHERE queue = ? AND avail_at <= ? AND lease_expires <= ?", (queue, now, now)
+    ).fetchone()
+    return int(row[0])
+
+
+def _count_delayed(conn: sqlite3.Connection, queue: str) -> int:
+    row = conn.execute("SELECT count(*) FROM messages WHERE queue = ? AND avail_at > ?", (queue, now_ns())).fetchone()
+    return int(row[0])
+
+
+def _count_dead(conn: sqlite3.Connection, queue: str) -> int:
+    return int(conn.execute("SELECT count(*) FROM dead_letters WHERE queue = ?", (queue,)).fetchone()[0])
+
+
+def _purge_ready(conn: sqlite3.Connection, queue: str) -> int:
+    now = now_ns()
+    cursor = conn.execute(
+        "DELETE FROM messages WHERE queue = ? AND avail_at <= ? AND lease_expires <= ?", (queue, now, now)
+    )
+    return cursor.rowcount
+
+
+def _purge_dead(conn: sqlite3.Connection, queue: str) -> int:
+    return conn.execute("DELETE FROM dead_letters WHERE queue = ?", (queue,)).rowcount
+
+
+def _noop_query(conn: sqlite3.Connection) -> None:
+    conn.execute("SELECT 1").fetchone()
 
 
 def _delete_queue(conn: sqlite3.Connection, queue: str) -> None:

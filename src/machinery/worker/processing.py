@@ -101,6 +101,7 @@ class MessageHandler:
         self.default_limits = default_limits
         self.error_handler = error_handler
         self.in_flight: dict[int, RunningTask] = {}  # by id() of the asyncio task processing it
+        self.processed = 0  # tasks processed (their outcome stored), for the heartbeat
         #: Task UUID -> stop it if it runs: the worker's view of the revocations (refreshed by it).
         self.revoked: dict[str, bool] = {}
         self._unknown: OrderedDict[str, _Sighting] = OrderedDict()
@@ -225,6 +226,7 @@ class MessageHandler:
             await middleware.before_store(signature, outcome)
             await self._store(signature, outcome)
             await middleware.after_process(signature, outcome)
+            self.processed += 1
         finally:
             self.in_flight.pop(key, None)
         return outcome

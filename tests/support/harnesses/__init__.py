@@ -9,13 +9,27 @@ from __future__ import annotations
 
 from .amqp import AMQPHarness
 from .base import Harness
+from .memcache import MemcacheHarness
 from .memory import MemoryHarness
+from .mongo import MongoHarness
 from .redis import RedisHarness
+from .redis_cluster import RedisClusterHarness
+from .redis_sentinel import RedisSentinelHarness
 from .sqlite import SQLiteHarness
 
 #: Every driver of the suite by name.
 HARNESSES: dict[str, type[Harness]] = {
-    harness.name: harness for harness in (MemoryHarness, SQLiteHarness, RedisHarness, AMQPHarness)
+    harness.name: harness
+    for harness in (
+        MemoryHarness,
+        SQLiteHarness,
+        RedisHarness,
+        AMQPHarness,
+        RedisClusterHarness,
+        RedisSentinelHarness,
+        MemcacheHarness,
+        MongoHarness,
+    )
 }
 
 #: (broker, result backend) pairs beyond each driver with itself: the ``deployment`` fixture
