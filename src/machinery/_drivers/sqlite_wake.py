@@ -121,7 +121,7 @@ class WakeChannel:
 
     def notify(self, own: str | None) -> None:
         """Tell every other listener on the file that we committed a write (call after COMMIT)."""
-        for peer in self._current_peers():
+        for peer in list(self._current_peers()):  # a copy: _send drops the peers that are gone
             if peer != own:
                 self._send(peer)
 
