@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,5 +118,30 @@ async def test_concurrent_state_writes_are_all_stored(tmp_path: Path, queue_name
         await asyncio.gather(*(backend.write_states([TaskState(u, SUCCESS, "t")], True) for u in uuids))
         states = await backend.get_states(uuids)
         assert [s.state if s else None for s in states] == [SUCCESS] * 50
+    finally:
+        await backend.close()
+
+
+async def test_a_failed_unflushed_write_leaves_the_connection_fully_synced(tmp_path: Path, queue_name: str) -> None:
+    config = config_for("sqlite", tmp_path, queue_name)
+    backend = SQLiteBackend(config, config.broker)
+    store = backend.store
+    try:
+        await store.ensure_open()
+
+        def fails_inside_a_transaction(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO locks (key, deadline) VALUES ('k', 1)")
+            raise ValueError("boom")
+
+        with pytest.raises(ValueError, match="boom"):
+            await asyncio.wrap_future(store.submit(store.unflushed, fails_inside_a_transaction))
+
+        def level(conn: sqlite3.Connection) -> tuple[int, int]:
+            return conn.execute("PRAGMA synchronous").fetchone()[0], conn.execute(
+                "SELECT COUNT(*) FROM locks"
+            ).fetchone()[0]
+
+        assert await store.run(level) == (2, 0)  # FULL again, and the write rolled back
     finally:
         await backend.close()

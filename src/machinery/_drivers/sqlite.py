@@ -277,6 +277,8 @@ class SQLiteStore:
         try:
             return fn(conn, *args, **kwargs)
         finally:
+            if conn.in_transaction:  # the level may not change inside one; _call rolls back anyway
+                conn.execute("ROLLBACK")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
 
     async def ensure_open(self) -> None:
