@@ -135,6 +135,36 @@ def test_a_mover_dying_between_steps_duplicates_never_loses(
     server.close()
 
 
+def test_a_message_deferred_again_while_its_move_is_in_flight_stays_delayed(
+    redis_cluster_deployment: RedisClusterDeployment,
+) -> None:
+    """The mover leases a due message, pushes it, and a worker takes it, runs it and defers it
+    again (the same bytes, a new score) before the mover's last step: that step must leave the
+    new delayed copy alone, or the message is in neither the queue nor the set."""
+    queue = unique("cluster_redefer")
+    delayed_key = f"{queue}_delayed"
+    server = Server(cluster_config(redis_cluster_deployment, queue))
+    connector = server.broker.connector  # type: ignore[attr-defined]
+    body = Signature("x", [], routing_key=queue).encode()
+    with redis_cluster_deployment.client() as client:
+        client.zadd(delayed_key, {body: time.time_ns() - 1})
+        deferred_again = time.time_ns() + int(3600e9)
+
+        async def move_with_a_redefer_before_removal() -> None:
+            now = time.time_ns()
+            leased, _ = await connector.run(_redis_delayed._LEASE_DUE, [delayed_key], [now, 10, now + int(60e9)])
+            assert leased == [body]
+            # What the worker does between the push and the removal: defer it again.
+            await connector.batched().execute("ZADD", delayed_key, deferred_again, body)
+            removed = await connector.run(_redis_delayed._REMOVE_LEASED, [delayed_key], [now + int(60e9), *leased])
+            assert removed == 0
+
+        run_sync(move_with_a_redefer_before_removal())
+        assert client.zscore(delayed_key, body) == float(deferred_again)
+        client.delete(delayed_key)
+    server.close()
+
+
 def settled(deployment: RedisClusterDeployment, queue: str) -> bool:
     """Nothing left on ``queue``, in its delayed set, or taken by a consumer."""
     with deployment.client() as client:

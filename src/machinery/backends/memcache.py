@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +42,8 @@ from .base import Backend, PollSchedule
 CHORD_LOCK_WAIT = 10.0
 #: Compare-and-set attempts on one key before the writer reports contention.
 CAS_ATTEMPTS = 100
+#: The one key holding every live revocation, as JSON: {"version": n, "revoked": {uuid: [terminate, until]}}.
+REVOCATIONS_KEY = b"machinery:revocations"
 
 
 class MemcacheBackend(Backend):
@@ -140,6 +143,34 @@ class MemcacheBackend(Backend):
         raw = await self.connector.client_for(key).get(key)
         return None if raw is None else bytes(raw).decode()
 
+    # ------------------------------------------------------------------ revocations
+
+    async def revoke(self, task_uuid: str, terminate: bool) -> None:
+        """Add ``task_uuid`` to the revocations key with ``cas`` (memcached has no sets): each
+        entry lives as long as results do, and expired ones are dropped on every write."""
+        client = self.connector.client_for(REVOCATIONS_KEY)
+        for _ in range(CAS_ATTEMPTS):
+            raw, token = await client.gets(REVOCATIONS_KEY)
+            version, revoked = _decode_revocations(raw)
+            now = time.time()
+            revoked = {uuid: entry for uuid, entry in revoked.items() if entry[1] > now}
+            revoked[task_uuid] = [terminate, now + self.ttl]
+            value = json.dumps({"version": version + 1, "revoked": revoked}).encode()
+            if raw is None:
+                if await client.add(REVOCATIONS_KEY, value, self._expiry()):
+                    return
+            elif token is not None and await client.cas(REVOCATIONS_KEY, value, token, self._expiry()):
+                return
+        raise TimeoutError(f"the revocations kept changing under {CAS_ATTEMPTS} writes")
+
+    async def revocations(self, since: int) -> tuple[int, dict[str, bool]] | None:
+        raw = await self.connector.client_for(REVOCATIONS_KEY).get(REVOCATIONS_KEY)
+        version, revoked = _decode_revocations(raw)
+        if version == since:
+            return None
+        now = time.time()
+        return version, {uuid: bool(entry[0]) for uuid, entry in revoked.items() if entry[1] > now}
+
     # ------------------------------------------------------------------ chords
 
     async def trigger_chord(self, group_uuid: str, task_count: int) -> bool:
@@ -180,3 +211,14 @@ class MemcacheBackend(Backend):
 
 
 __all__ = ["MemcacheBackend"]
+
+
+def _decode_revocations(raw: bytes | None) -> tuple[int, dict[str, list[Any]]]:
+    """The version and entries of the revocations key; an absent or unreadable one is empty."""
+    if raw is None:
+        return 0, {}
+    try:
+        decoded = json.loads(raw)
+        return int(decoded["version"]), dict(decoded["revoked"])
+    except (ValueError, KeyError, TypeError):
+        return 0, {}

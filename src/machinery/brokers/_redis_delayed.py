@@ -21,6 +21,7 @@ from .._drivers.redis import LuaScript, RedisConnector
 LEASE_SECONDS = 60.0
 
 _LEASE_DUE = LuaScript.load("lease_due")
+_REMOVE_LEASED = LuaScript.load("remove_leased")
 _PUSH_PRIORITIZED = LuaScript.load("push_prioritized", "priority")
 _decoder = msgspec.json.Decoder()
 
@@ -58,7 +59,9 @@ async def move_due_in_steps(
         *(pipeline.execute("RPUSH", queue, *bodies) for queue, bodies in plain.items()),
         *(connector.run(_PUSH_PRIORITIZED, [queue], args) for queue, args in prioritized.items()),
     )
-    await pipeline.execute("ZREM", delayed_key, *leased)
+    # Only what still holds our lease: a message already run and deferred again is back in the
+    # set under a new score, and removing it would lose it.
+    await connector.run(_REMOVE_LEASED, [delayed_key], [lease_until, *leased])
     if next_score is not None and float(next_score) >= lease_until:
         next_score = None  # only our own lease is left: nothing else is due before the next poll
     return len(leased), next_score
