@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from machinery import FAILURE, PENDING, STARTED, SUCCESS
+from machinery import FAILURE, STARTED, SUCCESS
 from machinery._sync import run_sync
 from machinery.state import TaskState
 from support import control_tasks
