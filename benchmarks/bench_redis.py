@@ -29,7 +29,8 @@ import redis.asyncio as aioredis
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_tasks import latency_line, make_server, round_trips, start_worker, stop
 
-from machinery import Signature
+from machinery import Server, Signature
+from machinery.brokers.redis import heartbeats_key, processing_prefix
 
 
 def check_alive(worker: subprocess.Popen[bytes]) -> None:
@@ -38,7 +39,7 @@ def check_alive(worker: subprocess.Popen[bytes]) -> None:
 
 
 async def wait_for_worker(client: aioredis.Redis, queue: str, worker: subprocess.Popen[bytes]) -> float:
-    while not await client.zcard(f"machinery:heartbeats:{queue}"):
+    while not await client.zcard(heartbeats_key(queue)):
         check_alive(worker)
         await asyncio.sleep(0.001)
     return time.perf_counter()
@@ -47,11 +48,11 @@ async def wait_for_worker(client: aioredis.Redis, queue: str, worker: subprocess
 async def wait_drained(client: aioredis.Redis, queue: str, worker: subprocess.Popen[bytes]) -> float:
     while True:
         check_alive(worker)
-        consumers = await client.zrange(f"machinery:heartbeats:{queue}", 0, -1)
+        consumers = await client.zrange(heartbeats_key(queue), 0, -1)
         async with client.pipeline(transaction=False) as pipe:
             pipe.llen(queue)
             for consumer in consumers:
-                pipe.llen(f"machinery:processing:{queue}:{consumer.decode()}")
+                pipe.llen(processing_prefix(queue) + consumer.decode())
             lengths = await pipe.execute()
         if not any(lengths):
             return time.perf_counter()
@@ -59,7 +60,11 @@ async def wait_drained(client: aioredis.Redis, queue: str, worker: subprocess.Po
 
 
 async def enqueue(server_queue: str, name: str, count: int, in_flight: int = 100) -> float:
-    server = make_server(server_queue)
+    return await enqueue_with(make_server(server_queue), name, count, in_flight)
+
+
+async def enqueue_with(server: Server, name: str, count: int, in_flight: int = 100) -> float:
+    """Seconds ``server`` takes to send ``count`` tasks ``name``, ``in_flight`` at a time (it is closed after)."""
     started = time.perf_counter()
     semaphore = asyncio.Semaphore(in_flight)
 

@@ -1,6 +1,6 @@
 """machinery: a distributed task queue for Python, wire-compatible with Go Machinery."""
 
-from .config import AMQPConfig, Config, DynamoDBConfig, GCPPubSubConfig, RedisConfig, SQSConfig
+from .config import AMQPConfig, Config, DynamoDBConfig, GCPPubSubConfig, MongoDBConfig, RedisConfig, SQSConfig
 from .errors import (
     ArgumentError,
     BrokerConnectionError,
@@ -8,6 +8,7 @@ from .errors import (
     MachineryError,
     MessageDecodeError,
     ResultConsumedError,
+    ResultsDisabledError,
     ResultTypeError,
     SoftTimeLimitExceeded,
     TaskFailed,
@@ -51,6 +52,7 @@ __all__ = [
     "MachineryError",
     "MessageDecodeError",
     "Middleware",
+    "MongoDBConfig",
     "Outcome",
     "PENDING",
     "RECEIVED",
@@ -58,6 +60,7 @@ __all__ = [
     "RedisConfig",
     "ResultConsumedError",
     "ResultTypeError",
+    "ResultsDisabledError",
     "RetryTaskLater",
     "SQSConfig",
     "STARTED",

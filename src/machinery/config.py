@@ -54,6 +54,16 @@ class RedisConfig:
     master_name: str = _f("", "master_name", "REDIS_MASTER_NAME")
     cluster_enabled: bool = _f(False, "cluster_enabled", ("REDIS_CLUSTER_ENABLED", "REDIS_CLUSTER_MODE"))
     sentinel_password: str = _f("", "sentinel_password", "REDIS_SENTINEL_PASSWORD")
+    min_replicas_acked: int = _f(
+        0,
+        "min_replicas_acked",
+        "REDIS_MIN_REPLICAS_ACKED",
+        "replicas that must confirm each batch of writes (Redis WAIT) before it counts as done; "
+        "0: Redis's asynchronous replication alone",
+    )
+    replicas_ack_timeout: int = _f(
+        1000, "replicas_ack_timeout", "REDIS_REPLICAS_ACK_TIMEOUT", "ms to wait for those confirmations"
+    )
 
 
 @dataclass
@@ -152,12 +162,21 @@ class GCPPubSubConfig:
     endpoint: str = _f("", "endpoint", "GCPPUBSUB_ENDPOINT", "empty: PUBSUB_EMULATOR_HOST, else Google's")
 
 
+@dataclass
+class MongoDBConfig:
+    """MongoDB result backend settings (Go's ``MongoDBConfig``: its Database; the URL names
+    the server, never the database, as in Go)."""
+
+    database: str = _f("machinery", "database", "MONGODB_DATABASE")
+
+
 _SECTIONS = {
     "redis": RedisConfig,
     "amqp": AMQPConfig,
     "sqs": SQSConfig,
     "dynamodb": DynamoDBConfig,
     "gcppubsub": GCPPubSubConfig,
+    "mongodb": MongoDBConfig,
 }
 
 
@@ -210,6 +229,7 @@ class Config:
     sqs: SQSConfig = field(default_factory=SQSConfig)
     dynamodb: DynamoDBConfig = field(default_factory=DynamoDBConfig)
     gcppubsub: GCPPubSubConfig = field(default_factory=GCPPubSubConfig)
+    mongodb: MongoDBConfig = field(default_factory=MongoDBConfig)
 
     def __post_init__(self) -> None:
         self._reloader: _Reloader | None = None

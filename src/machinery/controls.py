@@ -104,9 +104,17 @@ def default_unique_key(signature: Signature) -> str:
     return hashlib.sha1(Signature(signature.name, signature.args, _raw_args=True).encode()).hexdigest()
 
 
+#: The limits of a run that has none (shared: the common case allocates nothing).
+NO_LIMITS = Limits()
+
+
 def limits_of(signature: Signature, options: TaskOptions, default: Limits) -> Limits:
     """The limits of this run: the send's, else the task's, else the worker's."""
-    headers = signature.headers or {}
+    headers = signature.headers
+    if not headers or (TIME_LIMIT_HEADER not in headers and SOFT_TIME_LIMIT_HEADER not in headers):
+        soft = options.soft_time_limit if options.soft_time_limit is not None else default.soft
+        hard = options.time_limit if options.time_limit is not None else default.hard
+        return NO_LIMITS if soft is None and hard is None else Limits(soft, hard)
     return Limits(
         soft=_first(_header_seconds(headers, SOFT_TIME_LIMIT_HEADER), options.soft_time_limit, default.soft),
         hard=_first(_header_seconds(headers, TIME_LIMIT_HEADER), options.time_limit, default.hard),
@@ -119,7 +127,9 @@ def _first(*values: float | None) -> float | None:
 
 def unique_claim(signature: Signature) -> tuple[str, float] | None:
     """(key, seconds) when this send asked to be unique."""
-    headers = signature.headers or {}
+    headers = signature.headers
+    if not headers or UNIQUE_KEY_HEADER not in headers:
+        return None
     key, seconds = headers.get(UNIQUE_KEY_HEADER), _header_seconds(headers, UNIQUE_FOR_HEADER)
     if not key or seconds is None:
         return None

@@ -3,6 +3,9 @@ the periodic scheduler alike:
 
     prepare (UUID, headers) -> before_publish -> PENDING written -> published -> after_publish
 
+(the PENDING write and the publish are one round trip where the broker and the backend share
+a server: ``Broker.publish_with_pending``).
+
 As Go's ``SendTask``, PENDING is stored before the message exists, so no worker (Go's
 included) can take a message whose state is not there yet. ``before_publish`` runs before the
 write, so middleware that changes a signature (tracing headers) does so before anything of
@@ -59,8 +62,7 @@ class Dispatcher:
         if signature.headers and (existing := await existing_equal(self.lock(), signature)) is not None:
             return existing
         await self.middleware.before_publish(signature)
-        await self.backend.set_pending((signature,))
-        await self.broker.publish(signature)
+        await self.broker.publish_with_pending((signature,), self.backend)
         await self.middleware.after_publish(signature)
         return signature.uuid
 

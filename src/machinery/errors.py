@@ -40,9 +40,19 @@ class BrokerConnectionError(MachineryError, ConnectionError):
     """The broker or result backend cannot be reached."""
 
 
+class ReplicationError(BrokerConnectionError):
+    """Redis took a write but too few replicas confirmed it in time (``RedisConfig.min_replicas_acked``):
+    a failover now could lose it, so it counts as not done and is retried."""
+
+
 class UnsupportedOperation(MachineryError, NotImplementedError):
     """The broker or backend cannot answer this honestly (e.g. listing delayed tasks on
     RabbitMQ); the message says why. Never a wrong answer instead."""
+
+
+class ResultsDisabledError(UnsupportedOperation):
+    """The result backend is ``null``: no task state is stored, so there is none to read or
+    wait for. Configure a real ``result_backend`` to read results."""
 
 
 class TaskNotFoundError(MachineryError, LookupError):
@@ -85,3 +95,8 @@ class TaskRevoked(MachineryError):
 
 class WorkerProcessDied(MachineryError):
     """The pool process running a task died (a crash, an OOM kill); the task failed with it."""
+
+
+class MissingExtra(MachineryError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the
+    ``pip install 'machinery[...]'`` that brings it."""

@@ -33,9 +33,13 @@ BROKERS: dict[str, tuple[str, str]] = {
 BACKENDS: dict[str, tuple[str, str]] = {
     **{scheme: ("machinery.backends.redis:RedisBackend", "redis") for scheme in _REDIS},
     **{scheme: ("machinery.backends.amqp:AMQPBackend", "amqp") for scheme in _AMQP},
+    "memcache": ("machinery.backends.memcache:MemcacheBackend", "memcache"),
+    "mongodb": ("machinery.backends.mongo:MongoBackend", "mongodb"),
+    "mongodb+srv": ("machinery.backends.mongo:MongoBackend", "mongodb"),
     "sqlite": ("machinery.backends.sqlite:SQLiteBackend", ""),
     "memory": ("machinery.backends.memory:MemoryBackend", ""),
     "https": ("machinery.backends.dynamodb:DynamoDBBackend", "dynamodb"),
+    "null": ("machinery.backends.null:NullBackend", ""),
 }
 LOCKS: dict[str, tuple[str, str]] = {
     **{scheme: ("machinery.locks.redis:RedisLock", "redis") for scheme in _REDIS},
@@ -47,8 +51,11 @@ _TABLES = {"broker": BROKERS, "result_backend": BACKENDS, "lock": LOCKS}
 
 
 def scheme_of(url: str) -> str:
-    """The lower-case scheme of ``url``, or ``""`` when it has none."""
-    return urlsplit(url).scheme.lower() if "://" in url else ""
+    """The lower-case scheme of ``url``, or ``""`` when it has none (``null`` alone, Go's form of
+    the results-off backend, counts as the scheme ``null``)."""
+    if "://" not in url:
+        return "null" if url.strip().lower() == "null" else ""
+    return urlsplit(url).scheme.lower()
 
 
 def check_url(kind: str, url: str, field: str | None = None) -> str:

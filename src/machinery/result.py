@@ -34,7 +34,7 @@ class AsyncResult:
         return await self.backend.get_state(self.task_uuid)
 
     def state(self) -> TaskState | None:
-        return run_sync(self.astate())
+        return run_sync(self.astate(), here=self.backend.idle_loop_ok)
 
     async def aget(self, timeout: float | None = None) -> Any:
         """Wait for the task and return what it returned (a tuple for several values).
@@ -50,7 +50,7 @@ class AsyncResult:
         return decode_results(state.results)
 
     def get(self, timeout: float | None = None) -> Any:
-        return run_sync(self.aget(timeout))
+        return run_sync(self.aget(timeout), here=self.backend.idle_loop_ok)
 
     async def aprogress(self) -> tuple[float, str] | None:
         """The latest ``ctx.progress(fraction, message)`` the task reported, or None."""
@@ -60,7 +60,7 @@ class AsyncResult:
             return None
 
     def progress(self) -> tuple[float, str] | None:
-        return run_sync(self.aprogress())
+        return run_sync(self.aprogress(), here=self.backend.idle_loop_ok)
 
     async def atraceback(self) -> str | None:
         """The traceback of the task's failure (stored beside its state, so that Go's ``Error``
@@ -71,7 +71,7 @@ class AsyncResult:
             return None
 
     def traceback(self) -> str | None:
-        return run_sync(self.atraceback())
+        return run_sync(self.atraceback(), here=self.backend.idle_loop_ok)
 
     async def arevoke(self, terminate: bool = False) -> None:
         """Revoke the task: a worker that takes it skips it; with ``terminate``, a worker that
@@ -86,7 +86,7 @@ class AsyncResult:
             await self.backend.write_states([TaskState(self.task_uuid, FAILURE, name, error="revoked")], True)
 
     def revoke(self, terminate: bool = False) -> None:
-        run_sync(self.arevoke(terminate))
+        run_sync(self.arevoke(terminate), here=self.backend.idle_loop_ok)
 
 
 class ChainAsyncResult:
@@ -124,7 +124,7 @@ class ChainAsyncResult:
         raise AssertionError("a chain has at least one step")
 
     def state(self) -> TaskState | None:
-        return run_sync(self.astate())
+        return run_sync(self.astate(), here=self.backend.idle_loop_ok)
 
     async def aget(self, timeout: float | None = None) -> Any:
         """Wait for the last step and return its value.
@@ -146,7 +146,7 @@ class ChainAsyncResult:
         return decode_results(state.results)
 
     def get(self, timeout: float | None = None) -> Any:
-        return run_sync(self.aget(timeout))
+        return run_sync(self.aget(timeout), here=self.backend.idle_loop_ok)
 
 
 class ChordAsyncResult:
@@ -179,7 +179,7 @@ class ChordAsyncResult:
         return state if state is not None else TaskState(self.task_uuid, PENDING)
 
     def state(self) -> TaskState:
-        return run_sync(self.astate())
+        return run_sync(self.astate(), here=self.backend.idle_loop_ok)
 
     async def aget(self, timeout: float | None = None) -> Any:
         """Wait for the callback and return its value.
@@ -224,4 +224,4 @@ class ChordAsyncResult:
                 await self.backend.await_state(self.task_uuid, wait)
 
     def get(self, timeout: float | None = None) -> Any:
-        return run_sync(self.aget(timeout))
+        return run_sync(self.aget(timeout), here=self.backend.idle_loop_ok)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from ._sync import run_sync
@@ -87,6 +87,9 @@ class Server:
             ]
         )
         self.periodic = Scheduler(self.config, self.dispatcher, lambda: self.lock)
+        #: Sync calls run on the calling thread's own loop only where the drivers need nothing
+        #: from the loop between calls (see ``Broker.idle_loop_ok``).
+        self._sync_here = self.broker.idle_loop_ok and self.backend.idle_loop_ok
         self._pre_publish: HandlerAdapter | None = None
 
     @property
@@ -95,6 +98,9 @@ class Server:
         if self._lock is None:
             self._lock = create_lock(self.config)
         return self._lock
+
+    def _sync(self, coro: Coroutine[Any, Any, R]) -> R:
+        return run_sync(coro, here=self._sync_here)
 
     # ------------------------------------------------------------------ registration
 
@@ -186,7 +192,7 @@ class Server:
         return AsyncResult(await self.dispatcher.send(signature), self.backend)
 
     def send_task(self, signature: Signature) -> AsyncResult:
-        return run_sync(self.asend_task(signature))
+        return self._sync(self.asend_task(signature))
 
     def result(self, task_uuid: str) -> AsyncResult:
         """An AsyncResult for a task sent elsewhere."""
@@ -199,7 +205,7 @@ class Server:
         return await send_chain(self.dispatcher, chain)
 
     def send_chain(self, chain: Chain) -> ChainAsyncResult:
-        return run_sync(self.asend_chain(chain))
+        return self._sync(self.asend_chain(chain))
 
     async def asend_group(
         self, group: Group, send_concurrency: int = 0, on_progress: ProgressHandler | None = None
@@ -215,7 +221,7 @@ class Server:
     def send_group(
         self, group: Group, send_concurrency: int = 0, on_progress: ProgressHandler | None = None
     ) -> list[AsyncResult]:
-        return run_sync(self.asend_group(group, send_concurrency, on_progress))
+        return self._sync(self.asend_group(group, send_concurrency, on_progress))
 
     async def asend_chord(
         self, chord: Chord, send_concurrency: int = 0, on_progress: ProgressHandler | None = None
@@ -226,7 +232,7 @@ class Server:
     def send_chord(
         self, chord: Chord, send_concurrency: int = 0, on_progress: ProgressHandler | None = None
     ) -> ChordAsyncResult:
-        return run_sync(self.asend_chord(chord, send_concurrency, on_progress))
+        return self._sync(self.asend_chord(chord, send_concurrency, on_progress))
 
     # ------------------------------------------------------------------ periodic
 
@@ -320,7 +326,7 @@ class Server:
         await self.result(task_uuid).arevoke(terminate)
 
     def revoke(self, task_uuid: str, terminate: bool = False) -> None:
-        run_sync(self.arevoke(task_uuid, terminate))
+        self._sync(self.arevoke(task_uuid, terminate))
 
     # ------------------------------------------------------------------ inspection
 
@@ -329,28 +335,28 @@ class Server:
         return await self.broker.get_pending_tasks(queue)
 
     def get_pending_tasks(self, queue: str | None = None) -> list[Signature]:
-        return run_sync(self.aget_pending_tasks(queue))
+        return self._sync(self.aget_pending_tasks(queue))
 
     async def aget_delayed_tasks(self) -> list[Signature]:
         """The tasks waiting for their ETA, soonest first."""
         return await self.broker.get_delayed_tasks()
 
     def get_delayed_tasks(self) -> list[Signature]:
-        return run_sync(self.aget_delayed_tasks())
+        return self._sync(self.aget_delayed_tasks())
 
     async def adead_letters(self, queue: str | None = None) -> list[DeadLetter]:
         """The messages of ``queue`` that could not be processed, with why, oldest first."""
         return await self.broker.dead_letters(queue)
 
     def dead_letters(self, queue: str | None = None) -> list[DeadLetter]:
-        return run_sync(self.adead_letters(queue))
+        return self._sync(self.adead_letters(queue))
 
     async def arequeue_dead(self, queue: str | None = None) -> int:
         """Put the dead letters of ``queue`` back on it; returns how many."""
         return await self.broker.requeue_dead(queue)
 
     def requeue_dead(self, queue: str | None = None) -> int:
-        return run_sync(self.arequeue_dead(queue))
+        return self._sync(self.arequeue_dead(queue))
 
     # ------------------------------------------------------------------ closing
 
@@ -362,7 +368,7 @@ class Server:
             await self._lock.close()
 
     def close(self) -> None:
-        run_sync(self.aclose())
+        self._sync(self.aclose())
 
     async def aclose_loop_connections(self) -> None:
         """Close the connections the running event loop holds (a worker's loop, when it ends)."""

@@ -166,6 +166,8 @@ class WorkerInfo:
     started_at: datetime
     seen_at: datetime
     running: list[RunningTask] = field(default_factory=list)
+    #: Tasks this worker has processed since it started (for throughput; 0 in older records).
+    processed: int = 0
 
     def encode(self) -> bytes:
         return _encode_json(
@@ -182,6 +184,7 @@ class WorkerInfo:
                     {"task_uuid": r.task_uuid, "name": r.name, "started_at": format_time(r.started_at)}
                     for r in self.running
                 ],
+                "processed": self.processed,
             }
         )
 
@@ -202,6 +205,7 @@ class WorkerInfo:
                 running=[
                     RunningTask(str(r["task_uuid"]), str(r["name"]), _moment(r["started_at"])) for r in data["running"]
                 ],
+                processed=int(data.get("processed", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MessageDecodeError(f"not a worker record: {exc!r}") from None

@@ -3,7 +3,8 @@ pending or running; it returns the AsyncResult of the one already sent.
 
 The key (``unique_key``, or the task's name and arguments) is claimed in the cluster-wide lock
 with the task's UUID before PENDING is written, for ``unique_for`` seconds at most, and let
-go when that task's outcome is final (SUCCESS or FAILURE; a RETRY keeps it). A worker that dies
+go when that task's outcome is final (SUCCESS or FAILURE; a RETRY keeps it), just before that
+outcome is stored: whoever the final state wakes can send the next equal task at once. A worker that dies
 without finishing it leaves the claim to expire by itself. Only single sends are made unique;
 the members of a group or chord are always sent.
 """
@@ -33,12 +34,13 @@ async def existing_equal(lock: Lock, signature: Signature) -> str | None:
 
 
 class ReleaseUnique(Middleware):
-    """Lets go of a unique task's key once its outcome is final."""
+    """Lets go of a unique task's key once its outcome is final (after the retries have
+    revised it: this runs after the built-in ``Retries``)."""
 
     def __init__(self, lock: Callable[[], Lock]) -> None:
         self._lock = lock
 
-    def after_process(self, signature: Signature, outcome: Outcome) -> HookResult:
+    def before_store(self, signature: Signature, outcome: Outcome) -> HookResult:
         claim = unique_claim(signature)
         if claim is None or outcome.state not in COMPLETED_STATES:
             return None

@@ -829,3 +829,31 @@ def test_connection_cut_with_1000_tasks_in_flight(
         assert not missing
     finally:
         server.close()
+
+
+def test_the_backend_keeps_heartbeats_annotations_and_revocations_beside_the_states(prefix: str) -> None:
+    server, _ = make_server(prefix)
+    backend = server.backend
+    task_uuid = f"task_{uuid.uuid4()}"
+    try:
+        with running_worker(server, concurrency=1, periodic=False) as worker:
+            tags = lambda: [w.tag for w in run_sync(backend.get_workers())]  # noqa: E731
+            wait_until(lambda: worker.consumer_tag in tags(), WAIT, "the worker's heartbeat")
+        assert worker.consumer_tag not in tags()  # it said goodbye
+
+        run_sync(backend.write_annotation(task_uuid, "progress", "old"))
+        run_sync(backend.write_annotation(task_uuid, "progress", "new"))
+        assert run_sync(backend.get_annotation(task_uuid, "progress")) == "new"  # only the latest is kept
+        assert run_sync(backend.get_annotation(task_uuid, "traceback")) is None
+
+        run_sync(backend.revoke(task_uuid, False))
+        found = run_sync(backend.revocations(0))
+        assert found is not None and found[1][task_uuid] is False
+        run_sync(backend.revoke(task_uuid, True))
+        version, revoked = run_sync(backend.revocations(found[0]))  # type: ignore[misc]
+        assert revoked[task_uuid] is True  # terminate, once asked for, stays
+        assert run_sync(backend.revocations(version)) is None  # nothing new since
+    finally:
+        queues = (f"{prefix}_ex.revocations", f"{prefix}_ex.workers", f"{task_uuid}.progress")
+        run_sync(backend._delete_queues(*queues))  # type: ignore[attr-defined]
+        server.close()

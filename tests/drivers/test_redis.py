@@ -354,21 +354,6 @@ def test_dead_letters_keep_binary_bodies_exactly(server: Server, client: redis.R
     assert client.lrange(queue_name, 0, -1) == [body]
 
 
-@pytest.mark.parametrize(
-    "url, redis_config",
-    [
-        ("redis://127.0.0.1:6379/0", RedisConfig(cluster_enabled=True)),
-        ("redis://127.0.0.1:6379/0", RedisConfig(master_name="mymaster")),
-        ("redis://h1:6379,h2:6379/0", RedisConfig()),
-    ],
-)
-def test_cluster_and_sentinel_are_refused_not_ignored(url: str, redis_config: RedisConfig) -> None:
-    from machinery import ConfigError
-
-    with pytest.raises(ConfigError, match="not supported yet"):
-        Server(Config(broker=url, redis=redis_config))
-
-
 # ---------------------------------------------------------------------------- the periodic lock
 
 

@@ -78,7 +78,21 @@ def memory_env() -> dict[str, str]:
 # --------------------------------------------------------------------------- help
 
 
-COMMANDS = ("worker", "periodic", "send", "status", "pending", "delayed", "dead", "requeue-dead", "demo")
+COMMANDS = (
+    "worker",
+    "periodic",
+    "send",
+    "status",
+    "pending",
+    "delayed",
+    "dead",
+    "requeue-dead",
+    "demo",
+    "inspect",
+    "purge",
+    "ping",
+    "dashboard",
+)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

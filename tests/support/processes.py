@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from machinery import Config
 
@@ -124,3 +125,18 @@ class Processes:
             helper._reader.join(WAIT)
             if helper.process.stdout is not None:
                 helper.process.stdout.close()
+
+
+def stop_processes(processes: Sequence[subprocess.Popen[Any]], timeout: float = WAIT) -> None:
+    """SIGTERM every process (graceful: running tasks finish first), then wait for each; kill
+    any that has not stopped within ``timeout`` seconds. For processes a test started itself
+    with ``subprocess.Popen`` (the installed ``machinery`` script, a Prometheus)."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -15,7 +15,9 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-REDIS_URL = os.environ.get("MACHINERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+#: A database of its own on the shared server: the suite's cleanup checks scan the keyspace, and
+#: must not walk the keys of applications or benchmark runs in database 0.
+REDIS_URL = os.environ.get("MACHINERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 AMQP_URL = os.environ.get("MACHINERY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 

@@ -525,6 +525,20 @@ async def peek_queue(channel: AbstractChannel, name: str) -> list[AbstractIncomi
     return await take_messages(queue)
 
 
+async def count_queue(channel: AbstractChannel, name: str, purge: bool = False) -> int:
+    """The messages ready in the existing queue ``name`` (deleted first when ``purge``); 0 when
+    there is no such queue (which closes ``channel``)."""
+    underlay = await channel.get_underlay_channel()
+    try:
+        declared = await underlay.queue_declare(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return 0
+    if not purge:
+        return int(declared.message_count or 0)
+    purged = await underlay.queue_purge(name)
+    return int(purged.message_count or 0)
+
+
 async def gather_all(jobs: Sequence[Awaitable[Any]]) -> None:
     """Run every job (publishes, mostly); raise the first error only after all have settled."""
     if not jobs:

@@ -1,5 +1,6 @@
-"""One Redis connection setup for the broker, backend and lock: URL parsing, a client per loop,
-the auto-pipeline that batches the commands of one loop tick, and the Lua scripts.
+"""One Redis connection setup for the broker, backend and lock: Go's URL forms, the topology
+(one server, Sentinel, cluster), hash-tagged key names, and a client per loop with its
+auto-pipeline (``redis_pipeline``).
 
 asyncio connections belong to the event loop that opened them, and machinery runs on
 several loops (a worker's, the sync face's, an application's), so each loop gets its own
@@ -9,24 +10,24 @@ client from the same settings.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._loops import PerLoop
 from ..config import RedisConfig
 from ..errors import ConfigError
+from .redis_pipeline import CLUSTER_RETRIES, AutoPipeline, ClusterAutoPipeline, LuaScript
 
 #: What an unreachable Redis looks like in redis-py's exceptions (they are not builtin ConnectionErrors).
 REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError)
@@ -35,15 +36,11 @@ REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError
 #: restarted fails once before redis-py notices), with a short jittered back-off.
 COMMAND_RETRIES = 3
 
-_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
-try:
-    from hiredis import pack_command as _hiredis_pack
-except ImportError:  # redis-py without its hiredis extra
-    _hiredis_pack = None
-
 
 @dataclass(frozen=True, slots=True)
 class RedisAddress:
+    """Where and how to reach Redis: one server, the Sentinels of one, or a cluster's seeds."""
+
     host: str = "127.0.0.1"
     port: int = 6379
     db: int = 0
@@ -51,22 +48,24 @@ class RedisAddress:
     password: str | None = None
     socket_path: str | None = None
     tls: bool = False
+    #: Every ``host:port`` of the URL, in order (``(host, port)`` alone for one server).
+    nodes: tuple[tuple[str, int], ...] = ()
 
 
 def parse_redis_url(url: str) -> RedisAddress:
-    """``redis://[[user:]password@]host[:port][/db]``, ``rediss://...`` (TLS) and
-    ``redis+socket://[password@]/path.sock[:/db]``. A single userinfo word is the password, as in Go."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+    """``redis://[[user:]password@]host[:port][/db]``, ``rediss://...`` (TLS),
+    ``redis+socket://[password@]/path.sock[:/db]``, and Go's several comma-separated hosts
+    ``redis://[[user:]password@]h1:p1,h2:p2[/db]`` (credentials from the first, as in Go).
+    A single userinfo word is the password, as in Go."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise ConfigError(f"{url!r} is not a redis://, rediss:// or redis+socket:// URL")
     username = password = None
-    if "@" in parts.netloc:
-        userinfo = parts.netloc.rsplit("@", 1)[0]
-        if ":" in userinfo:
-            user, _, secret = userinfo.partition(":")
-            username, password = unquote(user) or None, unquote(secret)
-        else:
-            password = unquote(userinfo)
     if scheme == "redis+socket":
+        parts = urlsplit(url)
+        if "@" in parts.netloc:
+            username, password = _userinfo(parts.netloc.rsplit("@", 1)[0])
         path, db = parts.path, 0
         if ":/" in path:
             path, _, db_text = path.rpartition(":/")
@@ -76,12 +75,35 @@ def parse_redis_url(url: str) -> RedisAddress:
         return RedisAddress(db=db, username=username, password=password, socket_path=path)
     if scheme not in ("redis", "rediss"):
         raise ConfigError(f"{url!r} is not a redis://, rediss:// or redis+socket:// URL")
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ConfigError(f"Redis URL {url!r} has an invalid port") from None
-    db = _db(parts.path.strip("/"), url) if parts.path.strip("/") else 0
-    return RedisAddress(parts.hostname or "127.0.0.1", port, db, username, password, None, scheme == "rediss")
+    hosts, _, path = rest.partition("/")
+    path = path.partition("?")[0]
+    if "@" in hosts:
+        userinfo, _, hosts = hosts.rpartition("@")
+        username, password = _userinfo(userinfo)
+    nodes = tuple(_host_port(item.strip(), url) for item in hosts.split(",") if item.strip())
+    if not nodes:
+        nodes = (("127.0.0.1", 6379),)
+    db = _db(path.strip("/"), url) if path.strip("/") else 0
+    host, port = nodes[0]
+    return RedisAddress(host, port, db, username, password, None, scheme == "rediss", nodes)
+
+
+def _userinfo(userinfo: str) -> tuple[str | None, str]:
+    if ":" in userinfo:
+        user, _, secret = userinfo.partition(":")
+        return unquote(user) or None, unquote(secret)
+    return None, unquote(userinfo)
+
+
+def _host_port(item: str, url: str) -> tuple[str, int]:
+    if item.startswith("["):  # [::1]:6379
+        host, _, port_text = item[1:].partition("]")
+        port_text = port_text.lstrip(":")
+    else:
+        host, _, port_text = item.rpartition(":") if ":" in item else (item, "", "")
+    if port_text and not port_text.isdigit():
+        raise ConfigError(f"Redis URL {url!r} has an invalid port in {item!r}")
+    return host or "127.0.0.1", int(port_text) if port_text else 6379
 
 
 def _db(text: str, url: str) -> int:
@@ -90,49 +112,108 @@ def _db(text: str, url: str) -> int:
     return int(text)
 
 
-@dataclass(frozen=True)
-class LuaScript:
-    """A Lua script of ``redis_lua/`` (each file's header names its KEYS, ARGV and reply)."""
+def topology(address: RedisAddress, config: RedisConfig) -> str:
+    """``cluster``, ``sentinel`` or ``single``, chosen as Go's go-redis client is (WIRE.md §9.9):
+    ``cluster_enabled`` first, then ``master_name`` (the hosts are Sentinels), then several
+    hosts (a cluster), else one server."""
+    if address.socket_path:
+        if config.cluster_enabled or config.master_name:
+            raise ConfigError("redis+socket:// reaches one server; it cannot be a cluster or a Sentinel setup")
+        return "single"
+    if config.cluster_enabled:
+        return "cluster"
+    if config.master_name:
+        return "sentinel"
+    return "cluster" if len(address.nodes) > 1 else "single"
 
-    name: str
-    source: str
-    sha: str
 
-    @classmethod
-    def load(cls, name: str, *libraries: str) -> LuaScript:
-        """The script ``name``, after the shared functions of each of ``libraries``."""
-        folder = resources.files(__package__) / "redis_lua"
-        source = "\n".join((folder / f"{part}.lua").read_text(encoding="utf-8") for part in (*libraries, name))
-        return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
+def slot_tag(key: str) -> str:
+    """What to put between braces in a key of ours so that it lands in ``key``'s hash slot.
+
+    Go's keys carry no hash tag, so their slot is that of the whole name; a key of ours that
+    embeds ``{<name>}`` hashes the same. A name with a tag of its own hashes by that tag.
+    """
+    opening = key.find("{")
+    if opening >= 0:
+        closing = key.find("}", opening + 1)
+        if closing > opening + 1:
+            return key[opening + 1 : closing]
+    return key
+
+
+def tagged(prefix: str, key: str, suffix: str = "", strict: bool = False) -> str:
+    """``prefix{tag}suffix``, in the hash slot of ``key`` (see :func:`slot_tag`).
+
+    With ``strict`` (on a cluster), raises ConfigError for a name no tag can follow (a ``}``
+    before any ``{``, which Redis reads as part of the name but which would end our tag early)."""
+    tag = slot_tag(key)
+    if strict and "}" in tag:
+        raise ConfigError(
+            f"the Redis key {key!r} contains '}}' outside a hash tag; machinery cannot keep its "
+            f"own keys for it in the same cluster slot: rename the queue"
+        )
+    return f"{prefix}{{{tag}}}{suffix}"
 
 
 class _LoopClient:
-    """The running loop's client and its auto-pipeline."""
+    """The running loop's client, its auto-pipeline, and what else to close with them."""
 
-    __slots__ = ("client", "pipeline")
+    __slots__ = ("client", "others", "pipeline")
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: Any, cluster: bool, config: RedisConfig, others: Sequence[aioredis.Redis] = ()) -> None:
         self.client = client
-        self.pipeline = AutoPipeline(client)
+        acknowledged = (config.min_replicas_acked, max(1, config.replicas_ack_timeout))
+        pipeline = ClusterAutoPipeline if cluster else AutoPipeline
+        self.pipeline: AutoPipeline = pipeline(client, acknowledged if config.min_replicas_acked > 0 else None)
+        self.others = list(others)
 
 
 class RedisConnector:
-    """Hands out a ``redis.asyncio.Redis`` for the running event loop, all from one URL."""
+    """Hands out a Redis client for the running event loop, all from one URL.
+
+    The topology is a connection concern only: a single server, a Sentinel-managed primary
+    (the client asks the Sentinels where the primary is, and again after a failover), or a
+    cluster (the client follows the slot map, MOVED/ASK redirects and replica promotions).
+    Drivers name their keys with :meth:`tag` and group multi-key work with
+    :meth:`slot_groups`, so that every script touches one hash slot on a cluster.
+    """
 
     def __init__(self, url: str, config: RedisConfig) -> None:
-        if config.cluster_enabled or config.master_name or "," in url.partition("://")[2].partition("/")[0]:
-            # Better refused than quietly run against one node the user did not mean.
-            raise ConfigError(
-                f"Redis Cluster and Sentinel are not supported yet (redis.cluster_enabled, redis.master_name, "
-                f"or several hosts in {url!r}); point machinery at a single Redis server"
-            )
         self.url = url
         self.address = parse_redis_url(url)
+        self.topology = topology(self.address, config)
+        #: Keys in different hash slots cannot share a script or a transaction.
+        self.cluster = self.topology == "cluster"
         self._config = config
-        self._loops: PerLoop[_LoopClient] = PerLoop(lambda: _LoopClient(self._create()))
+        self._loops: PerLoop[_LoopClient] = PerLoop(self._create)
+
+    def tag(self, prefix: str, key: str, suffix: str = "") -> str:
+        """A key of ours in ``key``'s hash slot (see :func:`tagged`); strict on a cluster."""
+        return tagged(prefix, key, suffix, strict=self.cluster)
+
+    def same_slot(self, *keys: str) -> bool:
+        """Whether one script may touch all of ``keys``: always off a cluster."""
+        return not self.cluster or len({key_slot(key.encode()) for key in keys}) <= 1
+
+    def slot_groups(self, keys: Sequence[str]) -> list[list[int]]:
+        """The indices of ``keys`` grouped by hash slot, in order: one group off a cluster."""
+        if not keys:
+            return []
+        if not self.cluster:
+            return [list(range(len(keys)))]
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key_slot(key.encode()), []).append(i)
+        return list(groups.values())
+
+    def same_server(self, other: object) -> bool:
+        """Whether ``other`` is a connector to this same Redis server and database, so that one
+        script may write through both (never on a cluster: their keys are in different slots)."""
+        return isinstance(other, RedisConnector) and not self.cluster and other.address == self.address
 
     def batched(self) -> AutoPipeline:
-        """The running loop's auto-pipeline: commands issued in one loop tick share a round trip."""
+        """The running loop's auto-pipeline: commands issued in one loop tick share a round trip
+        (one per node on a cluster)."""
         return self._loops.get().pipeline
 
     def run(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
@@ -140,13 +221,14 @@ class RedisConnector:
         return self._loops.get().pipeline.evalsha(script, keys, args)
 
     def client(self) -> aioredis.Redis:
-        """The client for the running loop (created on first use)."""
-        return self._loops.get().client
+        """The client for the running loop (created on first use). On a cluster this is a
+        ``RedisCluster``, which offers the same single-key commands and routes each by slot."""
+        client: aioredis.Redis = self._loops.get().client
+        return client
 
-    def _create(self) -> aioredis.Redis:
+    def _options(self) -> dict[str, Any]:
         a, c = self.address, self._config
-        options: dict[str, Any] = {
-            "db": a.db,
+        return {
             "username": a.username,
             "password": a.password,
             "socket_timeout": None,  # blocking commands carry their own timeouts
@@ -160,6 +242,35 @@ class RedisConnector:
             "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), COMMAND_RETRIES),
             "retry_on_error": list(REDIS_CONNECTION_ERRORS),
         }
+
+    def _create(self) -> _LoopClient:
+        a, c = self.address, self._config
+        options = self._options()
+        if self.topology == "cluster":
+            options.pop("retry_on_error")
+            # Retries span a primary's failover: the client reloads the slot map between them.
+            options["retry"] = Retry(ExponentialWithJitterBackoff(base=0.1, cap=2.0), CLUSTER_RETRIES)
+            tls: dict[str, Any] = {"ssl": True, "ssl_cert_reqs": ssl.CERT_REQUIRED} if a.tls else {}
+            cluster = aioredis.RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in a.nodes], **options, **tls
+            )
+            return _LoopClient(cluster, True, c)
+        options["db"] = a.db
+        if self.topology == "sentinel":
+            tls = {"ssl": True, "ssl_cert_reqs": ssl.CERT_REQUIRED} if a.tls else {}
+            sentinel = aioredis.Sentinel(  # type: ignore[no-untyped-call]
+                list(a.nodes),
+                sentinel_kwargs={
+                    "password": c.sentinel_password or None,
+                    "socket_connect_timeout": c.connect_timeout or None,
+                    # Each question goes to the next Sentinel on failure; retrying one Sentinel
+                    # (redis-py's default) makes a wrong password take many seconds to report.
+                    "retry": Retry(NoBackoff(), 0),
+                    **tls,
+                },
+            )
+            primary = sentinel.master_for(c.master_name, redis_class=aioredis.Redis, **options, **tls)
+            return _LoopClient(primary, False, c, others=sentinel.sentinels)
         if a.socket_path:
             pool = aioredis.ConnectionPool(
                 connection_class=aioredis.UnixDomainSocketConnection, path=a.socket_path, **options
@@ -169,111 +280,30 @@ class RedisConnector:
             if a.tls:
                 extra = {"connection_class": aioredis.SSLConnection, "ssl_cert_reqs": ssl.CERT_REQUIRED}
             pool = aioredis.ConnectionPool(host=a.host, port=a.port, **options, **extra)
-        return aioredis.Redis(connection_pool=pool)
+        return _LoopClient(aioredis.Redis(connection_pool=pool), False, c)
 
     async def close(self) -> None:
         """Close the running loop's client; clients of other loops are theirs to close."""
         bundle = self._loops.pop()
-        if bundle is not None:
-            await bundle.client.aclose(close_connection_pool=True)  # we built the pool, so we close it
-
-
-class AutoPipeline:
-    """Sends the commands issued during one event-loop tick as one pipeline.
-
-    A worker running many tasks issues a state write or an ack per task; sending each on
-    its own costs a round trip and redis-py's per-command overhead. Commands queued here
-    are flushed together on the next tick. Order is preserved within a flush, and a
-    caller that awaits one command before issuing the next keeps its own order across
-    flushes, which is all the worker relies on.
-    """
-
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._client = client
-        self._pending: list[_Queued] = []
-        self._flushing: set[asyncio.Future[None]] = set()
-
-    def execute(self, *args: Any, script: LuaScript | None = None) -> asyncio.Future[Any]:
-        """Queue one command (as for ``execute_command``); the future gets its reply."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush_soon)
-        self._pending.append(_Queued(args, future, script))
-        return future
-
-    def evalsha(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
-        """Queue a Lua script call by its SHA; the script is loaded if Redis lacks it."""
-        return self.execute("EVALSHA", script.sha, len(keys), *keys, *args, script=script)
-
-    def _flush_soon(self) -> None:
-        batch, self._pending = self._pending, []
-        if batch:
-            flush = asyncio.ensure_future(self._flush(batch))
-            self._flushing.add(flush)  # keep a reference until done, or the task may be collected
-            flush.add_done_callback(self._flushing.discard)
-
-    async def _flush(self, batch: list[_Queued]) -> None:
-        try:
-            replies = await self._send([item.args for item in batch])
-            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-            if missing:  # first use, or Redis restarted: load the scripts, resend those calls
-                for script in {batch[i].script for i in missing}:
-                    if script is not None:
-                        await self._client.script_load(script.source)
-                for i, reply in zip(missing, await self._send([batch[i].args for i in missing]), strict=True):
-                    replies[i] = reply
-        except Exception as exc:
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+        if bundle is None:
             return
-        for item, reply in zip(batch, replies, strict=True):
-            if not item.future.done():
-                if isinstance(reply, Exception):
-                    item.future.set_exception(reply)
-                else:
-                    item.future.set_result(reply)
-
-    async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        try:
-            return await self._send_once(commands)
-        except (RedisConnectionError, OSError):
-            # A pooled connection may have died with a restarted server; try a fresh one
-            # once. Should the first attempt have run, this repeats it: at-least-once.
-            return await self._send_once(commands)
-
-    async def _send_once(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        # Straight on a pooled connection: redis-py's Pipeline object costs more than the
-        # round trip it saves, and the replies need no parsing beyond RESP.
-        pool = self._client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await connection.send_packed_command(_pack(connection, commands), check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-            return replies
-        except BaseException:
-            await connection.disconnect()  # a half-read connection must not go back to the pool
-            raise
-        finally:
-            await pool.release(connection)
+        if isinstance(bundle.client, aioredis.RedisCluster):
+            await bundle.client.aclose()
+        else:
+            await bundle.client.aclose(close_connection_pool=True)  # we built the pool, so we close it
+        for other in bundle.others:
+            await other.aclose()
 
 
-def _pack(connection: Any, commands: list[tuple[Any, ...]]) -> Any:
-    """RESP bytes for ``commands``: hiredis's C packer if present (redis-py's asyncio
-    connections pack in Python, which costs more than the round trip on a busy worker)."""
-    if _hiredis_pack is not None:
-        return b"".join([_hiredis_pack(command) for command in commands])
-    return connection.pack_commands(commands)
-
-
-@dataclass(slots=True)
-class _Queued:
-    args: tuple[Any, ...]
-    future: asyncio.Future[Any]
-    script: LuaScript | None
+__all__ = [
+    "COMMAND_RETRIES",
+    "REDIS_CONNECTION_ERRORS",
+    "AutoPipeline",
+    "LuaScript",
+    "RedisAddress",
+    "RedisConnector",
+    "parse_redis_url",
+    "slot_tag",
+    "tagged",
+    "topology",
+]

@@ -11,8 +11,10 @@ SQLite does not wait on by itself).
 
 Waiting without a busy loop: a waiter in this process is woken directly by a write made in
 this process; writes from other processes are noticed by a watcher thread that checks
-``PRAGMA data_version`` on its own connection every few milliseconds, and only while
-someone is waiting.
+``PRAGMA data_version`` on its own connection, only while someone is waiting. On Linux the
+writing process wakes that thread at once through a datagram socket (``sqlite_wake``), and
+the watcher polls only every ``WATCH_INTERVAL_NOTIFIED`` seconds as a safety net; elsewhere
+it polls every few milliseconds.
 
 URLs follow SQLAlchemy: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``,
 ``sqlite://`` or ``sqlite:///:memory:`` for a private in-process database. The query option
@@ -37,6 +39,7 @@ from .. import log
 from .._loops import Waiters
 from ..errors import BrokerConnectionError, ConfigError
 from ..state import COMPLETED_STATES
+from . import sqlite_wake
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -55,6 +58,10 @@ WATCH_INTERVAL = 0.002
 #: spell is still seen within a few milliseconds.
 WATCH_INTERVAL_QUIET = 0.005
 WATCH_QUIET_AFTER = 1.0
+#: Seconds between checks while writers wake the watcher through the wake-up channel: only
+#: a writer that cannot (another program, or one that has not seen our listener yet) waits
+#: this long to be noticed.
+WATCH_INTERVAL_NOTIFIED = 0.05
 
 SCHEMA_VERSION = 2
 #: What takes a store of each older version to the next one (version 0 is a new file).
@@ -217,6 +224,8 @@ class SQLiteStore:
         self._result_refs: dict[str, int] = {}
         self._result_seq: int | None = None  # last task_states.seq the watcher has looked at
         self._watcher: threading.Thread | None = None
+        self._watcher_idle = False
+        self._channel = sqlite_wake.WakeChannel(path) if path != MEMORY and sqlite_wake.supported() else None
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {self.path}>"
@@ -249,6 +258,29 @@ class SQLiteStore:
         """
         return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
+    def unflushed(
+        self,
+        conn: sqlite3.Connection,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """``fn(conn, ...)`` with its commit not flushed to disk on its own (``synchronous=NORMAL``
+        for it): the next flushed commit, or the next checkpoint, takes it to disk (WAL frames
+        are written in order). Pass it to ``submit`` only for writes whose loss on a power
+        failure repeats work without losing any: a lease, an acknowledgement, a STARTED, which
+        at-least-once allows to be redone. Atomicity and what other connections see are unchanged."""
+        if self.synchronous not in ("full", "extra") or self.path == MEMORY:
+            return fn(conn, *args, **kwargs)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            return fn(conn, *args, **kwargs)
+        finally:
+            if conn.in_transaction:  # the level may not change inside one; _call rolls back anyway
+                conn.execute("ROLLBACK")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+
     async def ensure_open(self) -> None:
         """Open the database (creating file, directories and schema) if not done yet."""
         if self._conn is None:  # read from another thread: at worst one needless round trip
@@ -259,7 +291,13 @@ class SQLiteStore:
         deadline = time.monotonic() + BUSY_RETRY_SECONDS
         while True:
             try:
-                return job(self._connection())
+                conn = self._connection()
+                before = conn.total_changes
+                result = job(conn)
+                if self._channel is not None and conn.total_changes != before:
+                    # Committed a write: wake the watchers of the other processes now.
+                    self._channel.notify(self._channel.name)
+                return result
             except sqlite3.OperationalError as exc:
                 self._rollback()
                 if is_busy(exc) and time.monotonic() < deadline:
@@ -373,13 +411,16 @@ class SQLiteStore:
         if self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, name="machinery-sqlite-watch", daemon=True)
             self._watcher.start()
-        self._wake.notify()
+        elif self._watcher_idle:
+            self._wake.notify()
 
     def _watch(self) -> None:
         """Watcher thread: while anyone waits, look for commits by other connections."""
         conn: sqlite3.Connection | None = None
         version: int | None = None
         last_change = time.monotonic()
+        channel = self._channel
+        notified = channel is not None and channel.listen()
         while True:
             with self._lock:
                 while not self.closed and not self._queue_waiters and not self._result_refs:
@@ -387,9 +428,14 @@ class SQLiteStore:
                     # woken by what happens meanwhile. ``version`` is kept: a commit made
                     # while idle still shows as a change on the next check.
                     self._result_seq = None
+                    self._watcher_idle = True
                     self._wake.wait()
+                    self._watcher_idle = False
                 if self.closed:
                     break
+            if notified:
+                assert channel is not None
+                channel.drain()  # what arrived until now is seen by the look below
             try:
                 if conn is None:
                     conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
@@ -406,10 +452,18 @@ class SQLiteStore:
                     conn.close()
                 conn, version = None, None
                 time.sleep(0.5)
+            if notified:
+                assert channel is not None
+                channel.wait(WATCH_INTERVAL_NOTIFIED)  # close() pokes it too
+                continue
             with self._lock:
                 if not self.closed:
                     quiet = time.monotonic() - last_change > WATCH_QUIET_AFTER
+                    self._watcher_idle = True  # so that _activate() and close() notify us
                     self._wake.wait(WATCH_INTERVAL_QUIET if quiet else WATCH_INTERVAL)
+                    self._watcher_idle = False
+        if channel is not None:
+            channel.close()
         if conn is not None:
             conn.close()
 
@@ -454,6 +508,8 @@ class SQLiteStore:
             self.closed = True
             self._wake.notify_all()
             targets = list(self._queue_waiters)
+        if self._channel is not None:
+            self._channel.poke_self()  # the watcher may be waiting on its socket
         _wake(targets)
         self._executor.submit(self._drop_connection)
         self._executor.shutdown(wait=False)

@@ -22,6 +22,9 @@ from ..signature import Signature
 from ..state import PENDING, GroupMeta, TaskState, WorkerInfo, utcnow
 from ..types import TaskResult
 
+#: The UUID ``ping`` reads: no task has it (task UUIDs start ``task_`` or are Go's UUIDs).
+PING_UUID = "machinery_ping"
+
 
 class Backend(ABC):
     """Stores task states and group metadata.
@@ -29,6 +32,18 @@ class Backend(ABC):
     Every method is a coroutine; the sync face is ``AsyncResult``'s and the Server's.
     """
 
+    #: False for the results-off backend: nothing written can be read back, so whatever needs
+    #: the members' states (a chord) is refused when sent.
+    stores_results: ClassVar[bool] = True
+    #: True where one ``write_states`` call is stored all at once (one script, one transaction,
+    #: one lock), so that no reader can see a state of it that a later one replaces; the worker
+    #: then writes STARTED without the RECEIVED that nobody could observe. False (the safe
+    #: default) where states are a stream a reader sees one by one (RabbitMQ's state queues).
+    writes_batches_atomically: ClassVar[bool] = False
+    #: True where this driver's connections need nothing from their event loop between calls
+    #: (no heartbeats to answer, no reconnection running in the background): sync calls may then
+    #: run on a loop of the calling thread that sleeps between them (``_sync.run_sync``).
+    idle_loop_ok: ClassVar[bool] = False
     #: How often ``await_state`` re-reads the store when no notification can reach it.
     poll_interval: float = 0.05
     #: Appended to the "no state" message of ``TaskNotFoundError``: other reasons this store has.
@@ -55,8 +70,7 @@ class Backend(ABC):
 
     async def set_pending(self, signatures: Sequence[Signature]) -> None:
         """Write PENDING for signatures about to be published (one round trip where possible)."""
-        now = utcnow()
-        await self.write_states([TaskState(s.uuid, PENDING, s.name, created_at=now) for s in signatures], False)
+        await self.write_states(pending_states(signatures), False)
 
     async def set_state(
         self, signature: Signature, state: str, results: list[TaskResult] | None = None, error: str = ""
@@ -218,6 +232,15 @@ class Backend(ABC):
         the store cannot tell."""
         raise UnsupportedOperation(f"{type(self).__name__} keeps no record of workers")
 
+    # ------------------------------------------------------------------ operations
+
+    async def ping(self) -> None:
+        """Return once the store has answered a round trip; raise its connection error if not.
+
+        The base reads the state of a UUID no task has (one read, on every store); drivers
+        with a cheaper no-op round trip override it."""
+        await self.get_state(PING_UUID)
+
     async def close(self) -> None:
         """Release connections held by this backend."""
 
@@ -279,6 +302,31 @@ class _Wait:
                 raise TimeoutError(f"task {self._uuid} did not complete within {self._timeout:g} s")
             pause = min(pause, left)
         return pause
+
+
+def pending_states(signatures: Sequence[Signature]) -> list[TaskState]:
+    """The PENDING state of each signature about to be published (Go's SetStatePending)."""
+    now = utcnow()
+    return [TaskState(s.uuid, PENDING, s.name, created_at=now) for s in signatures]
+
+
+class PollSchedule:
+    """Re-read intervals for one wait on a store that cannot notify (memcached, MongoDB
+    without a replica set): fast at first, since most tasks finish soon, then every 0.5 s."""
+
+    __slots__ = ("_next",)
+
+    FIRST = 0.01
+    LAST = 0.5
+
+    def __init__(self) -> None:
+        self._next = self.FIRST
+
+    def next(self) -> float:
+        """The pause before the next read; each is half as long again, up to ``LAST``."""
+        current = self._next
+        self._next = min(self.LAST, current * 1.5)
+        return current
 
 
 def decode_workers(records: Sequence[bytes | str]) -> list[WorkerInfo]:

@@ -29,6 +29,10 @@ class _Store:
 class MemoryBackend(Backend):
     """States kept as the same JSON the real backends store, with the same expiry."""
 
+    idle_loop_ok = True  # nothing to keep up between calls
+
+    writes_batches_atomically = True  # under one lock
+
     _stores: ClassVar[dict[str, _Store]] = {}
     _stores_lock: ClassVar[threading.Lock] = threading.Lock()
 

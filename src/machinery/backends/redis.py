@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import random
 import time
@@ -33,6 +34,7 @@ CHORD_MUTEX = "TriggerChordMutex"
 
 _WRITE_STATES = LuaScript.load("write_states")
 _TRIGGER_CHORD = LuaScript.load("trigger_chord")
+_FLIP_CHORD = LuaScript.load("flip_chord")
 _UNLOCK = LuaScript.load("unlock")
 _WRITE_WORKER = LuaScript.load("write_worker")
 _REVOKE = LuaScript.load("revoke")
@@ -50,13 +52,17 @@ def annotation_key(task_uuid: str, name: str) -> str:
 _LIVE_WORKERS = LuaScript.load("live_workers")
 
 #: The live workers: a sorted set tag -> alive-until (ms), and a hash tag -> WorkerInfo JSON.
-WORKERS_KEY = "machinery:workers"
-WORKERS_INFO_KEY = "machinery:workers:info"
+#: Both in one hash slot, for one script on a cluster.
+WORKERS_KEY = "machinery:{workers}"
+WORKERS_INFO_KEY = "machinery:{workers}:info"
 
 
 class RedisBackend(Backend):
     """Task states and group metadata in Redis, in Go's keys and JSON."""
 
+    idle_loop_ok = True  # nothing to keep up between calls
+
+    writes_batches_atomically = True  # one script
     #: Re-read interval for states written by workers that do not publish (Go's).
     poll_interval = 0.5
     connection_errors = (*Backend.connection_errors, *REDIS_CONNECTION_ERRORS)
@@ -69,14 +75,19 @@ class RedisBackend(Backend):
     # ------------------------------------------------------------------ writes
 
     async def write_states(self, states: Sequence[TaskState], keep_created: bool) -> None:
-        args: list[Any] = [self.ttl]
         keep = 1 if keep_created else 0
-        for state in states:
-            args += [keep + (2 if state.state in COMPLETED_STATES else 0), state.encode()]
-        await self.connector.run(_WRITE_STATES, [s.task_uuid for s in states], args)
+        keys = [s.task_uuid for s in states]
+        writes = []
+        # One script per hash slot: all at once off a cluster, one per task UUID on one.
+        for group in self.connector.slot_groups(keys):
+            args: list[Any] = [self.ttl]
+            for i in group:
+                args += [keep + (2 if states[i].state in COMPLETED_STATES else 0), states[i].encode()]
+            writes.append(self.connector.run(_WRITE_STATES, [keys[i] for i in group], args))
+        await asyncio.gather(*writes)
 
     async def write_group_meta(self, meta: GroupMeta) -> None:
-        await self.connector.client().set(meta.group_uuid, meta.encode(), ex=self.ttl)
+        await self.connector.batched().execute("SET", meta.group_uuid, meta.encode(), "EX", self.ttl)
 
     # ------------------------------------------------------------------ reads
 
@@ -87,7 +98,11 @@ class RedisBackend(Backend):
     async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
         if not task_uuids:
             return []
-        raws = await self.connector.batched().execute("MGET", *task_uuids)
+        pipeline = self.connector.batched()
+        if self.connector.cluster:  # Go's way on a cluster: pipelined GETs, never a cross-slot MGET
+            raws = await asyncio.gather(*(pipeline.execute("GET", uuid) for uuid in task_uuids))
+        else:
+            raws = await pipeline.execute("MGET", *task_uuids)
         return [None if raw is None else TaskState.decode(raw) for raw in raws]
 
     async def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
@@ -143,6 +158,8 @@ class RedisBackend(Backend):
 
         Retries as redsync does (32 attempts, 50-250 ms apart) while a Go worker holds it.
         """
+        if not self.connector.same_slot(CHORD_MUTEX, group_uuid):
+            return await self._trigger_chord_in_steps(group_uuid)
         for _ in range(32):
             outcome = int(await self.connector.run(_TRIGGER_CHORD, [CHORD_MUTEX, group_uuid], [self.ttl]))
             if outcome == -2:
@@ -152,25 +169,45 @@ class RedisBackend(Backend):
             await asyncio.sleep(random.uniform(0.05, 0.25))
         raise TimeoutError(f"{CHORD_MUTEX} stayed taken; the chord of {group_uuid} was not triggered")
 
-    async def _trigger_chord_under_mutex(self, group_uuid: str) -> bool:
-        """Go's own way, for group metadata the script cannot edit in place."""
-        client = self.connector.client()
-        token = base64.b64encode(os.urandom(16)).decode()
-        for _ in range(32):
-            if await client.set(CHORD_MUTEX, token, nx=True, px=8000):
-                break
-            await asyncio.sleep(random.uniform(0.05, 0.25))
-        else:
-            raise TimeoutError(f"could not take {CHORD_MUTEX} to trigger the chord of {group_uuid}")
+    async def _trigger_chord_in_steps(self, group_uuid: str) -> bool:
+        """On a cluster, where ``TriggerChordMutex`` and the group are in different slots: take
+        the mutex as Go does (so Go workers stay interlocked), then flip the flag with a script
+        on the group's key alone, which is atomic by itself: among our workers exactly one wins
+        even if the mutex were lost in a failover."""
+        token = await self._take_chord_mutex(group_uuid)
         try:
-            meta = await self.get_group_meta(group_uuid)
-            if meta is None or meta.chord_triggered:
-                return False
-            meta.chord_triggered = True
-            await self.write_group_meta(meta)
-            return True
+            outcome = int(await self.connector.run(_FLIP_CHORD, [group_uuid], [self.ttl]))
+            if outcome == -2:
+                return await self._flip_by_rewrite(group_uuid)
+            return outcome == 1
         finally:
             await self.connector.run(_UNLOCK, [CHORD_MUTEX], [token])
+
+    async def _take_chord_mutex(self, group_uuid: str) -> str:
+        pipeline = self.connector.batched()
+        token = base64.b64encode(os.urandom(16)).decode()
+        for _ in range(32):
+            if await pipeline.execute("SET", CHORD_MUTEX, token, "NX", "PX", 8000):
+                return token
+            await asyncio.sleep(random.uniform(0.05, 0.25))
+        raise TimeoutError(f"could not take {CHORD_MUTEX} to trigger the chord of {group_uuid}")
+
+    async def _trigger_chord_under_mutex(self, group_uuid: str) -> bool:
+        """Go's own way, for group metadata the script cannot edit in place."""
+        token = await self._take_chord_mutex(group_uuid)
+        try:
+            return await self._flip_by_rewrite(group_uuid)
+        finally:
+            await self.connector.run(_UNLOCK, [CHORD_MUTEX], [token])
+
+    async def _flip_by_rewrite(self, group_uuid: str) -> bool:
+        """Read, flip and write back the group metadata; the caller holds the mutex."""
+        meta = await self.get_group_meta(group_uuid)
+        if meta is None or meta.chord_triggered:
+            return False
+        meta.chord_triggered = True
+        await self.write_group_meta(meta)
+        return True
 
     async def purge_state(self, task_uuid: str) -> None:
         await self.connector.client().delete(task_uuid)
@@ -180,6 +217,9 @@ class RedisBackend(Backend):
 
     async def close_loop_connections(self) -> None:
         await self.close()
+
+    async def ping(self) -> None:
+        await self.connector.client().ping()
 
     async def close(self) -> None:
         listener = self._listeners.pop()
@@ -204,7 +244,11 @@ class _DoneListener:
         if count:
             return
         if self._pubsub is None:
-            self._pubsub = self._backend.connector.client().pubsub()
+            client = self._backend.connector.client()
+            if self._backend.connector.cluster:
+                # A cluster's pub/sub picks its node from the slot map, loaded on first use.
+                await client.initialize()
+            self._pubsub = client.pubsub()
         confirmed = asyncio.get_running_loop().create_future()
         self._subscribed[DONE_CHANNEL + task_uuid] = confirmed
         try:
@@ -215,6 +259,10 @@ class _DoneListener:
             await asyncio.wait_for(asyncio.shield(confirmed), 5)
         except Exception as exc:  # fall back to re-reading; waiting still works, just slower
             log.logger.debug("could not subscribe to completions of %s: %s", task_uuid, exc)
+            if self._backend.connector.cluster and (self._reader is None or self._reader.done()):
+                # The reader renews the connection (on whichever node serves the slot by then)
+                # and subscribes every waiter's channel again, this one included.
+                self._reader = asyncio.ensure_future(self._read())
         finally:
             self._subscribed.pop(DONE_CHANNEL + task_uuid, None)
 
@@ -252,6 +300,8 @@ class _DoneListener:
                     )
                 lost = True
                 await asyncio.sleep(backoff.next())
+                if self._backend.connector.cluster:
+                    await self._renew()
                 continue
             if lost:
                 lost = False
@@ -269,6 +319,26 @@ class _DoneListener:
                     confirmed.set_result(None)
             elif message["type"] == "message":
                 self._backend._waiters.notify(channel[len(DONE_CHANNEL) :], message["data"])
+
+    async def _renew(self) -> None:
+        """On a cluster, a pub/sub connection stays with its node, dead or alive: open a new
+        one (on a node that serves the channel's slot now) and subscribe every channel again."""
+        client: Any = self._backend.connector.client()
+        try:
+            await client.nodes_manager.initialize()  # who serves which slot now
+        except Exception as exc:
+            log.logger.debug("could not reload the cluster's slot map: %s", exc)
+            return
+        old, self._pubsub = self._pubsub, client.pubsub()
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.aclose()  # type: ignore[no-untyped-call]
+        channels = [DONE_CHANNEL + task_uuid for task_uuid in self._counts]
+        if channels:
+            try:
+                await self._pubsub.subscribe(*channels)
+            except Exception as exc:  # the next read fails too, and renews again after a back-off
+                log.logger.debug("could not subscribe to completions again: %s", exc)
 
     async def close(self) -> None:
         if self._reader is not None:

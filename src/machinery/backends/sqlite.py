@@ -4,30 +4,39 @@ Task states are stored as the JSON the Redis backend stores (``TaskState.encode(
 task UUID, with an expiry of ``results_expire_in`` seconds refreshed on every write. Expired
 rows are invisible at once and deleted lazily. Group metadata has its own table and expiry.
 
-``await_state`` wakes within a few milliseconds of a completion written by any process: this
-process's writes notify its waiters directly, and the store's watcher notices other
-processes' commits (``PRAGMA data_version``) and looks up which watched tasks completed.
+``await_state`` wakes at once on a completion written by any process: this process's writes
+notify its waiters directly, and the store's watcher, poked by the writing process (see
+``_drivers.sqlite_wake``; a ``PRAGMA data_version`` poll is the safety net), looks up which
+watched tasks completed. The state writes of one loop tick share one transaction.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import sqlite3
 import time
 from collections.abc import Sequence
 
 from .._drivers.sqlite import SQLiteStore, StoreHandle, now_ns, ns_after, transaction
+from .._drivers.sqlite_batch import TickBatcher
 from ..config import Config
-from ..state import COMPLETED_STATES, GroupMeta, TaskState, WorkerInfo
+from ..state import COMPLETED_STATES, RECEIVED, STARTED, GroupMeta, TaskState, WorkerInfo
 from .base import Backend, decode_workers
 
 #: Seconds between two sweeps of expired rows by one backend object.
 PURGE_INTERVAL = 60.0
+#: States that only say a worker began: flushed to disk by the next final state.
+_STARTING = frozenset((RECEIVED, STARTED))
 #: Most host parameters put in one ``IN (...)`` list.
 _CHUNK = 500
 
 
 class SQLiteBackend(Backend):
     """Task states and group metadata in a SQLite file shared by every process on the machine."""
+
+    idle_loop_ok = True  # nothing to keep up between calls
+
+    writes_batches_atomically = True  # one transaction
 
     #: A safety net only: completions wake ``await_state`` through notifications (see module doc).
     poll_interval = 1.0
@@ -38,6 +47,10 @@ class SQLiteBackend(Backend):
         # Every backend object on this file in this process wakes the same waiters.
         self._waiters = self._handle.store.waiters
         self._next_purge = 0.0
+        #: The state writes of one loop tick, stored in one transaction (one commit).
+        self._writes: TickBatcher[tuple[list[TaskState], bool], list[tuple[str, bytes]]] = TickBatcher(
+            self._submit_writes
+        )
 
     @property
     def store(self) -> SQLiteStore:
@@ -56,10 +69,23 @@ class SQLiteBackend(Backend):
     async def write_states(self, states: Sequence[TaskState], keep_created: bool) -> None:
         if not states:
             return
-        store = self.store
-        completed = await store.run(_write_states, list(states), keep_created, self.ttl, self._purge_due())
+        # The caller returns only once the transaction holding its states has committed.
+        completed = await self._writes.add((list(states), keep_created))
+        waiters = self.store.waiters
         for task_uuid, body in completed:
-            store.waiters.notify(task_uuid, body)
+            waiters.notify(task_uuid, body)
+
+    def _submit_writes(
+        self, groups: list[tuple[list[TaskState], bool]]
+    ) -> concurrent.futures.Future[list[list[tuple[str, bytes]]]]:
+        """One tick's writes, as one job on the database thread."""
+        store = self.store
+        # A worker's STARTED (or RECEIVED) is not flushed by itself: lost on a power failure,
+        # it goes with the lease written before it (also unflushed), and the task runs again.
+        # The final state, flushed, takes both to disk first (the WAL is written in order).
+        if all(state.state in _STARTING for states, _ in groups for state in states):
+            return store.submit(store.unflushed, _write_groups, groups, self.ttl, self._purge_due())
+        return store.submit(_write_groups, groups, self.ttl, self._purge_due())
 
     async def get_state(self, task_uuid: str) -> TaskState | None:
         raw = await self.store.run(_get_state, task_uuid)
@@ -128,31 +154,43 @@ class SQLiteBackend(Backend):
 # Each runs on the store's database thread and is all-or-nothing (retried when busy).
 
 
-def _write_states(
-    conn: sqlite3.Connection, states: list[TaskState], keep_created: bool, ttl: int, purge: bool
-) -> list[tuple[str, bytes]]:
-    """Write the states; return (uuid, stored JSON) of the completed ones, for their waiters."""
-    completed: list[tuple[str, bytes]] = []
+def _write_groups(
+    conn: sqlite3.Connection, groups: list[tuple[list[TaskState], bool]], ttl: int, purge: bool
+) -> list[list[tuple[str, bytes]]]:
+    """Write each caller's states, in order, in one transaction; per caller, return (uuid,
+    stored JSON) of the completed ones, for their waiters."""
     with transaction(conn):
-        now = now_ns()
-        if purge:
-            _purge(conn, now)
-        expires = ns_after(ttl)
-        for state in states:
-            if keep_created:
-                row = conn.execute(
-                    "SELECT body FROM task_states WHERE uuid = ? AND expires_at > ?", (state.task_uuid, now)
-                ).fetchone()
-                if row is not None:
-                    state.created_at = TaskState.decode(row[0]).created_at
-            body = state.encode()
-            # REPLACE gives the row a new seq, which is how the watcher finds recent writes.
-            conn.execute(
-                "REPLACE INTO task_states (uuid, state, body, expires_at) VALUES (?, ?, ?, ?)",
-                (state.task_uuid, state.state, body.decode(), expires),
-            )
-            if state.state in COMPLETED_STATES:
-                completed.append((state.task_uuid, body))
+        return [
+            store_states(conn, states, keep_created, ttl, purge and i == 0)
+            for i, (states, keep_created) in enumerate(groups)
+        ]
+
+
+def store_states(
+    conn: sqlite3.Connection, states: Sequence[TaskState], keep_created: bool, ttl: int, purge: bool
+) -> list[tuple[str, bytes]]:
+    """Write the states inside a transaction the caller holds; return (uuid, stored JSON) of
+    the completed ones, for their waiters."""
+    completed: list[tuple[str, bytes]] = []
+    now = now_ns()
+    if purge:
+        _purge(conn, now)
+    expires = ns_after(ttl)
+    for state in states:
+        if keep_created:
+            row = conn.execute(
+                "SELECT body FROM task_states WHERE uuid = ? AND expires_at > ?", (state.task_uuid, now)
+            ).fetchone()
+            if row is not None:
+                state.created_at = TaskState.decode(row[0]).created_at
+        body = state.encode()
+        # REPLACE gives the row a new seq, which is how the watcher finds recent writes.
+        conn.execute(
+            "REPLACE INTO task_states (uuid, state, body, expires_at) VALUES (?, ?, ?, ?)",
+            (state.task_uuid, state.state, body.decode(), expires),
+        )
+        if state.state in COMPLETED_STATES:
+            completed.append((state.task_uuid, body))
     return completed
 
 

@@ -63,6 +63,7 @@ from .._drivers.amqp import (
     Session,
     amqp_errors,
     bounded,
+    count_queue,
     gather_all,
     give_back,
     is_dead,
@@ -317,6 +318,33 @@ class AMQPBroker(Broker):
                     await bounded(incoming.ack())
                     moved += 1
         return moved
+
+    async def queue_depth(self, queue: str | None = None) -> int:
+        """The queue's ready count as RabbitMQ reports it (a passive ``queue.declare``)."""
+        return await self._count(queue or self.config.default_queue, False)
+
+    async def dead_count(self, queue: str | None = None) -> int:
+        return await self._count(dead_letter_queue(queue or self.config.default_queue), False)
+
+    async def purge(self, queue: str | None = None) -> int:
+        """``queue.purge``: the ready messages go; those delivered to a consumer and not yet
+        acked stay (RabbitMQ's own rule, the same as the other brokers')."""
+        return await self._count(queue or self.config.default_queue, True)
+
+    async def purge_dead(self, queue: str | None = None) -> int:
+        return await self._count(dead_letter_queue(queue or self.config.default_queue), True)
+
+    async def _count(self, name: str, purge: bool) -> int:
+        session = await self._connector.session()
+        async with session.side_channel() as channel:
+            with amqp_errors(f"{'purging' if purge else 'counting'} queue {name!r}"):
+                return await count_queue(channel, name, purge)
+
+    async def ping(self) -> None:
+        """Open (or reuse) the publishing connection and a channel on it."""
+        session = await self._connector.session(attempts=1)
+        async with session.side_channel():
+            pass
 
     async def delete_queue(self, queue: str) -> None:
         """Delete the queue (and so its bindings and waiting messages) and ``<queue>.dead``."""

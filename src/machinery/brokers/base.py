@@ -12,13 +12,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 
 from ..config import Config
 from ..errors import MessageDecodeError, UnsupportedOperation
 from ..signature import Signature
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
 
 #: Priorities run from 0 (the default, lowest) to 9; higher ones are taken first. (Go's field is
 #: 0-255 and only RabbitMQ reads it; a higher value counts as 9 here.)
@@ -105,6 +108,11 @@ class Broker(ABC):
     ``multiple_broker_separator`` is set).
     """
 
+    #: True where this driver's connections need nothing from their event loop between calls
+    #: (no heartbeats to answer, no reconnection running in the background): sync calls may then
+    #: run on a loop of the calling thread that sleeps between them (``_sync.run_sync``).
+    idle_loop_ok: ClassVar[bool] = False
+
     def __init__(self, config: Config, url: str) -> None:
         self.config = config
         self.url = url
@@ -121,6 +129,26 @@ class Broker(ABC):
 
     async def publish_many(self, signatures: Iterable[Signature]) -> None:
         """Send several signatures with as few round trips as the broker allows."""
+        ready, prioritized, delayed = self._sort(signatures)
+        if ready:
+            await self._push(ready)
+        if prioritized:
+            await self._push_prioritized(prioritized)
+        if delayed:
+            await self._push_delayed(delayed)
+
+    async def publish_with_pending(self, signatures: Sequence[Signature], backend: Backend) -> None:
+        """Write PENDING for ``signatures`` in ``backend``, then publish them: Go's order, so that
+        no worker can take a message whose state is not stored yet. A broker on the same server
+        as the backend may do both in one round trip, keeping that order."""
+        await backend.set_pending(signatures)
+        await self.publish_many(signatures)
+
+    def _sort(
+        self, signatures: Iterable[Signature]
+    ) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes, int]], list[tuple[Signature, bytes]]]:
+        """Route and encode signatures: (queue, body) ready now, (queue, body, priority)
+        prioritized, (signature, body) waiting for their ETA."""
         now = datetime.now(timezone.utc)
         ready: list[tuple[str, bytes]] = []
         prioritized: list[tuple[str, bytes, int]] = []
@@ -135,12 +163,7 @@ class Broker(ABC):
                 prioritized.append((signature.routing_key, body, min(signature.priority, MAX_PRIORITY)))
             else:
                 ready.append((signature.routing_key, body))
-        if ready:
-            await self._push(ready)
-        if prioritized:
-            await self._push_prioritized(prioritized)
-        if delayed:
-            await self._push_delayed(delayed)
+        return ready, prioritized, delayed
 
     @abstractmethod
     async def _push(self, messages: Sequence[tuple[str, bytes]]) -> None:
@@ -182,6 +205,36 @@ class Broker(ABC):
     @abstractmethod
     async def requeue_dead(self, queue: str | None = None) -> int:
         """Put the dead letters of ``queue`` back on it; returns how many."""
+
+    # ------------------------------------------------------------------ operations
+
+    async def queue_depth(self, queue: str | None = None) -> int:
+        """How many messages wait ready in ``queue`` (default queue if None): neither delayed
+        nor taken by a worker. Cheap (one count, no decoding), for metrics and dashboards."""
+        raise UnsupportedOperation(f"{type(self).__name__} cannot count a queue's messages")
+
+    async def dead_count(self, queue: str | None = None) -> int:
+        """How many dead letters ``queue`` (default queue if None) holds."""
+        return len(await self.dead_letters(queue))
+
+    async def delayed_count(self, queue: str | None = None) -> int:
+        """How many messages for ``queue`` (default queue if None) wait for their ETA. The base
+        decodes the delayed listing; drivers that can count without it override this."""
+        name = queue or self.config.default_queue
+        return sum(1 for s in await self.get_delayed_tasks() if s.routing_key == name)
+
+    async def purge(self, queue: str | None = None) -> int:
+        """Delete the messages waiting ready in ``queue`` (default queue if None); returns how
+        many. Messages taken by a worker, delayed messages and dead letters are not touched."""
+        raise UnsupportedOperation(f"{type(self).__name__} cannot purge a queue")
+
+    async def purge_dead(self, queue: str | None = None) -> int:
+        """Delete the dead letters of ``queue`` (default queue if None); returns how many."""
+        raise UnsupportedOperation(f"{type(self).__name__} cannot purge dead letters")
+
+    async def ping(self) -> None:
+        """Return once the broker has answered a round trip; raise its connection error if not."""
+        raise UnsupportedOperation(f"{type(self).__name__} cannot be pinged")
 
     async def delete_queue(self, queue: str) -> None:
         """Delete ``queue`` with its waiting messages and its dead letters (on RabbitMQ the queue

@@ -44,20 +44,35 @@ class _Queue:
     """One queue's messages by priority lane; taken highest priority first, FIFO within one."""
 
     def __init__(self) -> None:
-        self._lanes: dict[int, deque[tuple[int, bytes]]] = {}  # priority -> (sequence, body)
+        # priority -> (sequence, body); only lanes that hold messages (an emptied one goes).
+        self._lanes: dict[int, deque[tuple[int, bytes]]] = {}
+        self._size = 0
 
     def __len__(self) -> int:
-        return sum(len(lane) for lane in self._lanes.values())
+        return self._size
+
+    def _lane(self, priority: int) -> deque[tuple[int, bytes]]:
+        lane = self._lanes.get(priority)
+        if lane is None:
+            lane = self._lanes[priority] = deque()
+        return lane
 
     def append(self, sequence: int, body: bytes, priority: int = 0) -> None:
-        self._lanes.setdefault(priority, deque()).append((sequence, body))
+        self._lane(priority).append((sequence, body))
+        self._size += 1
 
     def appendleft(self, sequence: int, body: bytes, priority: int = 0) -> None:
-        self._lanes.setdefault(priority, deque()).appendleft((sequence, body))
+        self._lane(priority).appendleft((sequence, body))
+        self._size += 1
 
     def popleft(self) -> tuple[int, bytes, int]:
-        priority = max(p for p, lane in self._lanes.items() if lane)
-        sequence, body = self._lanes[priority].popleft()
+        lanes = self._lanes
+        priority = next(iter(lanes)) if len(lanes) == 1 else max(lanes)
+        lane = lanes[priority]
+        sequence, body = lane.popleft()
+        if not lane:
+            del lanes[priority]
+        self._size -= 1
         return sequence, body, priority
 
     def bodies(self) -> list[bytes]:
@@ -76,7 +91,10 @@ class _Store:
     seq: itertools.count[int] = field(default_factory=itertools.count)
 
     def queue(self, name: str) -> _Queue:
-        return self.queues.setdefault(name, _Queue())
+        queue = self.queues.get(name)
+        if queue is None:
+            queue = self.queues[name] = _Queue()
+        return queue
 
     def append(self, name: str, body: bytes, priority: int = 0) -> None:
         """Put a message at the back of a queue's lane; call with ``lock`` held."""
@@ -120,6 +138,8 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 class MemoryBroker(Broker):
     """Queues in this process's memory; ``memory://`` URLs with the same name share them."""
+
+    idle_loop_ok = True  # nothing to keep up between calls
 
     _stores: ClassVar[dict[str, _Store]] = {}
     _stores_lock: ClassVar[threading.Lock] = threading.Lock()
@@ -176,6 +196,31 @@ class MemoryBroker(Broker):
                 self._store.append(name, letter.body)
             self._store.wake()
         return len(letters)
+
+    async def queue_depth(self, queue: str | None = None) -> int:
+        with self._store.lock:
+            return len(self._store.queue(queue or self.config.default_queue))
+
+    async def dead_count(self, queue: str | None = None) -> int:
+        with self._store.lock:
+            return len(self._store.dead.get(queue or self.config.default_queue, []))
+
+    async def delayed_count(self, queue: str | None = None) -> int:
+        name = queue or self.config.default_queue
+        with self._store.lock:
+            return sum(1 for _, _, q, _ in self._store.delayed if q == name)
+
+    async def purge(self, queue: str | None = None) -> int:
+        with self._store.lock:
+            removed = self._store.queues.pop(queue or self.config.default_queue, None)
+        return len(removed) if removed is not None else 0
+
+    async def purge_dead(self, queue: str | None = None) -> int:
+        with self._store.lock:
+            return len(self._store.dead.pop(queue or self.config.default_queue, []))
+
+    async def ping(self) -> None:
+        """Always answers: the store is this process's memory."""
 
     async def delete_queue(self, queue: str) -> None:
         with self._store.lock:

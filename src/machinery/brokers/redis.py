@@ -15,8 +15,12 @@ Go and Python workers share one queue. What Go lacks is added beside it, never i
 - Due delayed tasks move in batches with one script per round trip, and the mover sleeps
   until the next ETA rather than polling blindly.
 
-Keys added: ``machinery:processing:<queue>:<consumer>`` (list),
-``machinery:heartbeats:<queue>`` (sorted set), ``machinery:dead:<queue>`` (list).
+Keys added: ``machinery:processing:{<queue>}:<consumer>`` (list),
+``machinery:heartbeats:{<queue>}`` (sorted set), ``machinery:dead:{<queue>}`` (list). The
+braces are a hash tag: on a Redis Cluster each lands in the slot of Go's queue list, so every
+script on a queue (take, settle, reap, release, requeue dead letters) runs on one slot,
+atomically. Go's ``delayed_tasks`` set is in a slot of its own; what moves a message between
+it and a queue is then done in at-least-once steps (:mod:`machinery.brokers._redis_delayed`).
 """
 
 from __future__ import annotations
@@ -26,14 +30,20 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import log
-from .._drivers.redis import LuaScript, RedisConnector
+from .._drivers.redis import LuaScript, RedisConnector, tagged
+from ..backends.base import pending_states
 from ..config import Config
 from ..signature import Signature
+from ..state import TaskState
 from ..types import unix_ns
+from ._redis_delayed import defer_in_steps, move_due_in_steps
 from .base import Broker, Consumer, DeadLetter, Delivery, decode_all
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
 
 DELAYED_BATCH = 500
 RELEASED_HEARTBEAT_GRACE = 2.0
@@ -47,22 +57,28 @@ _BEAT = LuaScript.load("beat")
 _MOVE_DUE = LuaScript.load("move_due", "priority")
 _PUSH_PRIORITIZED = LuaScript.load("push_prioritized", "priority")
 _REQUEUE_DEAD = LuaScript.load("requeue_dead")
+_SEND = LuaScript.load("send")
 
 
 def processing_prefix(queue: str) -> str:
-    return f"machinery:processing:{queue}:"
+    """The prefix of every consumer's processing list on ``queue`` (in the queue's slot)."""
+    return tagged("machinery:processing:", queue, ":")
 
 
 def heartbeats_key(queue: str) -> str:
-    return f"machinery:heartbeats:{queue}"
+    """The consumers' heartbeats on ``queue`` (in the queue's slot)."""
+    return tagged("machinery:heartbeats:", queue)
 
 
 def dead_key(queue: str) -> str:
-    return f"machinery:dead:{queue}"
+    """The dead letters of ``queue`` (in the queue's slot)."""
+    return tagged("machinery:dead:", queue)
 
 
 class RedisBroker(Broker):
     """Go Machinery's Redis queues with processing lists, heartbeats and a batched delayed mover."""
+
+    idle_loop_ok = True  # nothing to keep up between calls
 
     def __init__(self, config: Config, url: str) -> None:
         super().__init__(config, url)
@@ -79,6 +95,32 @@ class RedisBroker(Broker):
         pipeline = self.connector.batched()
         await asyncio.gather(*(pipeline.execute("RPUSH", queue, *bodies) for queue, bodies in by_queue.items()))
 
+    async def publish_with_pending(self, signatures: Sequence[Signature], backend: Backend) -> None:
+        """PENDING and the push in one script when the backend is this same Redis (its states
+        are Go's plain ``SET``s, and the script is atomic, so Go's order holds); otherwise, or
+        for delayed or prioritized messages, as every broker does."""
+        if not self.connector.same_server(getattr(backend, "connector", None)):
+            await super().publish_with_pending(signatures, backend)
+            return
+        ready, prioritized, delayed = self._sort(signatures)
+        if prioritized or delayed:
+            await super().publish_with_pending(signatures, backend)
+            return
+        await self._push_with_pending(ready, pending_states(signatures), backend.ttl)
+
+    async def _push_with_pending(
+        self, messages: Sequence[tuple[str, bytes]], states: Sequence[TaskState], ttl: int
+    ) -> None:
+        by_queue: dict[str, list[bytes]] = defaultdict(list)
+        for queue, body in messages:
+            by_queue[queue].append(body)
+        keys: list[Any] = [state.task_uuid for state in states]
+        args: list[Any] = [ttl, len(states), *(state.encode() for state in states)]
+        for queue, bodies in by_queue.items():
+            keys.append(queue)
+            args += (len(bodies), *bodies)
+        await self.connector.run(_SEND, keys, args)
+
     async def _push_prioritized(self, messages: Sequence[tuple[str, bytes, int]]) -> None:
         by_queue: dict[str, list[Any]] = defaultdict(list)
         for queue, body, priority in messages:
@@ -91,9 +133,11 @@ class RedisBroker(Broker):
         for signature, body in messages:
             assert signature.eta is not None
             mapping[body] = float(unix_ns(signature.eta))
-        await self.connector.client().zadd(self.delayed_key, mapping)
+        args = [item for body, score in mapping.items() for item in (score, body)]
+        await self.connector.batched().execute("ZADD", self.delayed_key, *args)
 
     async def open_consumer(self, queue: str, consumer_tag: str, prefetch: int | None = None) -> Consumer:
+        self.connector.tag("machinery:processing:", queue)  # refuses a queue no tag can follow on a cluster
         consumer = RedisConsumer(self, queue, f"{consumer_tag}:{uuid.uuid4().hex[:8]}")
         await consumer.start()
         return consumer
@@ -115,6 +159,30 @@ class RedisBroker(Broker):
     async def requeue_dead(self, queue: str | None = None) -> int:
         name = queue or self.config.default_queue
         return int(await self.connector.run(_REQUEUE_DEAD, [dead_key(name), name], []))
+
+    async def queue_depth(self, queue: str | None = None) -> int:
+        return int(await self.connector.client().llen(queue or self.config.default_queue))
+
+    async def dead_count(self, queue: str | None = None) -> int:
+        return int(await self.connector.client().llen(dead_key(queue or self.config.default_queue)))
+
+    async def purge(self, queue: str | None = None) -> int:
+        return await self._take_all(queue or self.config.default_queue)
+
+    async def purge_dead(self, queue: str | None = None) -> int:
+        return await self._take_all(dead_key(queue or self.config.default_queue))
+
+    async def _take_all(self, key: str) -> int:
+        """Delete the list ``key``, returning its length, in one transaction (a message pushed
+        between a count and a delete would be lost uncounted)."""
+        pipeline = self.connector.client().pipeline(transaction=True)
+        pipeline.llen(key)
+        pipeline.delete(key)
+        length, _ = await pipeline.execute()
+        return int(length)
+
+    async def ping(self) -> None:
+        await self.connector.client().ping()
 
     async def delete_queue(self, queue: str) -> None:
         await self.connector.client().delete(queue, dead_key(queue))
@@ -176,7 +244,11 @@ class RedisConsumer(Consumer):
     async def requeue(self, delivery: Delivery, delay: float = 0.0) -> None:
         if delay > 0:
             due = time.time_ns() + int(delay * 1e9)
-            await self.broker.connector.run(_DEFER, [self.processing, self.broker.delayed_key], [delivery.body, due])
+            connector, delayed_key = self.broker.connector, self.broker.delayed_key
+            if connector.same_slot(self.processing, delayed_key):
+                await connector.run(_DEFER, [self.processing, delayed_key], [delivery.body, due])
+            else:
+                await defer_in_steps(connector, self.processing, delayed_key, delivery.body, due)
             return
         await self.broker.connector.run(_SETTLE, [self.processing, self.queue], [delivery.body, delivery.body])
 
@@ -226,16 +298,21 @@ class RedisConsumer(Consumer):
             except Exception as exc:  # the connection will come back; the worker logs fetch errors
                 log.logger.debug("heartbeat failed: %s", exc)
 
+    async def _move_due(self) -> tuple[int, Any]:
+        """Move a batch of due delayed messages: one script off a cluster, steps on one."""
+        broker = self.broker
+        now, queue = time.time_ns(), broker.config.default_queue
+        if broker.connector.cluster:
+            return await move_due_in_steps(broker.connector, broker.delayed_key, now, DELAYED_BATCH, queue)
+        moved, next_score = await broker.connector.run(_MOVE_DUE, [broker.delayed_key], [now, DELAYED_BATCH, queue])
+        return int(moved), next_score
+
     async def _move_delayed(self) -> None:
         period = (self.broker.config.redis.delayed_tasks_poll_period or 500) / 1000
         while True:
             sleep = period
             try:
-                moved, next_score = await self.broker.connector.run(
-                    _MOVE_DUE,
-                    [self.broker.delayed_key],
-                    [time.time_ns(), DELAYED_BATCH, self.broker.config.default_queue],
-                )
+                moved, next_score = await self._move_due()
                 if int(moved) >= DELAYED_BATCH:
                     continue
                 if next_score is not None:

@@ -25,8 +25,12 @@ from typing import Any
 
 from .. import log
 from .._drivers.sqlite import SQLiteStore, StoreHandle, now_ns, ns_after, transaction
+from .._drivers.sqlite_batch import TickBatcher
+from ..backends.base import Backend, pending_states
+from ..backends.sqlite import store_states
 from ..config import Config
 from ..signature import Signature
+from ..state import TaskState
 from ..types import unix_ns
 from .base import MAX_PRIORITY, Broker, Consumer, DeadLetter, Delivery, decode_all
 
@@ -42,6 +46,8 @@ _Claimed = tuple[list[tuple[int, bytes]], int | None]
 
 class SQLiteBroker(Broker):
     """Queues in a SQLite file (``sqlite:///machinery.db``) shared by every process on the machine."""
+
+    idle_loop_ok = True  # nothing to keep up between calls
 
     def __init__(self, config: Config, url: str) -> None:
         super().__init__(config, url)
@@ -63,14 +69,24 @@ class SQLiteBroker(Broker):
         store.wake_queues()
 
     async def _push_delayed(self, messages: Sequence[tuple[Signature, bytes]]) -> None:
-        rows: list[_Row] = []
-        for signature, body in messages:
-            assert signature.eta is not None
-            priority = min(signature.priority, MAX_PRIORITY)
-            rows.append((signature.routing_key, body, unix_ns(signature.eta), priority))
         store = self.store
-        await store.run(_insert, rows)
+        await store.run(_insert, _delayed_rows(messages))
         store.wake_queues()  # waiting consumers may need to wake earlier for the new ETA
+
+    async def publish_with_pending(self, signatures: Sequence[Signature], backend: Backend) -> None:
+        """PENDING and the messages in one transaction (one commit, one fsync) when the backend
+        is this same database file: no consumer, in any process, can see the messages before
+        their PENDING is stored, which is Go's order. Otherwise as every broker does."""
+        store = self.store
+        if getattr(backend, "store", None) is not store:
+            await super().publish_with_pending(signatures, backend)
+            return
+        ready, prioritized, delayed = self._sort(signatures)
+        rows: list[_Row] = [(queue, body, None, 0) for queue, body in ready]
+        rows += [(queue, body, None, priority) for queue, body, priority in prioritized]
+        rows += _delayed_rows(delayed)
+        await store.run(_insert_with_pending, rows, pending_states(signatures), backend.ttl)
+        store.wake_queues()
 
     async def open_consumer(self, queue: str, consumer_tag: str, prefetch: int | None = None) -> Consumer:
         handle = StoreHandle(self.url)
@@ -99,6 +115,24 @@ class SQLiteBroker(Broker):
             store.wake_queues()
         return count
 
+    async def queue_depth(self, queue: str | None = None) -> int:
+        return await self.store.run(_count_ready, queue or self.config.default_queue)
+
+    async def dead_count(self, queue: str | None = None) -> int:
+        return await self.store.run(_count_dead, queue or self.config.default_queue)
+
+    async def delayed_count(self, queue: str | None = None) -> int:
+        return await self.store.run(_count_delayed, queue or self.config.default_queue)
+
+    async def purge(self, queue: str | None = None) -> int:
+        return await self.store.run(_purge_ready, queue or self.config.default_queue)
+
+    async def purge_dead(self, queue: str | None = None) -> int:
+        return await self.store.run(_purge_dead, queue or self.config.default_queue)
+
+    async def ping(self) -> None:
+        await self.store.run(_noop_query)
+
     async def delete_queue(self, queue: str) -> None:
         await self.store.run(_delete_queue, queue)
 
@@ -116,6 +150,8 @@ class SQLiteConsumer(Consumer):
         self._store = handle.store
         self._config = config
         self._closed = False
+        #: The acks of one loop tick, in one transaction (one commit).
+        self._acks: TickBatcher[int, bool] = TickBatcher(self._submit_acks)
         self._renewer = asyncio.ensure_future(self._renew_forever())
 
     def _lease_seconds(self) -> float:
@@ -130,7 +166,9 @@ class SQLiteConsumer(Consumer):
         while True:
             woken, unregister = store.queue_waiter(loop)
             try:
-                claim = store.submit(_claim, self.queue, self.owner, max_count, self._lease_seconds())
+                # A lease lost on a power failure only makes the message free again (and the
+                # STARTED written after it, unflushed as well, goes with it): not flushed.
+                claim = store.submit(store.unflushed, _claim, self.queue, self.owner, max_count, self._lease_seconds())
                 try:
                     rows, next_due = await asyncio.wrap_future(claim)
                 except asyncio.CancelledError:
@@ -159,13 +197,19 @@ class SQLiteConsumer(Consumer):
                 self._store.submit(_release, self.owner, ids)
 
     async def ack(self, delivery: Delivery) -> None:
-        if not await self._store.run(_ack, delivery.receipt, self.owner):
+        if not await self._acks.add(delivery.receipt):
             log.logger.warning(
                 "Acknowledged message %s of %r was no longer leased by this worker (lease expired); "
                 "another worker may run it again",
                 delivery.receipt,
                 self.queue,
             )
+
+    def _submit_acks(self, row_ids: list[int]) -> concurrent.futures.Future[list[bool]]:
+        # Not flushed by itself: an acknowledgement lost on a power failure runs the task again
+        # (at-least-once), and the final state written before it is flushed already.
+        store = self._store
+        return store.submit(store.unflushed, _ack_many, row_ids, self.owner)
 
     async def requeue(self, delivery: Delivery, delay: float = 0.0) -> None:
         if await self._store.run(_requeue, delivery.receipt, self.owner, max(0.0, delay)):
@@ -221,11 +265,29 @@ _Row = tuple[str, bytes, int | None, int]
 
 def _insert(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
     with transaction(conn):
-        now = now_ns()  # taken inside the transaction, so ready rows are timed in commit order
-        conn.executemany(
-            "INSERT INTO messages (queue, body, avail_at, priority) VALUES (?, ?, ?, ?)",
-            [(queue, body, now if at is None else at, priority) for queue, body, at, priority in rows],
-        )
+        _insert_rows(conn, rows)
+
+
+def _insert_rows(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
+    now = now_ns()  # taken inside the transaction, so ready rows are timed in commit order
+    conn.executemany(
+        "INSERT INTO messages (queue, body, avail_at, priority) VALUES (?, ?, ?, ?)",
+        [(queue, body, now if at is None else at, priority) for queue, body, at, priority in rows],
+    )
+
+
+def _insert_with_pending(conn: sqlite3.Connection, rows: Sequence[_Row], states: Sequence[TaskState], ttl: int) -> None:
+    with transaction(conn):
+        store_states(conn, states, False, ttl, False)  # the backend's own writes purge expired rows
+        _insert_rows(conn, rows)
+
+
+def _delayed_rows(messages: Sequence[tuple[Signature, bytes]]) -> list[_Row]:
+    rows: list[_Row] = []
+    for signature, body in messages:
+        assert signature.eta is not None
+        rows.append((signature.routing_key, body, unix_ns(signature.eta), min(signature.priority, MAX_PRIORITY)))
+    return rows
 
 
 def _claim(conn: sqlite3.Connection, queue: str, owner: str, max_count: int, lease: float) -> _Claimed:
@@ -263,10 +325,13 @@ def _claim(conn: sqlite3.Connection, queue: str, owner: str, max_count: int, lea
     return [(row_id, bytes(body)) for row_id, _, _, body in rows], None
 
 
-def _ack(conn: sqlite3.Connection, row_id: int, owner: str) -> bool:
+def _ack_many(conn: sqlite3.Connection, row_ids: list[int], owner: str) -> list[bool]:
     # A lease that expired stays ours until another consumer takes the row.
-    cursor = conn.execute("DELETE FROM messages WHERE id = ? AND lease_owner = ?", (row_id, owner))
-    return cursor.rowcount > 0
+    with transaction(conn):
+        return [
+            conn.execute("DELETE FROM messages WHERE id = ? AND lease_owner = ?", (row_id, owner)).rowcount > 0
+            for row_id in row_ids
+        ]
 
 
 def _requeue(conn: sqlite3.Connection, row_id: int, owner: str, delay: float) -> bool:
@@ -340,6 +405,39 @@ def _requeue_dead(conn: sqlite3.Connection, queue: str) -> int:
         )
         conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(row_id,) for row_id, _ in rows])
     return len(rows)
+
+
+def _count_ready(conn: sqlite3.Connection, queue: str) -> int:
+    now = now_ns()
+    row = conn.execute(
+        "SELECT count(*) FROM messages WHERE queue = ? AND avail_at <= ? AND lease_expires <= ?", (queue, now, now)
+    ).fetchone()
+    return int(row[0])
+
+
+def _count_delayed(conn: sqlite3.Connection, queue: str) -> int:
+    row = conn.execute("SELECT count(*) FROM messages WHERE queue = ? AND avail_at > ?", (queue, now_ns())).fetchone()
+    return int(row[0])
+
+
+def _count_dead(conn: sqlite3.Connection, queue: str) -> int:
+    return int(conn.execute("SELECT count(*) FROM dead_letters WHERE queue = ?", (queue,)).fetchone()[0])
+
+
+def _purge_ready(conn: sqlite3.Connection, queue: str) -> int:
+    now = now_ns()
+    cursor = conn.execute(
+        "DELETE FROM messages WHERE queue = ? AND avail_at <= ? AND lease_expires <= ?", (queue, now, now)
+    )
+    return cursor.rowcount
+
+
+def _purge_dead(conn: sqlite3.Connection, queue: str) -> int:
+    return conn.execute("DELETE FROM dead_letters WHERE queue = ?", (queue,)).rowcount
+
+
+def _noop_query(conn: sqlite3.Connection) -> None:
+    conn.execute("SELECT 1").fetchone()
 
 
 def _delete_queue(conn: sqlite3.Connection, queue: str) -> None:

@@ -12,7 +12,9 @@ The package, by what each part does:
 * ``running``: ``worker``, ``periodic`` and ``demo``;
 * ``sending``: ``send``, with its Go-typed argument parsing and ``--wait``;
 * ``inspection``: ``status``, ``pending``, ``delayed``, ``dead`` and ``requeue-dead``;
-* ``control``: ``revoke``.
+* ``control``: ``revoke``;
+* ``operations``: ``inspect``, ``purge`` and ``ping``;
+* ``dashboard``: ``dashboard``, the web view (``machinery.dashboard``).
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from .app import (
     unreachable_message,
 )
 from .control import revoke
+from .dashboard import dashboard
 from .formatting import echo_table, format_arg, format_args, format_seconds, format_time, style_state
 from .inspection import dead, delayed, pending, requeue_dead, status
+from .operations import inspect, ping, purge
 from .running import demo, describe_entry, echo_entries, periodic, setup_logging, worker
 from .sending import parse_arg, parse_eta, send
 
@@ -77,5 +81,20 @@ def main(ctx: click.Context) -> None:
     ctx.ensure_object(CliState)
 
 
-for _command in (worker, periodic, demo, send, status, revoke, pending, delayed, dead, requeue_dead):
+for _command in (
+    worker,
+    periodic,
+    demo,
+    send,
+    status,
+    revoke,
+    pending,
+    delayed,
+    dead,
+    requeue_dead,
+    inspect,
+    purge,
+    ping,
+    dashboard,
+):
     main.add_command(_command)

@@ -12,7 +12,7 @@ import click
 
 from .._sync import run_sync
 from ..config import redact_url as safe_url
-from ..errors import MachineryError
+from ..errors import MachineryError, UnsupportedOperation
 from ..server import Server
 from ..signature import Signature
 from .app import CliError, get_server, read_states, server_options
@@ -215,14 +215,20 @@ def delayed(ctx: click.Context, limit: int) -> None:
 @server_options
 @click.argument("queue", required=False)
 @_LIMIT
+@click.option("--purge", "purge_them", is_flag=True, help="Delete the dead letters instead of listing them.")
+@click.option("-y", "--yes", is_flag=True, help="With --purge: do not ask for confirmation.")
 @click.pass_context
-def dead(ctx: click.Context, queue: str | None, limit: int) -> None:
-    """List a queue's dead letters, and why each failed.
+def dead(ctx: click.Context, queue: str | None, limit: int, purge_them: bool, yes: bool) -> None:
+    """List a queue's dead letters with why each failed.
 
     Dead letters are messages a worker could not process (not JSON, not a task message).
-    QUEUE defaults to the config's default_queue.
+    QUEUE defaults to the config's default_queue. With --purge they are deleted instead
+    (after a confirmation, unless --yes).
     """
     server, name = _server_and_queue(ctx, queue)
+    if purge_them:
+        _purge_dead(server, name, yes)
+        return
     letters = server.dead_letters(name)
     _echo_listing(
         letters,
@@ -233,6 +239,20 @@ def dead(ctx: click.Context, queue: str | None, limit: int) -> None:
     )
     if letters:
         click.echo(f"Put them back on the queue with: machinery requeue-dead {name}")
+
+
+def _purge_dead(server: Server, queue: str, yes: bool) -> None:
+    try:
+        count = run_sync(server.broker.dead_count(queue))
+        if count == 0:
+            click.echo(f"No dead letters in {queue}")
+            return
+        if not yes:
+            click.confirm(f"Delete {plural(count, 'dead letter')} of {queue}?", abort=True)
+        removed = run_sync(server.broker.purge_dead(queue))
+    except UnsupportedOperation as exc:
+        raise CliError(f"cannot purge the dead letters of {queue}: {exc}") from None
+    click.echo(f"Purged {plural(removed, 'dead letter')} from {queue}")
 
 
 def _describe_body(body: bytes) -> str:

@@ -10,8 +10,11 @@ from datetime import datetime, timezone
 
 import click
 
+from .. import log
 from ..config import redact_url as safe_url
+from ..errors import MissingExtra
 from ..periodic import LOCK_PREFIX, PeriodicEntry
+from ..server import Server
 from ..worker import POOLS
 from .app import CliError, app_spec, get_server, is_connection_error, server_options, unreachable_message
 from .formatting import echo_table, format_args, format_moment, plural, shorten
@@ -106,6 +109,13 @@ thread, so the worker stops waiting, records the failure, and the thread runs on
     metavar="MB",
     help="With --pool processes: replace a child process once its resident memory passes MB after a task.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    metavar="PORT",
+    help="Serve Prometheus metrics on http://HOST:PORT/metrics (needs machinery[metrics]).",
+)
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics endpoint listens on.")
 @click.pass_context
 def worker(
     ctx: click.Context,
@@ -119,10 +129,14 @@ def worker(
     soft_time_limit: float | None,
     max_tasks_per_child: int | None,
     max_memory_per_child: float | None,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Run a worker that consumes a queue and runs its tasks."""
     setup_logging(loglevel)
     server = get_server(ctx, need_app=True)
+    if metrics_port is not None:
+        _serve_metrics(server, metrics_host, metrics_port)
     server.new_worker(
         consumer_tag,
         concurrency,
@@ -134,6 +148,21 @@ def worker(
         max_tasks_per_child=max_tasks_per_child,
         max_memory_per_child=max_memory_per_child,
     ).launch()
+
+
+def _serve_metrics(server: Server, host: str, port: int) -> None:
+    """Add the metrics middleware (unless the app has it) and serve ``/metrics``."""
+    try:
+        from ..metrics import MetricsMiddleware, serve
+    except MissingExtra as exc:
+        raise CliError(str(exc)) from None
+    if not any(isinstance(m, MetricsMiddleware) for m in server.middleware.middleware):
+        server.add_middleware(MetricsMiddleware())
+    try:
+        http = serve(port, host)
+    except OSError as exc:
+        raise CliError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+    log.logger.info("Serving Prometheus metrics on http://%s:%d/metrics", host, http.server_port)
 
 
 # --------------------------------------------------------------------------- periodic

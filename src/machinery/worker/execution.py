@@ -80,11 +80,16 @@ class Execution:
         """Call the task's function and return what it returned; raises what it raised, or
         ``TimeLimitExceeded``, or the reason given to ``stop``."""
         run = _Run(asyncio.current_task())
-        self._runs.setdefault(signature.uuid, []).append(run)
-        loop = asyncio.get_running_loop()
+        runs = self._runs.get(signature.uuid)
+        if runs is None:
+            self._runs[signature.uuid] = [run]
+        else:  # the same task twice at once here (a redelivery while it still runs)
+            runs.append(run)
         hard = None
         if limits.hard is not None:
-            hard = loop.call_later(limits.hard, run.stop, self._hard_limit_error(spec, limits.hard))
+            hard = asyncio.get_running_loop().call_later(
+                limits.hard, run.stop, self._hard_limit_error(spec, limits.hard)
+            )
         try:
             return await self._call(spec, signature, values, limits, report, run)
         except asyncio.CancelledError:

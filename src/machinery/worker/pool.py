@@ -116,6 +116,7 @@ class ProcessPool:
         self._modules: list[str] = []
         self._ids = itertools.count()
         self._closing = False
+        self._started = False
 
     @property
     def busy(self) -> int:
@@ -134,6 +135,7 @@ class ProcessPool:
         self._idle = asyncio.Queue()
         children = [self._spawn() for _ in range(self.size)]
         await asyncio.wait_for(asyncio.gather(*(child.ready for child in children)), START_TIMEOUT)
+        self._started = True
         log.logger.info("Process pool started: %d children (pids %s)", self.size, ", ".join(map(str, self.pids)))
 
     def _spawn(self) -> _Child:
@@ -169,7 +171,9 @@ class ProcessPool:
         try:
             return await call.future
         except asyncio.CancelledError:
-            if not call.future.done():
+            # Cancelling this task cancelled the future it awaited, too: unless the child had
+            # already answered, it is still running the call.
+            if not call.future.done() or call.future.cancelled():
                 self._kill(child)
             raise
         finally:
@@ -199,6 +203,16 @@ class ProcessPool:
             if not child.ready.done():
                 child.ready.set_result(None)
             self._make_idle(child)
+            return
+        if kind == "unimportable":
+            if not child.ready.done():
+                child.ready.set_exception(
+                    ConfigError(
+                        f"the process pool's children cannot import {message[1]} ({message[2]}): a child is a "
+                        "fresh interpreter, so the module must be importable by name from sys.path (or "
+                        "PYTHONPATH) as the worker's own directory sees it, not loaded from a file path"
+                    )
+                )
             return
         call = child.call
         if call is None or message[1] != call.id:
@@ -246,7 +260,9 @@ class ProcessPool:
         if child.gone:
             return
         self._forget(child)
-        child.process.join(0)
+        # Its sentinel closes as it exits, a moment before it can be reaped: wait that moment
+        # so that the error can say how it ended.
+        child.process.join(1.0)
         call = child.call
         if call is not None and not call.future.done():
             code = child.process.exitcode
@@ -255,7 +271,22 @@ class ProcessPool:
                 WorkerProcessDied(f"the pool process running {call.name} ({child.process.pid}) died: {how}")
             )
         if not child.ready.done():
+            try:  # its last words (why it could not start) may still be in the pipe
+                while child.conn.poll():
+                    self._received(child, child.conn.recv())
+            except (EOFError, OSError):
+                pass
+        if not child.ready.done():
             child.ready.set_exception(WorkerProcessDied(f"a pool process could not start ({child.process.exitcode})"))
+        if child.ready.cancelled() or child.ready.exception() is not None:
+            # A child that never started is not replaced (the next would fail the same way):
+            # at start the pool fails with the reason; later, it runs with one child fewer.
+            if self._started:
+                log.logger.error(
+                    "A new pool child could not start (%s); the pool has %d children left",
+                    child.ready.exception() if not child.ready.cancelled() else "cancelled",
+                    len(self._children),
+                )
             return
         if not self._closing:
             log.logger.warning("Pool child %s ended; starting another", child.process.pid)
@@ -318,7 +349,11 @@ def _child_main(conn: Connection, modules: list[str]) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, _on_soft_limit)
     for module in modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except BaseException as exc:  # the worker cannot start: tell it why, in its words
+            conn.send(("unimportable", module, f"{type(exc).__name__}: {exc}"))
+            return
     conn.send(("ready",))
     functions: dict[tuple[str, str], Callable[..., Any]] = {}
     while True:

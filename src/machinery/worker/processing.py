@@ -101,6 +101,7 @@ class MessageHandler:
         self.default_limits = default_limits
         self.error_handler = error_handler
         self.in_flight: dict[int, RunningTask] = {}  # by id() of the asyncio task processing it
+        self.processed = 0  # tasks processed (their outcome stored), for the heartbeat
         #: Task UUID -> stop it if it runs: the worker's view of the revocations (refreshed by it).
         self.revoked: dict[str, bool] = {}
         self._unknown: OrderedDict[str, _Sighting] = OrderedDict()
@@ -230,6 +231,7 @@ class MessageHandler:
             await middleware.before_store(signature, outcome)
             await self._store(signature, outcome)
             await middleware.after_process(signature, outcome)
+            self.processed += 1
         finally:
             self.in_flight.pop(key, None)
         return outcome
@@ -245,9 +247,13 @@ class MessageHandler:
                 slot.release()
             await self.persist(lambda: backend.write_states([_state(signature, RECEIVED)], True), what)
             return Outcome(FAILURE, error=str(exc), exception=exc)
-        await self.persist(
-            lambda: backend.write_states([_state(signature, RECEIVED), _state(signature, STARTED)], True), what
-        )
+        # Go writes RECEIVED, then STARTED. Where both would be stored at once, no reader could
+        # ever see RECEIVED, so only STARTED is written (half the work of this step).
+        if backend.writes_batches_atomically:
+            starting = [_state(signature, STARTED)]
+        else:
+            starting = [_state(signature, RECEIVED), _state(signature, STARTED)]
+        await self.persist(lambda: backend.write_states(starting, True), what)
         limits = limits_of(signature, spec.options, self.default_limits)
         progress = ProgressWriter(self.backend, signature.uuid) if spec.wants_context else None
         started = time.perf_counter()

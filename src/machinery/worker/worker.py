@@ -312,6 +312,7 @@ class Worker:
             started_at=self._started_at or now,
             seen_at=now,
             running=list(self._handler.in_flight.values()) if self._handler is not None else [],
+            processed=self._handler.processed if self._handler is not None else 0,
         )
 
     async def _keep_up(self) -> None:

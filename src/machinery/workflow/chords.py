@@ -78,7 +78,9 @@ class ChordCompletion(Middleware):
         self._trigger_slots: PerLoop[asyncio.Semaphore] = PerLoop(lambda: asyncio.Semaphore(TRIGGERS_IN_FLIGHT))
 
     def before_process(self, signature: Signature) -> HookResult:
-        if not is_chord_member(signature):
+        # A results-off backend (``null``) keeps no states to decide a chord by: as Go's, whose
+        # null GroupCompleted never finds a group sent elsewhere, the callback is not sent.
+        if not self._backend.stores_results or not is_chord_member(signature):
             return None
         return self._note_redelivery(signature)
 
@@ -88,7 +90,7 @@ class ChordCompletion(Middleware):
         self._redelivered.set(state is not None and state.is_completed())
 
     def after_process(self, signature: Signature, outcome: Outcome) -> HookResult:
-        if outcome.state not in COMPLETED_STATES or not is_chord_member(signature):
+        if outcome.state not in COMPLETED_STATES or not self._backend.stores_results or not is_chord_member(signature):
             return None
         return self.complete(signature, self._redelivered.get())
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from ..dispatch import Dispatcher, ProgressHandler
+from ..errors import UnsupportedOperation
 from ..result import AsyncResult, ChainAsyncResult, ChordAsyncResult
 from ..signature import Chain, Chord, Group
 
@@ -42,6 +43,11 @@ async def send_chord(
     """Send the chord's group; a worker publishes the callback when the group is done."""
     if not isinstance(chord, Chord):
         raise TypeError(f"send_chord needs a Chord, got {chord!r}")
+    if not dispatcher.backend.stores_results:
+        raise UnsupportedOperation(
+            f"a chord needs its members' states, and the result backend {dispatcher.backend.url!r} stores none; "
+            "set result_backend to a real store to send chords"
+        )
     if chord.callback.headers is None:
         chord.callback.headers = {}  # as Go's SendChord leaves it
     await send_group(dispatcher, chord.group, send_concurrency, on_progress)

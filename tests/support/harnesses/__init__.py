@@ -10,9 +10,13 @@ from __future__ import annotations
 from .amqp import AMQPHarness
 from .base import Harness
 from .dynamodb import DynamoDBHarness
+from .memcache import MemcacheHarness
 from .memory import MemoryHarness
+from .mongo import MongoHarness
 from .pubsub import PubSubHarness
 from .redis import RedisHarness
+from .redis_cluster import RedisClusterHarness
+from .redis_sentinel import RedisSentinelHarness
 from .sqlite import SQLiteHarness
 from .sqs import SQSBrokerHarness
 
@@ -27,6 +31,10 @@ HARNESSES: dict[str, type[Harness]] = {
         SQSBrokerHarness,  # paired with DynamoDB: ("sqs", "dynamodb")
         DynamoDBHarness,
         PubSubHarness,  # paired with Redis: ("gcppubsub", "redis")
+        RedisClusterHarness,
+        RedisSentinelHarness,
+        MemcacheHarness,
+        MongoHarness,
     )
 }
 

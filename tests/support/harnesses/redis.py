@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from redis.asyncio import Redis
 
 from machinery import Server
 from machinery.backends.redis import RedisBackend, annotation_key
@@ -36,14 +38,16 @@ class RedisHarness(Harness):
         bodies = await self._broker(server).connector.client().lrange(queue, 0, -1)
         return [body if isinstance(body, bytes) else body.encode() for body in bodies]
 
-    async def _processing_lists(self, server: Server, queue: str) -> list[bytes]:
-        client = self._broker(server).connector.client()
-        # A large COUNT: the shared Redis may hold hundreds of thousands of other keys.
-        return [key async for key in client.scan_iter(match=processing_prefix(queue) + "*", count=10_000)]
+    @staticmethod
+    async def _processing_lists(client: Any, queue: str) -> list[str]:
+        # Every consumer holding messages is in the heartbeat set until it is reaped or closes,
+        # so its list is found by name (a SCAN would walk the whole shared keyspace).
+        consumers: list[bytes | str] = await client.zrange(heartbeats_key(queue), 0, -1)
+        return [processing_prefix(queue) + (c.decode() if isinstance(c, bytes) else c) for c in consumers]
 
     async def taken_count(self, server: Server, queue: str) -> int:
         client = self._broker(server).connector.client()
-        return sum([await client.llen(key) for key in await self._processing_lists(server, queue)])
+        return sum([await client.llen(key) for key in await self._processing_lists(client, queue)])
 
     def abandon(self, consumer: Consumer) -> None:
         # A SIGKILLed worker sends no more heartbeats: another consumer's reaper takes its list back.
@@ -58,8 +62,6 @@ class RedisHarness(Harness):
     async def cleanup(self, server: Server, queue: str, ids: Iterable[str]) -> None:
         """Delete the queue's keys and the states of ``ids``, then check nothing of the test's
         own is left: every key still naming the queue would live on without a TTL."""
-        from redis.asyncio import Redis
-
         client = Redis.from_url(REDIS_URL)
         try:
             keys: list[str | bytes] = [
@@ -69,7 +71,7 @@ class RedisHarness(Harness):
                 heartbeats_key(queue),
                 server.config.redis.delayed_tasks_key,
             ]
-            keys += [key async for key in client.scan_iter(match=processing_prefix(queue) + "*", count=10_000)]
+            keys += await self._processing_lists(client, queue)
             for task_uuid in ids:
                 keys += [task_uuid, *(annotation_key(task_uuid, name) for name in ANNOTATIONS)]
             for start in range(0, len(keys), 500):

@@ -35,7 +35,8 @@ always-true check: a ``<group>_chord_triggered`` queue limited to one message wi
 ``x-overflow: reject-publish`` accepts (confirms) exactly one token; every later publish is
 nacked. Its existence also stops Go workers, whose ``TriggerChord`` returns false when that
 queue exists. The queues beside a group's, and the lock, are in ``groups``; the state
-cache and the watch queue in ``states``.
+cache and the watch queue in ``states``; what is kept beside the states (annotations,
+revocations, worker heartbeats) in ``records``.
 
 Cost. One queue per task (and per group) lives for ``results_expire_in`` seconds and every
 state is a message; a state write is a confirmed publish (plus a queue declaration for the
@@ -56,7 +57,6 @@ from ... import log
 from ..._drivers.amqp import (
     AMQP_ERRORS,
     AMQPConnector,
-    AMQPInt32,
     Session,
     amqp_errors,
     bounded,
@@ -64,7 +64,6 @@ from ..._drivers.amqp import (
     gather_all,
     give_back,
     message,
-    peek_queue,
     split_urls,
     take_messages,
 )
@@ -74,7 +73,7 @@ from ...errors import BrokerConnectionError, MessageDecodeError, ResultConsumedE
 from ...signature import Signature
 from ...state import COMPLETED_STATES, GroupMeta, TaskState, WorkerInfo
 from ...types import TaskResult
-from ..base import Backend, decode_workers
+from ..base import Backend
 from .groups import (
     DecidedGroups,
     GroupLocks,
@@ -87,6 +86,7 @@ from .groups import (
     meta_queue,
     take_chord_token,
 )
+from .records import BesideRecords
 from .states import StateCache, StateWatcher, decode_state_or_none
 
 __all__ = ["AMQPBackend", "chord_triggered_queue", "meta_queue"]
@@ -95,8 +95,6 @@ __all__ = ["AMQPBackend", "chord_triggered_queue", "meta_queue"]
 CACHE_SIZE = 50_000
 #: Reads in flight at once per event loop (each holds a channel for a few round trips).
 READ_CONCURRENCY = 32
-#: A worker that stopped publishes this, then its tag, to the workers queue.
-_GONE_PREFIX = b"gone:"
 
 
 class _WatcherSlot:
@@ -121,6 +119,7 @@ class AMQPBackend(Backend):
         self._read_slots: PerLoop[asyncio.Semaphore] = PerLoop(lambda: asyncio.Semaphore(READ_CONCURRENCY))
         self._group_locks = GroupLocks(self._connector)
         self._decided = DecidedGroups()
+        self._records = BesideRecords(self._connector, lambda: self._exchange)
 
     # ------------------------------------------------------------------ layout
 
@@ -395,90 +394,30 @@ class AMQPBackend(Backend):
                 await give_back(taken)
         return distinct_members([s for m in taken if (s := decode_state_or_none(m.body))])
 
-    # ------------------------------------------------------------------ purging
-
-    # ------------------------------------------------------------------ beside the state
+    # ------------------------------------------------------------------ beside the state (records.py)
 
     async def write_annotation(self, task_uuid: str, name: str, value: str) -> None:
-        """The latest ``value`` in the queue ``<uuid>.<name>`` (one message: a newer one drops
-        the older), expiring with the results. Go readers never look at it."""
-        session = await self._connector.session()
-        queue = f"{task_uuid}.{name}"
-        ttl = expiry_ms_int32(self.ttl)
-        arguments = {"x-max-length": AMQPInt32(1), "x-expires": ttl, "x-message-ttl": ttl}
-        with amqp_errors(f"declaring {queue!r}"):
-            await session.queue(queue, durable=False, auto_delete=False, arguments=arguments)
-        await session.publish("", queue, message(value.encode(), content_type="text/plain"))
+        await self._records.write_annotation(task_uuid, name, value, self.ttl)
 
     async def get_annotation(self, task_uuid: str, name: str) -> str | None:
-        bodies = await self._peek(f"{task_uuid}.{name}")
-        return bodies[-1].decode() if bodies else None
+        return await self._records.get_annotation(task_uuid, name)
 
     async def revoke(self, task_uuid: str, terminate: bool) -> None:
-        """A message in the revocations queue, expiring with the results."""
-        session = await self._connector.session()
-        with amqp_errors(f"declaring {self._revocations_queue!r}"):
-            await session.queue(self._revocations_queue, durable=True, auto_delete=False, arguments=None)
-        body = f"{task_uuid} {1 if terminate else 0}".encode()
-        await session.publish("", self._revocations_queue, message(body, expiration_ms=self.ttl * 1000))
+        await self._records.revoke(task_uuid, terminate, self.ttl)
 
     async def revocations(self, since: int) -> tuple[int, dict[str, bool]] | None:
-        revoked: dict[str, bool] = {}
-        for body in await self._peek(self._revocations_queue):
-            task_uuid, _, flag = body.decode(errors="replace").partition(" ")
-            revoked[task_uuid] = revoked.get(task_uuid, False) or flag == "1"
-        version = hash(frozenset(revoked.items())) & 0x7FFFFFFF  # what is live, not a count
-        return None if version == since else (version, revoked)
-
-    @property
-    def _revocations_queue(self) -> str:
-        return f"{self._exchange or 'machinery'}.revocations"
-
-    async def _peek(self, name: str) -> list[bytes]:
-        """The bodies in queue ``name``, oldest first, all put back ([] if there is no such queue)."""
-        session = await self._connector.session()
-        async with session.side_channel() as channel:
-            with amqp_errors(f"reading {name!r}"):
-                taken = await peek_queue(channel, name)
-                await give_back(taken)
-        return [incoming.body for incoming in taken]
-
-    # ------------------------------------------------------------------ workers
-
-    @property
-    def _workers_queue(self) -> str:
-        return f"{self._exchange or 'machinery'}.workers"
+        return await self._records.revocations(since)
 
     async def write_worker(self, info: WorkerInfo, ttl: float) -> None:
-        """Publish the heartbeat to the workers queue; each message expires after ``ttl``, and
-        the queue itself once no worker has published for three times that."""
-        await self._publish_worker(info.encode(), ttl)
+        await self._records.write_worker(info, ttl)
 
     async def forget_worker(self, tag: str) -> None:
-        await self._publish_worker(_GONE_PREFIX + tag.encode(), 60.0)
-
-    async def _publish_worker(self, body: bytes, ttl: float) -> None:
-        session = await self._connector.session()
-        name = self._workers_queue
-        with amqp_errors(f"declaring {name!r}"):
-            await session.queue(
-                name, durable=False, auto_delete=False, arguments={"x-expires": expiry_ms_int32(int(3 * ttl) + 1)}
-            )
-        await session.publish("", name, message(body, expiration_ms=int(ttl * 1000)))
+        await self._records.forget_worker(tag)
 
     async def get_workers(self) -> list[WorkerInfo]:
-        """The latest heartbeat of each worker in the workers queue, minus the ones that said
-        goodbye (the queue is read and every message put back)."""
-        latest: dict[str, bytes | None] = {}
-        for body in await self._peek(self._workers_queue):
-            if body.startswith(_GONE_PREFIX):
-                latest[body[len(_GONE_PREFIX) :].decode(errors="replace")] = None
-                continue
-            try:
-                latest[WorkerInfo.decode(body).tag] = body
-            except MessageDecodeError as exc:
-                log.logger.warning("Ignoring a worker record that does not decode: %s", exc)
-        return decode_workers([body for body in latest.values() if body is not None])
+        return await self._records.get_workers()
+
+    # ------------------------------------------------------------------ purging
 
     async def purge_state(self, task_uuid: str) -> None:
         """Delete the task's queue (as Go's ``AsyncResult`` does after completion)."""
