@@ -79,11 +79,12 @@ def test_unknown_tasks_do_not_slow_the_registered_ones_behind_them(deployment: D
     def add(*args: int) -> int:
         return sum(args)
 
-    unknown = [server.send_task(Signature("nosuchtask", [i])) for i in range(160)]
+    unknown = [server.send_task(Signature("nosuchtask", [i])) for i in range(deployment.scaled(160))]
+    registered = deployment.scaled(200)
     with running_worker(server, concurrency=4):
-        results = [add.send(i, i) for i in range(200)]
+        results = [add.send(i, i) for i in range(registered)]
         # Under the old worker-wide back-off this took about 108 s; the deadline is generous.
-        assert [r.get(timeout=30) for r in results] == [2 * i for i in range(200)]
+        assert [r.get(timeout=30) for r in results] == [2 * i for i in range(registered)]
     # Someone else's tasks: left for them, not lost (back in the queue, or waiting to go back).
     expected = {r.task_uuid for r in unknown}
     wait_until(lambda: deployment.waiting() == expected, what="every unknown task waiting again")

@@ -70,6 +70,7 @@ def test_several_processes_send_and_work_on_one_deployment(deployment: Deploymen
     assert deployment.queued_bodies() == [] and deployment.taken_count() == 0
 
 
+@pytest.mark.known_gap("exclusive_delivery")
 def test_consumers_in_several_processes_never_share_a_message(
     broker_deployment: Deployment, processes: Processes
 ) -> None:

@@ -119,6 +119,11 @@ class Deployment:
         """How many messages of the queue some consumer holds unsettled."""
         return run_sync(self.ataken_count(queue))
 
+    def scaled(self, count: int) -> int:
+        """``count`` messages for a load test, scaled down for a slow test server (see
+        ``Harness.load_scale``)."""
+        return max(1, round(count * min(harness.load_scale for harness in self.harnesses)))
+
     def waiting(self) -> set[str]:
         """UUIDs of the tasks waiting in the queue or for their ETA."""
         server = self._first(None)

@@ -92,6 +92,10 @@ def _deployment(request: pytest.FixtureRequest, tmp_path: Path, queue: str) -> I
             reason = harness.gaps.get(gap.args[0])
             if reason is not None:
                 request.node.add_marker(pytest.mark.xfail(strict=True, reason=f"{harness.name}: {reason}"))
+            unpromised = harness.unpromised.get(gap.args[0])
+            if unpromised is not None:
+                deployment.close()
+                pytest.skip(f"{harness.name} does not promise this: {unpromised}")
     try:
         yield deployment
     finally:

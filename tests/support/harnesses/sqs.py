@@ -41,6 +41,13 @@ class SQSBrokerHarness(Harness):
         "characters such as NUL cannot be sent (UnsupportedOperation); every signature, Go's too, is JSON",
     }
 
+    unpromised: ClassVar[dict[str, str]] = {
+        "exclusive_delivery": "a standard SQS queue delivers at least once and may hand one message "
+        "to two receivers (AWS documents it; moto's threaded server does it under load); the "
+        "worker's states and chord trigger are written to bear a second run",
+    }
+    load_scale: ClassVar[float] = 0.25
+
     def setup(self) -> None:
         self.server: LocalServer = self.request.getfixturevalue("moto_server")
         os.environ["DISABLE_STRICT_SQS_CHECK"] = "1"  # moto's queue URLs are http://127.0.0.1:PORT/ACCOUNT/NAME
