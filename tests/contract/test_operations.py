@@ -9,10 +9,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from machinery import Server, Signature
-from machinery.brokers.amqp import AMQPBroker
 from machinery.brokers.base import Delivery
 from machinery.brokers.redis import RedisBroker
-from machinery.errors import UnsupportedOperation
 from support.deployment import Deployment
 from support.fixtures import unique
 
@@ -28,6 +26,7 @@ async def publish(server: Server, count: int) -> list[Signature]:
     return signatures
 
 
+@pytest.mark.known_gap("operations")
 async def test_depth_counts_ready_messages_and_purge_leaves_taken_ones(server: Server) -> None:
     broker, queue = server.broker, server.config.default_queue
     await publish(server, 3)
@@ -47,6 +46,7 @@ async def test_depth_counts_ready_messages_and_purge_leaves_taken_ones(server: S
     assert await broker.queue_depth(queue) == 1
 
 
+@pytest.mark.known_gap("operations")
 async def test_an_unknown_queue_is_empty(server: Server) -> None:
     name = unique("never_used")
     assert await server.broker.queue_depth(name) == 0
@@ -55,6 +55,7 @@ async def test_an_unknown_queue_is_empty(server: Server) -> None:
     assert await server.broker.purge_dead(name) == 0
 
 
+@pytest.mark.known_gap("operations")
 async def test_dead_letters_are_counted_and_purged(server: Server) -> None:
     broker, queue = server.broker, server.config.default_queue
     await publish(server, 2)
@@ -73,6 +74,7 @@ async def test_dead_letters_are_counted_and_purged(server: Server) -> None:
     assert await broker.dead_letters(queue) == []
 
 
+@pytest.mark.known_gap("operations")
 async def test_the_broker_answers_a_ping(server: Server) -> None:
     await server.broker.ping()
 
@@ -81,12 +83,9 @@ async def test_the_backend_answers_a_ping(backend_deployment: Deployment) -> Non
     await backend_deployment.server().backend.ping()
 
 
+@pytest.mark.known_gap("delayed_inspection")
 async def test_delayed_messages_are_counted_per_queue(server: Server) -> None:
     broker, queue = server.broker, server.config.default_queue
-    if isinstance(broker, AMQPBroker):
-        with pytest.raises(UnsupportedOperation, match="rabbitmqctl"):
-            await broker.delayed_count(queue)
-        return
     later = datetime.now(timezone.utc) + timedelta(hours=1)
     signatures = [Signature("noop", uuid=unique("task"), eta=later) for _ in range(2)]
     await broker.publish_many([*signatures, Signature("noop", uuid=unique("task"), eta=later, routing_key=unique("o"))])

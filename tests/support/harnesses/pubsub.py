@@ -25,6 +25,9 @@ class PubSubHarness(Harness):
     lock: ClassVar[bool] = False
     marks: ClassVar[tuple[str, ...]] = ("gcppubsub", "redis")
     gaps: ClassVar[dict[str, str]] = {
+        "operations": "the operations seams (queue depth, purge, dead-letter count, ping) are not "
+        "implemented on Pub/Sub yet: machinery inspect, purge, dead --purge and ping report "
+        "UnsupportedOperation there",
         "delayed_inspection": "Pub/Sub cannot read a message held back for its ETA "
         "(get_delayed_tasks raises UnsupportedOperation)",
         "priorities": "Pub/Sub has no priorities: messages of any priority are delivered alike",
