@@ -234,6 +234,7 @@ def test_retry_task_later_once(server: Server) -> None:
 # --------------------------------------------------------------------------- delayed and pending tasks
 
 
+@pytest.mark.known_gap("pending_excludes_delayed")
 def test_eta_task_is_not_run_before_its_eta(server: Server) -> None:
     ran_at: list[datetime] = []
 

@@ -25,6 +25,8 @@ class PubSubHarness(Harness):
     lock: ClassVar[bool] = False
     marks: ClassVar[tuple[str, ...]] = ("gcppubsub", "redis")
     gaps: ClassVar[dict[str, str]] = {
+        "pending_excludes_delayed": "Pub/Sub holds a message back for its ETA in the subscription "
+        "itself, so listing pending tasks (by receiving) shows it among the ready ones",
         "operations": "the operations seams (queue depth, purge, dead-letter count, ping) are not "
         "implemented on Pub/Sub yet: machinery inspect, purge, dead --purge and ping report "
         "UnsupportedOperation there",
