@@ -379,8 +379,25 @@ def _child_main(conn: Connection, modules: list[str]) -> None:
             ok, payload = False, exc
         finally:
             _current_call = None
-        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        conn.send(("done", call_id, *_portable(ok, payload), peak_kb))
+        conn.send(("done", call_id, *_portable(ok, payload), _peak_rss_kb()))
+
+
+def _peak_rss_kb() -> int:
+    """This process's own peak resident memory in KiB.
+
+    Linux carries ``ru_maxrss`` over from the parent across the spawn's fork and exec, so a
+    child of a worker that is itself over the limit would be retired after every call: read the
+    peak of this process's own memory (``VmHWM``) instead where the kernel reports it.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak  # bytes there, KiB elsewhere
 
 
 def _portable(ok: bool, payload: Any) -> tuple[bool, Any]:
