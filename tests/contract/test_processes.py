@@ -93,7 +93,7 @@ def test_consumers_in_several_processes_never_share_a_message(
 def test_every_chord_callback_is_sent_exactly_once_by_competing_workers(
     deployment: Deployment, processes: Processes, tmp_path: Path
 ) -> None:
-    chords_count, members, workers_count = 100, 10, 4
+    chords_count, members, workers_count = deployment.scaled(100), 10, 4
     record = FileRecord(tmp_path / "callbacks.jsonl")
     # Leases and heartbeats of 30 s (the default): on a loaded machine the suite's short ones can
     # run out under a busy process, and a redelivered callback then legitimately runs twice.

@@ -26,6 +26,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -857,3 +858,23 @@ def test_the_backend_keeps_heartbeats_annotations_and_revocations_beside_the_sta
         queues = (f"{prefix}_ex.revocations", f"{prefix}_ex.workers", f"{task_uuid}.progress")
         run_sync(backend._delete_queues(*queues))  # type: ignore[attr-defined]
         server.close()
+
+
+def test_workers_with_different_heartbeat_timeouts_share_the_workers_queue(prefix: str) -> None:
+    # Each declares the workers queue; arguments that differed with the settings made RabbitMQ
+    # refuse the second one and close the channel its state writes share.
+    servers = [Server(replace(amqp_config(prefix), heartbeat_timeout=timeout)) for timeout in (30.0, 60.0)]
+    for server in servers:
+        server.register_task("add", lambda a, b: a + b)
+    try:
+        with (
+            running_worker(servers[0], concurrency=1, periodic=False) as first,
+            running_worker(servers[1], concurrency=1, periodic=False) as second,
+        ):
+            tags = lambda: {w.tag for w in run_sync(servers[0].backend.get_workers())}  # noqa: E731
+            wait_until(lambda: {first.consumer_tag, second.consumer_tag} <= tags(), WAIT, "both heartbeats")
+            assert servers[1].send_task(Signature("add", [2, 3])).get(timeout=WAIT) == 5
+    finally:
+        run_sync(servers[0].backend._delete_queues(f"{prefix}_ex.workers"))  # type: ignore[attr-defined]
+        for server in servers:
+            server.close()

@@ -5,8 +5,10 @@
 * ``<exchange>.revocations``: one message per revocation (``<uuid> <terminate 0|1>``), each
   expiring with the results; workers read the queue and put every message back;
 * ``<exchange>.workers``: worker heartbeats, each expiring after the heartbeat timeout, and a
-  ``gone:<tag>`` message from a worker that stopped; the queue expires once no worker has
-  published for three heartbeat timeouts.
+  ``gone:<tag>`` message from a worker that stopped; the queue expires ``WORKERS_QUEUE_EXPIRY``
+  seconds after the last heartbeat. Its arguments are the same for every worker, whatever its
+  settings: RabbitMQ refuses (and closes the channel of) a declaration whose arguments differ
+  from the existing queue's, and that channel carries the worker's state writes too.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from ..base import decode_workers
 
 #: A worker that stopped publishes this, then its tag, to the workers queue.
 GONE_PREFIX = b"gone:"
+#: Seconds the workers queue outlives the last heartbeat published to it.
+WORKERS_QUEUE_EXPIRY = 600
 
 
 class BesideRecords:
@@ -78,8 +82,7 @@ class BesideRecords:
         return f"{self._exchange() or 'machinery'}.workers"
 
     async def write_worker(self, info: WorkerInfo, ttl: float) -> None:
-        """Publish the heartbeat to the workers queue; each message expires after ``ttl``, and
-        the queue itself once no worker has published for three times that."""
+        """Publish the heartbeat to the workers queue; each message expires after ``ttl``."""
         await self._publish_worker(info.encode(), ttl)
 
     async def forget_worker(self, tag: str) -> None:
@@ -88,9 +91,15 @@ class BesideRecords:
     async def _publish_worker(self, body: bytes, ttl: float) -> None:
         session = await self._connector.session()
         name = self.workers_queue
+        # Declared with every heartbeat, not once per connection: publishing does not count as
+        # using a queue for x-expires, so a queue declared once would expire under live workers.
         with amqp_errors(f"declaring {name!r}"):
             await session.queue(
-                name, durable=False, auto_delete=False, arguments={"x-expires": expiry_ms_int32(int(3 * ttl) + 1)}
+                name,
+                durable=False,
+                auto_delete=False,
+                arguments={"x-expires": expiry_ms_int32(WORKERS_QUEUE_EXPIRY)},
+                cache=False,
             )
         await session.publish("", name, message(body, expiration_ms=int(ttl * 1000)))
 
