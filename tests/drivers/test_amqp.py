@@ -878,3 +878,24 @@ def test_workers_with_different_heartbeat_timeouts_share_the_workers_queue(prefi
         run_sync(servers[0].backend._delete_queues(f"{prefix}_ex.workers"))  # type: ignore[attr-defined]
         for server in servers:
             server.close()
+
+
+def test_a_workers_queue_left_with_other_arguments_breaks_no_state_write(prefix: str) -> None:
+    server = Server(amqp_config(prefix))
+    server.register_task("add", lambda a, b: a + b)
+
+    async def declare_as_an_older_version() -> None:
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            await channel.declare_queue(f"{prefix}_ex.workers", arguments={"x-expires": 181000})
+
+    run_sync(declare_as_an_older_version())
+    try:
+        with running_worker(server, concurrency=1, periodic=False) as worker:
+            tags = lambda: {w.tag for w in run_sync(server.backend.get_workers())}  # noqa: E731
+            wait_until(lambda: worker.consumer_tag in tags(), WAIT, "the worker's heartbeat")
+            assert server.send_task(Signature("add", [2, 3])).get(timeout=WAIT) == 5
+    finally:
+        run_sync(server.backend._delete_queues(f"{prefix}_ex.workers"))  # type: ignore[attr-defined]
+        server.close()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import aiormq
+
 from ... import log
 from ..._drivers.amqp import AMQPConnector, AMQPInt32, amqp_errors, expiry_ms_int32, give_back, message, peek_queue
 from ...errors import MessageDecodeError
@@ -93,14 +95,20 @@ class BesideRecords:
         name = self.workers_queue
         # Declared with every heartbeat, not once per connection: publishing does not count as
         # using a queue for x-expires, so a queue declared once would expire under live workers.
-        with amqp_errors(f"declaring {name!r}"):
-            await session.queue(
-                name,
-                durable=False,
-                auto_delete=False,
-                arguments={"x-expires": expiry_ms_int32(WORKERS_QUEUE_EXPIRY)},
-                cache=False,
-            )
+        # On a channel of its own: a queue left by an older version with other arguments makes
+        # RabbitMQ refuse the declaration and close the channel, which must not be the one the
+        # state writes use.
+        async with session.side_channel() as channel:
+            with amqp_errors(f"declaring {name!r}"):
+                try:
+                    await channel.declare_queue(
+                        name,
+                        durable=False,
+                        auto_delete=False,
+                        arguments={"x-expires": expiry_ms_int32(WORKERS_QUEUE_EXPIRY)},
+                    )
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    log.logger.debug("Using the workers queue %r as it was declared before: %s", name, exc)
         await session.publish("", name, message(body, expiration_ms=int(ttl * 1000)))
 
     async def get_workers(self) -> list[WorkerInfo]:
