@@ -37,6 +37,7 @@ from aiormq.abc import DeliveredMessage
 
 from machinery import (
     FAILURE,
+    PENDING,
     SUCCESS,
     AMQPConfig,
     Config,
@@ -898,4 +899,28 @@ def test_a_workers_queue_left_with_other_arguments_breaks_no_state_write(prefix:
             assert server.send_task(Signature("add", [2, 3])).get(timeout=WAIT) == 5
     finally:
         run_sync(server.backend._delete_queues(f"{prefix}_ex.workers"))  # type: ignore[attr-defined]
+        server.close()
+
+
+def test_a_task_sent_while_its_state_is_read_is_not_taken_for_consumed(prefix: str) -> None:
+    # The read finds no queue, and this process sends the task before the read returns (a
+    # worker sending a chain's next step while the chain's result is read): the state written
+    # after the read looked is no sign that another reader took it.
+    server = Server(amqp_config(prefix))
+    backend = server.backend
+    assert isinstance(backend, AMQPBackend)
+    signature = Signature("add", [1, 2], uuid=f"task_{uuid.uuid4()}")
+    read_stream = backend._read_stream
+
+    async def read_then_send(name: str) -> list[bytes] | None:
+        found = await read_stream(name)
+        await backend.set_pending([signature])
+        return found
+
+    backend._read_stream = read_then_send  # type: ignore[method-assign]
+    try:
+        state = run_sync(backend.get_state(signature.uuid))
+        assert state is not None and state.state == PENDING
+    finally:
+        run_sync(backend.purge_state(signature.uuid))
         server.close()

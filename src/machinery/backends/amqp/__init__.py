@@ -213,9 +213,11 @@ class AMQPBackend(Backend):
         has seen it unfinished: another reader (a Go ``AsyncResult``) took its states and
         deleted it, so its outcome cannot be read here.
         """
+        # What this process had seen before the read: a state it writes while the read runs
+        # (its worker sending the task) may be newer than the queue the read found missing.
+        seen = self._cache.get(task_uuid)
         bodies = await self._read_stream(task_uuid)
         if bodies is None:
-            seen = self._cache.get(task_uuid)
             if seen is not None and not seen.is_completed():
                 raise ResultConsumedError(
                     task_uuid,
@@ -223,7 +225,7 @@ class AMQPBackend(Backend):
                     f"AsyncResult reads it destructively and deletes it after the final state); the last state "
                     f"seen here was {seen.state}",
                 )
-            return seen
+            return self._cache.get(task_uuid)
         for body in bodies:
             try:
                 self._cache.apply(task_uuid, TaskState.decode(body), self.ttl)
