@@ -232,9 +232,9 @@ def test_primary_sigkilled_mid_run_loses_no_task(
 def test_chords_fire_exactly_once_across_a_failover(own_redis_cluster: RedisClusterDeployment) -> None:
     """No chord's callback runs twice. A member state the dying primary acknowledged but had not
     yet replicated is lost, as Redis replication loses it (the bound the README states): that
-    chord then fails with "its state is gone" and its callback is never sent, which is reported,
-    not hidden. (Acknowledged writes cannot be used here: after the failover the new primary has
-    no replica left to acknowledge them.)"""
+    chord then fails with "its state is gone" (or "its group metadata is gone") and its callback is
+    never sent, which is reported, not hidden. (Acknowledged writes cannot be used here: after the
+    failover the new primary has no replica left to acknowledge them.)"""
     queue = unique("cluster_chords")
     server = Server(cluster_config(own_redis_cluster, queue))
     callbacks: Counter[str] = Counter()
@@ -266,7 +266,11 @@ def test_chords_fire_exactly_once_across_a_failover(own_redis_cluster: RedisClus
             )
             for k in range(chords)
         ]
-        # The group metadata of some chords lives on the primary that dies.
+        # The group metadata of some chords lives on the primary that dies. What was sent is on
+        # the replicas before the run starts: a send lost to replication lag (its message, its
+        # members' PENDING, its metadata) would be a chord that never completes, which is the
+        # bound Redis sets, not what this test is about.
+        own_redis_cluster.replicate_everything()
         done_at_kill: list[int] = []
         killer = _kill_primary_when(
             own_redis_cluster, queue, started, lambda: done_at_kill.append(sum(callbacks.values()))
@@ -276,8 +280,8 @@ def test_chords_fire_exactly_once_across_a_failover(own_redis_cluster: RedisClus
             for k, result in enumerate(sent):
                 try:
                     assert result.get(timeout=DEADLINE) == 10
-                except TaskFailed as exc:
-                    assert "its state is gone" in str(exc)  # lost to replication, nothing else
+                except TaskFailed as exc:  # a write of the run lost to replication, nothing else
+                    assert "its state is gone" in str(exc) or "its group metadata is gone" in str(exc)
                     lost.append(k)
             killer.join(5)
             # Every message settled: a second callback, had one been sent, has run by now.

@@ -8,6 +8,7 @@ files (which Sentinel rewrites) stay there.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -161,6 +162,25 @@ class RedisClusterDeployment:
             node = client.get_node_from_key(key)
             port = int(node.port)
         return next(n for n in self.nodes if n.port == port)
+
+    def replicate_everything(self) -> None:
+        """Until every replica holds every write made so far: on each primary, a write of our
+        own and ``WAIT`` for it on the same connection (replication keeps each primary's order)."""
+        with self.client() as cluster:
+            primaries = {int(node.port) for node in cluster.get_primaries()}
+            probes: dict[int, str] = {}
+            for n in itertools.count():
+                if len(probes) == len(primaries):
+                    break
+                key = f"replication_probe_{n}"
+                probes.setdefault(int(cluster.get_node_from_key(key).port), key)
+        for node in self.nodes:
+            if node.port in probes:
+                pipe = node.client().pipeline(transaction=False)
+                pipe.set(probes[node.port], "1", ex=60)
+                pipe.execute_command("WAIT", 1, int(START_TIMEOUT * 1000))
+                _, acked = pipe.execute()
+                assert acked >= 1, f"the replica of 127.0.0.1:{node.port} did not acknowledge"
 
     def wait_healthy(self) -> None:
         """Until every live node sees all slots served and every replica is in sync."""
