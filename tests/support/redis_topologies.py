@@ -178,7 +178,7 @@ class RedisClusterDeployment:
             if node.port in probes:
                 pipe = node.client().pipeline(transaction=False)
                 pipe.set(probes[node.port], "1", ex=60)
-                pipe.execute_command("WAIT", 1, int(START_TIMEOUT * 1000))
+                pipe.wait(1, int(START_TIMEOUT * 1000))
                 _, acked = pipe.execute()
                 assert acked >= 1, f"the replica of 127.0.0.1:{node.port} did not acknowledge"
 
