@@ -293,13 +293,13 @@ def test_acks_of_one_moment_share_one_delete_batch(
     import machinery.brokers.sqs as sqs_module
 
     batches: list[int] = []
-    delete = sqs_module._delete
+    delete = sqs_module.delete_messages
 
     async def counting(sqs: Any, url: str, handles: Any) -> None:
         batches.append(len(handles))
         await delete(sqs, url, handles)
 
-    monkeypatch.setattr(sqs_module, "_delete", counting)
+    monkeypatch.setattr(sqs_module, "delete_messages", counting)
     for n in range(5):
         server.send_task(sig("add", n, n))
 

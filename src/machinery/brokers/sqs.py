@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import hashlib
 import math
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -35,12 +34,21 @@ from botocore.exceptions import ClientError
 from .. import log
 from .._drivers.aws import AWSClients, endpoint_for, error_code
 from ..config import Config, redact_url
-from ..errors import ConfigError, MachineryError, MessageDecodeError, UnsupportedOperation
+from ..errors import ConfigError, UnsupportedOperation
 from ..signature import Signature
+from ._sqs_messages import (
+    BATCH,
+    change_visibility,
+    delete_messages,
+    group_id,
+    message_body,
+    seconds_to_eta,
+    single_entry,
+    sqs_text,
+)
 from .base import Broker, Consumer, DeadLetter, Delivery, decode_all
 
-#: SQS's limits: messages per batch call, seconds of long polling, seconds of visibility.
-BATCH = 10
+#: SQS's limits: seconds of long polling, seconds of visibility.
 MAX_WAIT = 20
 MAX_VISIBILITY = 43_200
 #: Seconds acks wait for others to share their DeleteMessageBatch.
@@ -49,8 +57,6 @@ _MISSING_QUEUE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoe
 _REASON = "MachineryDeadReason"
 _DEAD_TIME = "MachineryDeadTime"
 _FROM_QUEUE = "MachineryDeadQueue"
-#: What an SQS body may not hold: it is XML text (#x9, #xA, #xD, #x20-#xD7FF, #xE000-#xFFFD, above).
-_NOT_SQS_TEXT = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def is_fifo(queue: str) -> bool:
@@ -128,15 +134,11 @@ class SQSBroker(Broker):
             for start in range(0, len(entries), BATCH):
                 chunk = entries[start : start + BATCH]
                 if len(chunk) == 1:
-                    entry = dict(chunk[0])
-                    entry.pop("Id")
-                    await sqs.send_message(QueueUrl=url, **entry)
+                    await sqs.send_message(QueueUrl=url, **single_entry(chunk[0]))
                     continue
                 if sum(len(e["MessageBody"]) for e in chunk) > 256 * 1024:  # SQS's limit per batch
                     for entry in chunk:
-                        single = dict(entry)
-                        single.pop("Id")
-                        await sqs.send_message(QueueUrl=url, **single)
+                        await sqs.send_message(QueueUrl=url, **single_entry(entry))
                     continue
                 response = await sqs.send_message_batch(QueueUrl=url, Entries=chunk)
                 failed = response.get("Failed") or []
@@ -147,7 +149,7 @@ class SQSBroker(Broker):
     def _entry(self, queue: str, entry_id: str, body: bytes, delay: float) -> dict[str, Any]:
         entry: dict[str, Any] = {"Id": entry_id, "MessageBody": sqs_text(body, queue)}
         if is_fifo(queue):
-            entry["MessageGroupId"] = _group_id(body, queue)
+            entry["MessageGroupId"] = group_id(body, queue)
             entry["MessageDeduplicationId"] = hashlib.sha256(body).hexdigest()
         elif delay > 0:
             entry["DelaySeconds"] = min(self.config.sqs.max_delay_seconds, math.ceil(delay))
@@ -186,9 +188,9 @@ class SQSBroker(Broker):
                     if not fresh:
                         break
                     for m in fresh:
-                        seen[m["MessageId"]] = (m["Attributes"].get("SentTimestamp", "0"), _body(m), m)
+                        seen[m["MessageId"]] = (m["Attributes"].get("SentTimestamp", "0"), message_body(m), m)
             finally:
-                await _change_visibility(sqs, url, handles, 0)
+                await change_visibility(sqs, url, handles, 0)
         return sorted(seen.values(), key=lambda item: int(item[0]))
 
     async def get_pending_tasks(self, queue: str | None = None) -> list[Signature]:
@@ -214,19 +216,31 @@ class SQSBroker(Broker):
 
     async def requeue_dead(self, queue: str | None = None) -> int:
         name = queue or self.config.default_queue
-        dead_url = await self.ensure_queue(dead_queue_name(name))
-        moved = 0
-        async with self.clients.call(f"requeueing the dead letters of {name!r}") as sqs:
+        return await self._drain(dead_queue_name(name), f"requeueing the dead letters of {name!r}", forward=name)
+
+    async def _drain(self, queue: str, what: str, forward: str | None = None) -> int:
+        """Receive every visible message of ``queue`` and delete it, sent to ``forward`` first
+        if given; returns how many. Messages in flight or delayed are not visible, so not
+        touched (SQS's PurgeQueue would delete those too). 0 for a queue that does not exist."""
+        url = self.queue_url(queue)
+        drained = 0
+        async with self.clients.call(what) as sqs:
             while True:
-                response = await sqs.receive_message(
-                    QueueUrl=dead_url, MaxNumberOfMessages=BATCH, WaitTimeSeconds=1, VisibilityTimeout=60
-                )
+                try:
+                    response = await sqs.receive_message(
+                        QueueUrl=url, MaxNumberOfMessages=BATCH, WaitTimeSeconds=1, VisibilityTimeout=60
+                    )
+                except ClientError as exc:
+                    if error_code(exc) not in _MISSING_QUEUE:
+                        raise
+                    return drained
                 messages = response.get("Messages") or []
                 if not messages:
-                    return moved
-                await self._push([(name, _body(m)) for m in messages])
-                await _delete(sqs, dead_url, [m["ReceiptHandle"] for m in messages])
-                moved += len(messages)
+                    return drained
+                if forward is not None:
+                    await self._push([(forward, message_body(m)) for m in messages])
+                await delete_messages(sqs, url, [m["ReceiptHandle"] for m in messages])
+                drained += len(messages)
 
     async def delete_queue(self, queue: str) -> None:
         async with self.clients.call(f"deleting SQS queue {queue!r}") as sqs:
@@ -236,15 +250,49 @@ class SQSBroker(Broker):
                 self._known.discard(name)
 
     async def queue_counts(self, queue: str) -> tuple[int, int, int]:
-        """SQS's approximate (visible, in flight, delayed) message counts of ``queue``."""
-        url = await self.ensure_queue(queue)
+        """SQS's approximate (visible, in flight, delayed) message counts of ``queue``; zeros
+        for a queue that does not exist."""
         names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
         names.append("ApproximateNumberOfMessagesDelayed")
         async with self.clients.call(f"counting SQS queue {queue!r}") as sqs:
-            response = await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)
+            try:
+                response = await sqs.get_queue_attributes(QueueUrl=self.queue_url(queue), AttributeNames=names)
+            except ClientError as exc:
+                if error_code(exc) not in _MISSING_QUEUE:
+                    raise
+                return 0, 0, 0
         values = response.get("Attributes") or {}
         visible, in_flight, delayed = (int(values.get(n, 0)) for n in names)
         return visible, in_flight, delayed
+
+    # ------------------------------------------------------------------ operations
+    # SQS's counts are its own approximations: exact on a quiet queue, and on AWS they catch
+    # up within about a minute of a change.
+
+    async def queue_depth(self, queue: str | None = None) -> int:
+        """The visible messages of ``queue`` (SQS's approximate count)."""
+        return (await self.queue_counts(queue or self.config.default_queue))[0]
+
+    async def delayed_count(self, queue: str | None = None) -> int:
+        """The messages of ``queue`` still within their delivery delay (SQS's approximate
+        count; an ETA beyond the 15 minutes SQS can delay is counted while it hops)."""
+        return (await self.queue_counts(queue or self.config.default_queue))[2]
+
+    async def purge(self, queue: str | None = None) -> int:
+        name = queue or self.config.default_queue
+        return await self._drain(name, f"purging SQS queue {name!r}")
+
+    async def dead_count(self, queue: str | None = None) -> int:
+        return (await self.queue_counts(dead_queue_name(queue or self.config.default_queue)))[0]
+
+    async def purge_dead(self, queue: str | None = None) -> int:
+        name = queue or self.config.default_queue
+        return await self._drain(dead_queue_name(name), f"purging the dead letters of {name!r}")
+
+    async def ping(self) -> None:
+        """One request SQS answers whatever queues exist (ListQueues)."""
+        async with self.clients.call("pinging SQS") as sqs:
+            await sqs.list_queues(MaxResults=1)
 
     async def close(self) -> None:
         await self.clients.close()
@@ -296,8 +344,8 @@ class SQSConsumer(Consumer):
         for message in response.get("Messages") or []:
             handle = message["ReceiptHandle"]
             self.held.add(handle)
-            body = _body(message)
-            left = _seconds_to_eta(body)
+            body = message_body(message)
+            left = seconds_to_eta(body)
             if left > 0:  # never run early: a fraction of a second left is one more (short) delay
                 await self._delay_again(body, handle, left)
                 continue
@@ -308,12 +356,12 @@ class SQSConsumer(Consumer):
         """A message that came before its ETA: the next hop of its delay."""
         async with self.broker.clients.call(f"delaying a message on {self.queue!r}") as sqs:
             if self.fifo:
-                await _change_visibility(sqs, self.url, [handle], min(MAX_VISIBILITY, math.ceil(left)))
+                await change_visibility(sqs, self.url, [handle], min(MAX_VISIBILITY, math.ceil(left)))
             else:
                 await sqs.send_message(
-                    **{"QueueUrl": self.url, **_single(self.broker._entry(self.queue, "0", body, left))}
+                    **{"QueueUrl": self.url, **single_entry(self.broker._entry(self.queue, "0", body, left))}
                 )
-                await _delete(sqs, self.url, [handle])
+                await delete_messages(sqs, self.url, [handle])
         self.held.discard(handle)
 
     async def ack(self, delivery: Delivery) -> None:
@@ -333,7 +381,7 @@ class SQSConsumer(Consumer):
             batch, self._acks = self._acks[:BATCH], self._acks[BATCH:]
             try:
                 async with self.broker.clients.call(f"deleting messages from {self.queue!r}") as sqs:
-                    await _delete(sqs, self.url, [handle for handle, _ in batch])
+                    await delete_messages(sqs, self.url, [handle for handle, _ in batch])
             except Exception as exc:  # each ack fails alone and is retried by the worker
                 for _, done in batch:
                     if not done.done():
@@ -347,7 +395,7 @@ class SQSConsumer(Consumer):
     async def requeue(self, delivery: Delivery, delay: float = 0.0) -> None:
         # Hidden for ``delay`` seconds, then any worker may take it; the body stays as it was.
         async with self.broker.clients.call(f"returning a message to {self.queue!r}") as sqs:
-            await _change_visibility(sqs, self.url, [delivery.receipt], min(MAX_VISIBILITY, math.ceil(delay)))
+            await change_visibility(sqs, self.url, [delivery.receipt], min(MAX_VISIBILITY, math.ceil(delay)))
         self.held.discard(delivery.receipt)
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
@@ -368,7 +416,7 @@ class SQSConsumer(Consumer):
             message["MessageDeduplicationId"] = hashlib.sha256(delivery.body + reason.encode()).hexdigest()
         async with self.broker.clients.call(f"dead-lettering a message of {self.queue!r}") as sqs:
             await sqs.send_message(**message)
-            await _delete(sqs, self.url, [delivery.receipt])
+            await delete_messages(sqs, self.url, [delivery.receipt])
         self.held.discard(delivery.receipt)
 
     async def leave_for_redrive(self, delivery: Delivery) -> bool:
@@ -383,7 +431,7 @@ class SQSConsumer(Consumer):
             handles, self.held = list(self.held), set()
             with contextlib.suppress(Exception):  # unreturned, they come back after the timeout anyway
                 async with self.broker.clients.call(f"returning messages to {self.queue!r}") as sqs:
-                    await _change_visibility(sqs, self.url, handles, 0)
+                    await change_visibility(sqs, self.url, handles, 0)
             log.logger.info("Returned %d unfinished message(s) to %r", len(handles), self.queue)
 
     def abandon(self) -> None:
@@ -401,88 +449,9 @@ class SQSConsumer(Consumer):
                 continue
             try:
                 async with self.broker.clients.call(f"extending visibility on {self.queue!r}") as sqs:
-                    await _change_visibility(sqs, self.url, handles, self.visibility)
+                    await change_visibility(sqs, self.url, handles, self.visibility)
             except Exception as exc:  # the next beat tries again; the worker logs fetch errors
                 log.logger.debug("visibility heartbeat failed: %s", exc)
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def sqs_text(body: bytes, queue: str) -> str:
-    """``body`` as the text SQS carries; UnsupportedOperation when SQS cannot carry it (empty,
-    bytes that are not UTF-8, or characters XML forbids): the signatures machinery and Go send are
-    JSON and always can."""
-    if not body:
-        raise UnsupportedOperation(f"SQS cannot carry an empty message body (for {queue!r}): SQS needs one character")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UnsupportedOperation(
-            f"SQS cannot carry this message body for {queue!r}: SQS bodies are text and it is not UTF-8 ({exc})"
-        ) from None
-    bad = _NOT_SQS_TEXT.search(text)
-    if bad is not None:
-        raise UnsupportedOperation(
-            f"SQS cannot carry this message body for {queue!r}: it holds {bad.group()!r} at {bad.start()}, "
-            "a character SQS bodies may not contain"
-        )
-    return text
-
-
-def _body(message: dict[str, Any]) -> bytes:
-    return str(message.get("Body", "")).encode("utf-8", errors="surrogateescape")
-
-
-def _single(entry: dict[str, Any]) -> dict[str, Any]:
-    single = dict(entry)
-    single.pop("Id", None)
-    return single
-
-
-def _group_id(body: bytes, queue: str) -> str:
-    try:
-        group = Signature.decode(body).broker_message_group_id
-    except MessageDecodeError:
-        group = ""
-    if not group:
-        raise ConfigError(
-            f"please specify BrokerMessageGroupId attribute for task Signature when submitting a task to FIFO "
-            f"queue {queue!r}"
-        )
-    return group
-
-
-def _seconds_to_eta(body: bytes) -> float:
-    """Seconds until the message's ETA (<= 0: due, or no ETA, or not a task)."""
-    try:
-        eta = Signature.decode(body).eta
-    except MessageDecodeError:
-        return 0.0
-    if eta is None:
-        return 0.0
-    return (eta - datetime.now(timezone.utc)).total_seconds()
-
-
-async def _delete(sqs: Any, url: str, handles: Sequence[str]) -> None:
-    for start in range(0, len(handles), BATCH):
-        chunk = handles[start : start + BATCH]
-        if len(chunk) == 1:
-            await sqs.delete_message(QueueUrl=url, ReceiptHandle=chunk[0])
-            continue
-        entries = [{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(chunk)]
-        response = await sqs.delete_message_batch(QueueUrl=url, Entries=entries)
-        failed = [f for f in response.get("Failed") or [] if f.get("Code") != "ReceiptHandleIsInvalid"]
-        if failed:
-            reasons = "; ".join(f"{f.get('Code')}: {f.get('Message')}" for f in failed)
-            raise MachineryError(f"SQS did not delete {len(failed)} message(s): {reasons}")
-
-
-async def _change_visibility(sqs: Any, url: str, handles: Sequence[str], seconds: int) -> None:
-    for start in range(0, len(handles), BATCH):
-        chunk = handles[start : start + BATCH]
-        entries = [{"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": seconds} for i, h in enumerate(chunk)]
-        await sqs.change_message_visibility_batch(QueueUrl=url, Entries=entries)
 
 
 __all__ = ["SQSBroker", "SQSConsumer", "dead_queue_name"]

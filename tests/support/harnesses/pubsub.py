@@ -30,6 +30,7 @@ class PubSubHarness(Harness):
         "operations": "the operations seams (queue depth, purge, dead-letter count, ping) are not "
         "implemented on Pub/Sub yet: machinery inspect, purge, dead --purge and ping report "
         "UnsupportedOperation there",
+        "delayed_count": "Pub/Sub cannot count a message held back for its ETA without pulling it",
         "delayed_inspection": "Pub/Sub cannot read a message held back for its ETA "
         "(get_delayed_tasks raises UnsupportedOperation)",
         "priorities": "Pub/Sub has no priorities: messages of any priority are delivered alike",

@@ -28,9 +28,6 @@ class SQSBrokerHarness(Harness):
     marks: ClassVar[tuple[str, ...]] = ("sqs", "dynamodb")
     companion: ClassVar[str] = "dynamodb"
     gaps: ClassVar[dict[str, str]] = {
-        "operations": "the operations seams (queue depth, purge, dead-letter count, ping) are not "
-        "implemented on SQS yet: machinery inspect, purge, dead --purge and ping report "
-        "UnsupportedOperation there",
         "delayed_inspection": "SQS cannot read a delayed message before its delay ends "
         "(get_delayed_tasks raises UnsupportedOperation)",
         "priorities": "SQS queues have no priorities: messages of any priority are taken in arrival order",
