@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from machinery import FAILURE, PENDING, RECEIVED, STARTED, SUCCESS, Server, Signature, TaskResult, TaskState
+from machinery import FAILURE, PENDING, RECEIVED, RETRY, STARTED, SUCCESS, Server, Signature, TaskResult, TaskState
 from machinery._sync import run_sync
 from support.deployment import Deployment
 from support.processes import Processes
@@ -54,6 +54,22 @@ async def test_state_sequence_keeps_the_pending_created_at(backend_deployment: D
     # Go's rule: every later state keeps the CreatedAt of PENDING.
     assert {s.created_at for s in [*seen, final]} == {pending.created_at}
     assert await backend.get_states([sig.uuid, f"task_{d.queue}_missing"]) == [final, None]
+    await server.aclose()
+
+
+async def test_one_write_of_several_states_of_a_task_stores_them_in_order(backend_deployment: Deployment) -> None:
+    # A worker writes a task's states of one moment together (RECEIVED and STARTED, say): a
+    # driver may write different tasks' states at once, one task's only one after the other.
+    d = backend_deployment
+    server = d.server()
+    sigs = [Signature("add", [i], uuid=f"task_{d.queue}_{i}") for i in range(5)]
+    d.track(*(s.uuid for s in sigs))
+    await server.backend.set_pending(sigs)
+    order = (RECEIVED, STARTED, RETRY, PENDING, RECEIVED, STARTED, SUCCESS)
+    await server.backend.write_states([TaskState(s.uuid, state, "add") for state in order for s in sigs], True)
+    assert [state.state if state else None for state in await server.backend.get_states([s.uuid for s in sigs])] == [
+        SUCCESS
+    ] * len(sigs)
     await server.aclose()
 
 

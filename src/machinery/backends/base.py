@@ -304,6 +304,15 @@ class _Wait:
         return pause
 
 
+def per_task(states: Sequence[TaskState]) -> list[list[TaskState]]:
+    """``states`` by task, each task's in the order given: a driver may write different tasks'
+    states at once, but one task's only one after another, or an earlier one may land last."""
+    by_uuid: dict[str, list[TaskState]] = {}
+    for state in states:
+        by_uuid.setdefault(state.task_uuid, []).append(state)
+    return list(by_uuid.values())
+
+
 def pending_states(signatures: Sequence[Signature]) -> list[TaskState]:
     """The PENDING state of each signature about to be published (Go's SetStatePending)."""
     now = utcnow()

@@ -30,7 +30,7 @@ from .._drivers import dynamodb as items
 from .._drivers.aws import CONNECTION_ERRORS, error_code
 from ..config import Config
 from ..state import COMPLETED_STATES, FAILURE, GroupMeta, TaskState, WorkerInfo
-from .base import Backend, decode_workers
+from .base import Backend, decode_workers, per_task
 
 #: BatchGetItem takes at most 100 keys.
 BATCH_GET = 100
@@ -63,7 +63,12 @@ class DynamoDBBackend(Backend):
 
     async def write_states(self, states: Sequence[TaskState], keep_created: bool) -> None:
         ttl = items.expires_at(self.config)
-        await asyncio.gather(*(self._write(state, keep_created, ttl) for state in states))
+
+        async def write_in_order(group: list[TaskState]) -> None:
+            for state in group:
+                await self._write(state, keep_created, ttl)
+
+        await asyncio.gather(*(write_in_order(group) for group in per_task(states)))
         for state in states:
             if state.state in COMPLETED_STATES:
                 self._waiters.notify(state.task_uuid, state.encode())

@@ -36,7 +36,7 @@ from .._drivers.memcache import MemcacheConnector
 from ..config import Config
 from ..errors import MessageDecodeError
 from ..state import COMPLETED_STATES, GroupMeta, TaskState
-from .base import Backend, PollSchedule
+from .base import Backend, PollSchedule, per_task
 
 #: How long a chord trigger waits for a Go worker's ``Lock`` on the group before giving up.
 CHORD_LOCK_WAIT = 10.0
@@ -63,10 +63,7 @@ class MemcacheBackend(Backend):
     # ------------------------------------------------------------------ writes
 
     async def write_states(self, states: Sequence[TaskState], keep_created: bool) -> None:
-        by_uuid: dict[str, list[TaskState]] = {}
-        for state in states:
-            by_uuid.setdefault(state.task_uuid, []).append(state)
-        await asyncio.gather(*(self._write_in_order(group, keep_created) for group in by_uuid.values()))
+        await asyncio.gather(*(self._write_in_order(group, keep_created) for group in per_task(states)))
 
     async def _write_in_order(self, states: list[TaskState], keep_created: bool) -> None:
         for state in states:
