@@ -38,14 +38,17 @@ from aiormq.abc import DeliveredMessage
 from machinery import (
     FAILURE,
     PENDING,
+    STARTED,
     SUCCESS,
     AMQPConfig,
     Config,
+    GroupMeta,
     RedisConfig,
     RetryTaskLater,
     Server,
     Signature,
     TaskFailed,
+    TaskState,
     UnsupportedOperation,
 )
 from machinery._drivers.amqp import AMQPConnector, AMQPInt32, AMQPInt64
@@ -662,9 +665,9 @@ def test_await_state_waits_on_deliveries_not_polling(prefix: str, amqp_url: str)
     reads = Counter[str]()
     original = backend._read_stream
 
-    async def counting(name: str) -> list[bytes]:
+    async def counting(name: str, latest: Callable[[list[bytes]], int]) -> list[bytes] | None:
         reads[name] += 1
-        return await original(name)
+        return await original(name, latest)
 
     backend._read_stream = counting  # type: ignore[method-assign]
     try:
@@ -912,8 +915,8 @@ def test_a_task_sent_while_its_state_is_read_is_not_taken_for_consumed(prefix: s
     signature = Signature("add", [1, 2], uuid=f"task_{uuid.uuid4()}")
     read_stream = backend._read_stream
 
-    async def read_then_send(name: str) -> list[bytes] | None:
-        found = await read_stream(name)
+    async def read_then_send(name: str, latest: Callable[[list[bytes]], int]) -> list[bytes] | None:
+        found = await read_stream(name, latest)
         await backend.set_pending([signature])
         return found
 
@@ -924,3 +927,26 @@ def test_a_task_sent_while_its_state_is_read_is_not_taken_for_consumed(prefix: s
     finally:
         run_sync(backend.purge_state(signature.uuid))
         server.close()
+
+
+def test_a_read_keeps_the_final_state_and_the_triggered_metadata_whatever_their_place(prefix: str) -> None:
+    # A reader that puts a message back returns it to the head, so a concurrent reader can take
+    # the older message after the newer one: what the queue keeps is chosen by its content.
+    # Here the queues hold them in that order; each reader is a process of its own (no cache).
+    task_uuid, group_uuid = f"task_{uuid.uuid4()}", f"group_{uuid.uuid4()}"
+    writer = Server(amqp_config(prefix))
+    readers = [Server(amqp_config(prefix)) for _ in range(2)]
+    try:
+        run_sync(writer.backend.write_states([TaskState(task_uuid, SUCCESS, "add")], False))
+        run_sync(writer.backend.write_states([TaskState(task_uuid, STARTED, "add")], True))
+        run_sync(writer.backend.write_group_meta(GroupMeta(group_uuid, [task_uuid], chord_triggered=True)))
+        run_sync(writer.backend.write_group_meta(GroupMeta(group_uuid, [task_uuid])))
+        for reader in readers:  # the second reads what the first left
+            state = run_sync(reader.backend.get_state(task_uuid))
+            assert state is not None and state.state == SUCCESS
+            meta = run_sync(reader.backend.get_group_meta(group_uuid))
+            assert meta is not None and meta.chord_triggered
+    finally:
+        run_sync(writer.backend._delete_queues(task_uuid, f"{group_uuid}_meta"))  # type: ignore[attr-defined]
+        for server in (writer, *readers):
+            server.close()

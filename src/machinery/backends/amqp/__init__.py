@@ -13,10 +13,12 @@ Layout (docs/wire.md §11.2), shared with Go:
 
 Reading. Go's ``GetState`` takes (and acks) the *oldest* message, one per call, so Go's
 ``AsyncResult`` walks the stream and deletes the queue once it sees a completed state. Here a
-read takes every message present, acks all but the newest and puts the newest back (nack
+read takes every message present, acks all but the latest state and puts that one back (nack
 with requeue, which returns it to the head of the queue): the queue is compacted to the
 latest state instead of emptied, so a later reader in any process, Go's included, still
-finds it. The latest state seen is also kept in a per-process cache (bounded, expiring
+finds it. Which one is latest is read from the states (a completed one, else the last
+taken), not from the order taken: a message another reader puts back meanwhile returns to
+the head and is taken after newer ones. The latest state seen is also kept in a per-process cache (bounded, expiring
 with the results), which answers when the queue has been emptied by a destructive Go reader
 or deleted by Go's ``AsyncResult``. Reads and Go's reads still compete for the same messages:
 a Go ``AsyncResult`` polling a task that a Python process is also reading may miss the
@@ -47,7 +49,7 @@ volumes use the Redis backend, as Go Machinery's own documentation advises.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiormq
@@ -216,7 +218,7 @@ class AMQPBackend(Backend):
         # What this process had seen before the read: a state it writes while the read runs
         # (its worker sending the task) may be newer than the queue the read found missing.
         seen = self._cache.get(task_uuid)
-        bodies = await self._read_stream(task_uuid)
+        bodies = await self._read_stream(task_uuid, latest_state)
         if bodies is None:
             if seen is not None and not seen.is_completed():
                 raise ResultConsumedError(
@@ -238,9 +240,10 @@ class AMQPBackend(Backend):
             return []
         return list(await asyncio.gather(*(self.get_state(u) for u in task_uuids)))
 
-    async def _read_stream(self, name: str) -> list[bytes] | None:
-        """Every message now in queue ``name``, oldest first; the newest is left in the queue.
-        None when there is no such queue (never written, expired, or deleted by a reader).
+    async def _read_stream(self, name: str, latest: Callable[[list[bytes]], int]) -> list[bytes] | None:
+        """Every message now in queue ``name``, the one ``latest`` picks last; only that one is
+        left in the queue. None when there is no such queue (never written, expired, or deleted
+        by a reader).
 
         Unlike Go's GetState, a read never creates the queue: one that is missing tells that
         the task is unknown here, or that its states were taken. Each read has a channel of
@@ -255,7 +258,7 @@ class AMQPBackend(Backend):
                         queue = await channel.declare_queue(name, passive=True)
                     except aiormq.exceptions.ChannelNotFoundEntity:
                         return None  # (RabbitMQ closed the channel: it is not pooled again)
-                    return await _take_keeping_latest(queue)
+                    return await _take_keeping(queue, latest)
 
     # ------------------------------------------------------------------ waiting
 
@@ -376,7 +379,7 @@ class AMQPBackend(Backend):
 
     async def _stored_group_meta(self, group_uuid: str) -> GroupMeta | None:
         """The latest metadata in the group's ``<group>_meta`` queue, if any."""
-        for body in reversed(await self._read_stream(meta_queue(group_uuid)) or []):
+        for body in reversed(await self._read_stream(meta_queue(group_uuid), latest_meta) or []):
             try:
                 return GroupMeta.decode(body)
             except MessageDecodeError:
@@ -452,12 +455,37 @@ class AMQPBackend(Backend):
         await self._connector.close()
 
 
-async def _take_keeping_latest(queue: AbstractQueue) -> list[bytes]:
-    """Take the messages ``queue`` holds, ack all but the newest and put that one back."""
+async def _take_keeping(queue: AbstractQueue, latest: Callable[[list[bytes]], int]) -> list[bytes]:
+    """Take the messages ``queue`` holds, put back the one ``latest`` picks and ack the others;
+    returns their bodies with the kept one last."""
     taken = await take_messages(queue, limit=int(queue.declaration_result.message_count or 0))
-    for incoming in taken[:-1]:
-        await bounded(incoming.ack())
-    if taken:
-        # Back to the head of the queue (its original place) for the next reader, Go's included.
-        await bounded(taken[-1].nack(requeue=True))
-    return [incoming.body for incoming in taken]
+    if not taken:
+        return []
+    bodies = [incoming.body for incoming in taken]
+    kept = latest(bodies)
+    for index, incoming in enumerate(taken):
+        if index != kept:
+            await bounded(incoming.ack())
+    # Back to the head of the queue (its original place) for the next reader, Go's included.
+    await bounded(taken[kept].nack(requeue=True))
+    return [*bodies[:kept], *bodies[kept + 1 :], bodies[kept]]
+
+
+def latest_state(bodies: list[bytes]) -> int:
+    """The last completed state taken, else the last taken (a state is never undone)."""
+    for index in range(len(bodies) - 1, -1, -1):
+        state = decode_state_or_none(bodies[index])
+        if state is not None and state.is_completed():
+            return index
+    return len(bodies) - 1
+
+
+def latest_meta(bodies: list[bytes]) -> int:
+    """The last metadata taken that says the chord was triggered, else the last taken."""
+    for index in range(len(bodies) - 1, -1, -1):
+        try:
+            if GroupMeta.decode(bodies[index]).chord_triggered:
+                return index
+        except MessageDecodeError:
+            continue
+    return len(bodies) - 1
