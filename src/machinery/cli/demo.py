@@ -42,8 +42,9 @@ from ..result import AsyncResult, ChainAsyncResult, ChordAsyncResult
 from ..retry import RetryTaskLater
 from ..server import Server
 from ..signature import Chain, Chord, Group, Signature
-from ..state import COMPLETED_STATES, FAILURE, PENDING, RECEIVED, RETRY, STARTED, SUCCESS
+from ..state import COMPLETED_STATES, PENDING, RECEIVED, RETRY, STARTED
 from ..worker import Worker
+from .formatting import STATE_COLOURS
 
 RESULTS_TIMEOUT = 60.0
 """Seconds the demo waits for all its results (a cloud broker's round trips, or a busy local
@@ -523,9 +524,6 @@ def _show(value: Any) -> str:
 
 def _duration(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 0.9995 else f"{seconds:.2f} s"
-
-
-STATE_COLOURS = {SUCCESS: "green", FAILURE: "red", RETRY: "yellow"}
 
 
 class _Printer:
