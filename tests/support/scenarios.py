@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import queue
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -107,18 +110,31 @@ def doomed_worker(tmp_path: Path, config: Config) -> subprocess.Popen[str]:
     )
 
 
-def read_started(process: subprocess.Popen[str], count: int) -> list[str]:
-    """Wait for ``count`` ``STARTED`` lines of the doomed worker (reading blocks; the test's
-    timeout bounds it)."""
-    assert process.stdout is not None
-    lines: list[str] = []
-    while len(lines) < count:
-        line = process.stdout.readline()
-        if not line:
-            raise AssertionError(f"the doomed worker exited after {lines!r}")
+def read_started(process: subprocess.Popen[str], count: int, timeout: float = CLOUD_WAIT) -> list[str]:
+    """Wait for ``count`` ``STARTED`` lines of the doomed worker; AssertionError naming what it
+    had started if it exits, or has not started them all within ``timeout`` seconds."""
+    stdout = process.stdout
+    assert stdout is not None
+    # Read on a thread of its own: a blocking readline cannot be given a deadline.
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        for line in iter(stdout.readline, ""):
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    started: list[str] = []
+    while len(started) < count:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            if process.poll() is not None:
+                raise AssertionError(f"the doomed worker exited after {started!r}") from None
+            raise AssertionError(f"the doomed worker started only {started!r} within {timeout:g} s") from None
         if line.startswith("STARTED"):
-            lines.append(line.strip())
-    return lines
+            started.append(line.strip())
+    return started
 
 
 def kill(process: subprocess.Popen[str]) -> None:
