@@ -77,7 +77,7 @@ def run_seed_scenarios(server: Server, rec: Recorder) -> None:
 
 DOOMED_WORKER = textwrap.dedent(
     """
-    import dataclasses, json, sys, time
+    import dataclasses, json, sys, threading, time
     import machinery
     from machinery import Config, Server
 
@@ -88,9 +88,12 @@ DOOMED_WORKER = textwrap.dedent(
         fields[name] = section_class(**fields[name])
     server = Server(Config(**fields))
 
+    printing = threading.Lock()  # the two tasks start on two threads: one line each, whole
+
     @server.task("slow")
     def slow(n: int) -> int:
-        print("STARTED", n, flush=True)
+        with printing:
+            print(f"STARTED {n}", flush=True)
         time.sleep(600)
         return n
 
