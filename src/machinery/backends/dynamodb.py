@@ -104,12 +104,15 @@ class DynamoDBBackend(Backend):
             )
 
     async def get_state(self, task_uuid: str) -> TaskState | None:
-        async with await self._db(f"reading the state of {task_uuid}") as db:
-            response = await db.get_item(
-                TableName=self.states_table, Key={"TaskUUID": items.s(task_uuid)}, ConsistentRead=True
-            )
-        item = response.get("Item")
+        item = await self._get_item(self.states_table, {"TaskUUID": items.s(task_uuid)}, f"the state of {task_uuid}")
         return None if item is None else items.state_from_item(item)
+
+    async def _get_item(self, table: str, key: dict[str, Any], what: str) -> dict[str, Any] | None:
+        """The item under ``key`` (a consistent read), or None."""
+        async with await self._db(f"reading {what}") as db:
+            response = await db.get_item(TableName=table, Key=key, ConsistentRead=True)
+        item: dict[str, Any] | None = response.get("Item")
+        return item
 
     async def get_states(self, task_uuids: Sequence[str]) -> list[TaskState | None]:
         found: dict[str, TaskState] = {}
@@ -148,11 +151,7 @@ class DynamoDBBackend(Backend):
             await db.put_item(TableName=self.groups_table, Item=items.group_item(meta, items.expires_at(self.config)))
 
     async def get_group_meta(self, group_uuid: str) -> GroupMeta | None:
-        async with await self._db(f"reading group {group_uuid}") as db:
-            response = await db.get_item(
-                TableName=self.groups_table, Key={"GroupUUID": items.s(group_uuid)}, ConsistentRead=True
-            )
-        item = response.get("Item")
+        item = await self._get_item(self.groups_table, {"GroupUUID": items.s(group_uuid)}, f"group {group_uuid}")
         return None if item is None else items.group_from_item(item)
 
     async def trigger_chord(self, group_uuid: str, task_count: int) -> bool:
