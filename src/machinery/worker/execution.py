@@ -132,7 +132,7 @@ class Execution:
         if not spec.is_async:
             context = contextvars.copy_context()  # the middleware's context, on the thread too
             call = functools.partial(context.run, run.on_thread, spec.fn, *args)
-            return await asyncio.get_running_loop().run_in_executor(self.threads, call)
+            return await self.threads.run(call)
         coro = run.coroutine = spec.fn(*args)
         if limits.soft is None:
             return await coro
