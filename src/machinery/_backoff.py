@@ -83,17 +83,20 @@ async def persist(operation: Callable[[], Awaitable[T]], what: str, report: Repo
     callbacks): the broker or backend may come back, and the message stays held meanwhile.
     Only cancellation (an aborting worker) stops it. The outage is reported once (``Outage``).
     """
-    backoff = Backoff()
-    outage = Outage(what, report)
+    backoff: Backoff | None = None  # made on the first failure: most writes never fail
+    outage: Outage | None = None
     while True:
         try:
             result = await operation()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if backoff is None or outage is None:
+                backoff, outage = Backoff(), Outage(what, report)
             delay = backoff.next()
             outage.failed(exc, delay)
             await asyncio.sleep(delay)
         else:
-            outage.over()
+            if outage is not None:
+                outage.over()
             return result
