@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-import yaml
-
 from . import log
 from .errors import ConfigError
 from .factory import check_url
@@ -401,6 +399,8 @@ def _read_env(env: Mapping[str, str], f: dataclasses.Field[Any], name: str, owne
 
 
 def _yaml_values(path: Path) -> dict[str, Any]:
+    import yaml  # here, not at the top: most processes never read a config file
+
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except OSError as exc:

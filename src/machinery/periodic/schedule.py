@@ -19,8 +19,6 @@ from datetime import datetime, timezone, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import Protocol
 
-from croniter import CroniterBadDateError, croniter
-
 from ..types import unix_ns
 
 _NS = 1_000_000_000
@@ -53,6 +51,8 @@ class CronSchedule:
     zone: tzinfo
 
     def next(self, after: datetime) -> datetime | None:
+        from croniter import CroniterBadDateError, croniter  # loaded by processes with a cron schedule only
+
         try:
             tick: datetime = croniter(self.expression, after.astimezone(self.zone)).get_next(datetime)
         except CroniterBadDateError:  # e.g. "0 0 30 2 *": robfig never fires it either

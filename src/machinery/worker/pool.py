@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import itertools
-import multiprocessing
 import os
 import pickle
 import resource
@@ -28,15 +27,17 @@ import signal
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import log
 from ..errors import ConfigError, SoftTimeLimitExceeded, WorkerProcessDied
 from ..registry import ProgressReport, TaskContext, TaskSpec
 from ..signature import Signature
 from .tracebacks import carry, format_failure
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
 
 #: Seconds a child may take to start and import its tasks before the pool gives up on it.
 START_TIMEOUT = 60.0
@@ -110,6 +111,8 @@ class ProcessPool:
         self.size = size
         self.max_tasks_per_child = max_tasks_per_child
         self.max_memory_kb = None if max_memory_per_child is None else int(max_memory_per_child * 1024)
+        import multiprocessing  # here, not at the top: a worker without a process pool never loads it
+
         self._context = multiprocessing.get_context("spawn")
         self._children: set[_Child] = set()
         self._idle: asyncio.Queue[_Child] | None = None
