@@ -101,3 +101,45 @@ async def test_prioritized_send_on_one_redis_keeps_its_place(
     finally:
         await redis_client.delete(queue_name)
         await server.aclose()
+
+
+async def test_batches_one_after_another_share_one_connection(redis_url: str, queue_name: str) -> None:
+    server = make(redis_url, queue_name)
+    broker = server.broker
+    assert isinstance(broker, RedisBroker)
+    pipeline = broker.connector.batched()
+    pool = broker.connector.client().connection_pool
+    checkouts = 0
+    get_connection = pool.get_connection
+
+    async def counting() -> Any:
+        nonlocal checkouts
+        checkouts += 1
+        return await get_connection()
+
+    pool.get_connection = counting  # type: ignore[method-assign]
+    try:
+        ids = [await pipeline.execute("CLIENT", "ID") for _ in range(5)]
+        # Kept between batches: redis-py's checkout and release cost a lone command as much
+        # as its round trip.
+        assert len(set(ids)) == 1 and checkouts == 1
+    finally:
+        await server.aclose()
+
+
+async def test_a_kept_connection_the_server_closed_is_replaced_by_the_next_batch(
+    redis_url: str, queue_name: str, redis_client: aioredis.Redis
+) -> None:
+    server = make(redis_url, queue_name)
+    broker = server.broker
+    assert isinstance(broker, RedisBroker)
+    pipeline = broker.connector.batched()
+    try:
+        kept = await pipeline.execute("CLIENT", "ID")
+        assert await redis_client.client_kill_filter(_id=kept) == 1
+        result = await server.asend_task(Signature("add", [1, 2]))  # no error reaches the sender
+        assert json.loads(await redis_client.get(result.task_uuid))["State"] == "PENDING"
+        assert await pipeline.execute("CLIENT", "ID") != kept
+    finally:
+        await redis_client.delete(queue_name)
+        await server.aclose()

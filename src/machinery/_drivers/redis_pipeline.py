@@ -70,6 +70,7 @@ class AutoPipeline:
         self._acknowledged = acknowledged
         self._pending: list[_Queued] = []
         self._flushing: set[asyncio.Future[None]] = set()
+        self._kept: Any = None  # a pooled connection kept between batches (``_send_once``)
 
     def execute(self, *args: Any, script: LuaScript | None = None) -> asyncio.Future[Any]:
         """Queue one command (as for ``execute_command``); the future gets its reply."""
@@ -142,9 +143,14 @@ class AutoPipeline:
 
     async def _send_once(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         # Straight on a pooled connection: redis-py's Pipeline object costs more than the
-        # round trip it saves, and the replies need no parsing beyond RESP.
+        # round trip it saves, and the replies need no parsing beyond RESP. The last batch's
+        # connection stays checked out for the next one: redis-py's checkout and release (a
+        # lock, connection-count records, an event) cost a lone command as much as its round
+        # trip. Closing the client disconnects it with the pool's others.
         pool = self._client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        connection, self._kept = self._kept, None
+        if connection is None:
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         sent = commands if self._acknowledged is None else [*commands, ("WAIT", *self._acknowledged)]
         try:
             await connection.send_packed_command(_pack(connection, sent), check_health=False)
@@ -154,17 +160,20 @@ class AutoPipeline:
                     replies.append(await connection.read_response())
                 except ResponseError as exc:
                     replies.append(exc)
-            if self._acknowledged is not None:
-                confirmed = replies.pop()
-                if not isinstance(confirmed, int) or confirmed < self._acknowledged[0]:
-                    failure = replication_error(confirmed, *self._acknowledged)
-                    replies = [failure] * len(replies)
-            return replies
         except BaseException:
-            await connection.disconnect()  # a half-read connection must not go back to the pool
-            raise
-        finally:
+            await connection.disconnect()  # a half-read connection must not be used again
             await pool.release(connection)
+            raise
+        if self._kept is None:
+            self._kept = connection
+        else:  # another batch kept its own meanwhile
+            await pool.release(connection)
+        if self._acknowledged is not None:
+            confirmed = replies.pop()
+            if not isinstance(confirmed, int) or confirmed < self._acknowledged[0]:
+                failure = replication_error(confirmed, *self._acknowledged)
+                replies = [failure] * len(replies)
+        return replies
 
 
 class ClusterAutoPipeline(AutoPipeline):
