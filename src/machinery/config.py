@@ -73,7 +73,11 @@ class AMQPConfig:
     queue_declare_args: dict[str, Any] = _f({}, "queue_declare_args", "AMQP_QUEUE_DECLARE_ARGS")
     queue_binding_args: dict[str, Any] = _f({}, "queue_binding_args", "AMQP_QUEUE_BINDING_ARGS")
     binding_key: str = _f("machinery_task", "binding_key", "AMQP_BINDING_KEY")
-    prefetch_count: int = _f(3, "prefetch_count", "AMQP_PREFETCH_COUNT")
+    # Go's default is 3, which holds a worker of concurrency 100 to 3 tasks at once; a config
+    # that sets it (Go's files do) keeps its value.
+    prefetch_count: int = _f(
+        0, "prefetch_count", "AMQP_PREFETCH_COUNT", "unacked messages per worker; 0: the worker's concurrency"
+    )
     auto_delete: bool = _f(False, "auto_delete", "AMQP_AUTO_DELETE")
     delayed_queue: str = _f("", "delayed_queue", "AMQP_DELAYED_QUEUE")
     skip_publisher_queue: bool = _f(

@@ -69,7 +69,8 @@ class GoAMQPPeer:
         amqp = self.server.config.amqp
         self._connection = await aio_pika.connect(self._url)
         channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=amqp.prefetch_count)  # Go: basic.qos(PrefetchCount)
+        # Go: basic.qos(PrefetchCount), 3 when the configuration leaves it out (ours says 0 then).
+        await channel.set_qos(prefetch_count=amqp.prefetch_count or 3)
         # Go's StartConsuming declares the exchange, the queue and its binding (docs/wire.md §10.1).
         exchange = await channel.declare_exchange(amqp.exchange, amqp.exchange_type, durable=True)
         queue = await channel.declare_queue(self.server.config.default_queue, durable=True)

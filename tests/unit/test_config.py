@@ -39,7 +39,8 @@ def test_section_defaults_are_gos() -> None:
     assert redis.delayed_tasks_key == "delayed_tasks"
     amqp = AMQPConfig()
     assert (amqp.exchange, amqp.exchange_type, amqp.binding_key) == ("machinery_exchange", "direct", "machinery_task")
-    assert (amqp.prefetch_count, amqp.auto_delete, amqp.delayed_queue) == (3, False, "")
+    assert (amqp.auto_delete, amqp.delayed_queue) == (False, "")
+    assert amqp.prefetch_count == 0  # not Go's 3: a worker takes as many messages as it can run
     assert amqp.queue_declare_args == {} and amqp.queue_binding_args == {}
 
 
