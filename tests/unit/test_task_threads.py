@@ -70,6 +70,7 @@ def test_cancelling_a_call_that_has_not_started_keeps_it_from_running(threads: T
         holding = [threads.run(hold) for _ in range(8)]  # every thread busy
         queued = threads.run(lambda: ran.append(1))
         queued.cancel()
+        await asyncio.sleep(0)  # the cancel reaches the call on the loop's next turn, as with run_in_executor
         release.set()
         await asyncio.wait_for(asyncio.gather(*holding), 30)
         with pytest.raises(asyncio.CancelledError):
