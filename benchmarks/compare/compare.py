@@ -6,6 +6,9 @@ huey runs from its own virtualenv (``python -m venv /tmp/peers-venv && /tmp/peer
 install huey==3.5.4 redis``); it is never a dependency of machinery. Each round runs every
 measure for every system in turn, so that a noisy machine hits both alike; the table shows the
 medians and machinery's ratio to huey, which survives the noise better than either figure.
+The "machinery" side imports whatever ``machinery`` the environment gives it: to measure a
+commit while editing the working tree, run on a snapshot (``git archive HEAD src | tar -x -C
+/tmp/perf-head`` and ``PYTHONPATH=/tmp/perf-head/src python benchmarks/compare/compare.py``).
 
 Measures (Redis on loopback unless said, every task storing its result):
   enqueue     N sync send() calls one at a time, no worker running
