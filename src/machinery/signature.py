@@ -200,7 +200,7 @@ _WIRE_KEYS = frozenset(
 
 def _needs_folding(data: Mapping[str, Any]) -> bool:
     # Messages from Go and from us use the exact names; only hand-written ones need folding.
-    return not all(key in _WIRE_KEYS for key in data)
+    return not _WIRE_KEYS.issuperset(data)
 
 
 def _folded_getter(data: Mapping[str, Any]) -> Callable[[str], Any]:
