@@ -21,7 +21,7 @@ class TaskThreads(ThreadPoolExecutor):
     def __init__(self, max_workers: int, thread_name_prefix: str = "") -> None:
         super().__init__(max_workers, thread_name_prefix=thread_name_prefix)
         self._running = 0
-        self._count_lock = threading.Lock()
+        self._lock = threading.Lock()
         # Calls finished on a thread, by the loop waiting for them, not yet handed to it. A loop
         # with an entry here has a hand-over scheduled already.
         self._finished: dict[asyncio.AbstractEventLoop, list[_Finished]] = {}
@@ -29,17 +29,17 @@ class TaskThreads(ThreadPoolExecutor):
     @property
     def busy(self) -> int:
         """How many task calls are running on a thread now."""
-        with self._count_lock:
+        with self._lock:
             return self._running
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         def counted() -> T:
-            with self._count_lock:
+            with self._lock:
                 self._running += 1
             try:
                 return fn(*args, **kwargs)
             finally:
-                with self._count_lock:
+                with self._lock:
                     self._running -= 1
 
         return super().submit(counted)
@@ -59,7 +59,7 @@ class TaskThreads(ThreadPoolExecutor):
     def _call_finished(self, loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[Any], call: Future[Any]) -> None:
         """On the thread that ran (or cancelled) the call: queue it for the loop, and wake the
         loop unless a wake-up is on its way already."""
-        with self._count_lock:
+        with self._lock:
             batch = self._finished.get(loop)
             if batch is not None:
                 batch.append((waiter, call))
@@ -68,11 +68,11 @@ class TaskThreads(ThreadPoolExecutor):
         try:
             loop.call_soon_threadsafe(self._hand_over, loop)
         except RuntimeError:  # the loop is closed: nobody waits for these any more
-            with self._count_lock:
+            with self._lock:
                 self._finished.pop(loop, None)
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
-        with self._count_lock:
+        with self._lock:
             batch = self._finished.pop(loop, [])
         for waiter, call in batch:
             if waiter.done():
