@@ -47,7 +47,7 @@ def run(python: str, side: str, *args: str, src: str | None = None) -> dict[str,
 
 def cleanup(client: redis.Redis, queue: str) -> None:
     keys = [queue, f"{queue}_delayed", f"huey.redis.{queue}", f"huey.results.{queue}", f"huey.schedule.{queue}"]
-    keys += list(client.scan_iter(f"machinery:*:{queue}*", count=1000))
+    keys += list(client.scan_iter(f"machinery:*{queue}*", count=1000))  # with or without a hash tag
     client.delete(*keys)
 
 
