@@ -83,20 +83,20 @@ async def persist(operation: Callable[[], Awaitable[T]], what: str, report: Repo
     callbacks): the broker or backend may come back, and the message stays held meanwhile.
     Only cancellation (an aborting worker) stops it. The outage is reported once (``Outage``).
     """
-    backoff: Backoff | None = None  # made on the first failure: most writes never fail
-    outage: Outage | None = None
+    retrying: tuple[Backoff, Outage] | None = None  # made on the first failure: most writes never fail
     while True:
         try:
             result = await operation()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if backoff is None or outage is None:
-                backoff, outage = Backoff(), Outage(what, report)
+            if retrying is None:
+                retrying = Backoff(), Outage(what, report)
+            backoff, outage = retrying
             delay = backoff.next()
             outage.failed(exc, delay)
             await asyncio.sleep(delay)
         else:
-            if outage is not None:
-                outage.over()
+            if retrying is not None:
+                retrying[1].over()
             return result
