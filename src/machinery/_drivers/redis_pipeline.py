@@ -151,15 +151,8 @@ class AutoPipeline:
         connection, self._kept = self._kept, None
         if connection is None:
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        sent = commands if self._acknowledged is None else [*commands, ("WAIT", *self._acknowledged)]
         try:
-            await connection.send_packed_command(_pack(connection, sent), check_health=False)
-            replies: list[Any] = []
-            for _ in sent:
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
+            replies = await self._exchange(connection, commands)
         except BaseException:
             await connection.disconnect()  # a half-read connection must not be used again
             await pool.release(connection)
@@ -168,11 +161,27 @@ class AutoPipeline:
             self._kept = connection
         else:  # another batch kept its own meanwhile
             await pool.release(connection)
+        return replies
+
+    async def _exchange(self, connection: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` on ``connection`` and read a reply (or error reply) for each.
+
+        With ``min_replicas_acked``, a ``WAIT`` follows them, and the replies it does not
+        confirm become a ``ReplicationError``. A failure midway leaves the connection half-read:
+        the caller disconnects it."""
+        sent = commands if self._acknowledged is None else [*commands, ("WAIT", *self._acknowledged)]
+        await connection.send_packed_command(_pack(connection, sent), check_health=False)
+        replies: list[Any] = []
+        for _ in sent:
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
         if self._acknowledged is not None:
             confirmed = replies.pop()
             if not isinstance(confirmed, int) or confirmed < self._acknowledged[0]:
                 failure = replication_error(confirmed, *self._acknowledged)
-                replies = [failure] * len(replies)
+                replies = [reply if isinstance(reply, Exception) else failure for reply in replies]
         return replies
 
 
@@ -238,27 +247,14 @@ class ClusterAutoPipeline(AutoPipeline):
         return replies
 
     async def _send_to_node(self, node: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
-        sent = commands if self._acknowledged is None else [*commands, ("WAIT", *self._acknowledged)]
         connection = node.acquire_connection()
         try:
-            await connection.send_packed_command(_pack(connection, sent), check_health=False)
-            replies: list[Any] = []
-            for _ in sent:
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
+            return await self._exchange(connection, commands)
         except BaseException:
             await connection.disconnect()  # a half-read connection must not be reused
             raise
         finally:
             node.release(connection)
-        if self._acknowledged is not None:
-            confirmed = replies.pop()
-            if not isinstance(confirmed, int) or confirmed < self._acknowledged[0]:
-                failure = replication_error(confirmed, *self._acknowledged)
-                replies = [reply if isinstance(reply, Exception) else failure for reply in replies]
-        return replies
 
 
 def _first_key(command: tuple[Any, ...]) -> bytes | None:
